@@ -1,0 +1,108 @@
+//! What user space hands the kernel programs at load time, as the read-only global `CONFIG`.
+//!
+//! Kernel struct layouts differ between kernels and aya cannot relocate field accesses from Rust
+//! (no CO-RE), so the agent reads the offsets it needs from the running kernel's BTF
+//! (/sys/kernel/btf/vmlinux) and the syscall tracepoints' field offsets from their tracefs format
+//! files, and passes them in here.
+
+/// Byte offsets of the kernel struct fields the programs read, from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock_common` members, as offsets from a `struct sock *`.
+    pub skc_family: u32,
+    pub skc_dport: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct inet_sock.inet_sport`: the local port, big-endian. (`skc_num` is already zero
+    /// when the CLOSE transition is traced: the port was released just before.)
+    pub inet_sport: u32,
+    /// `struct sock` members.
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    /// `struct tcp_sock` members, as offsets from the same pointer (a `tcp_sock` starts with its
+    /// `sock`).
+    pub tcp_bytes_received: u32,
+    pub tcp_bytes_acked: u32,
+    /// `struct task_struct` members.
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    /// The path from a file descriptor to its socket, to tell a TCP socket's failed connect()
+    /// from a UDP one's: `task_struct.files`, `files_struct.fdt`, `fdtable.fd`,
+    /// `fdtable.max_fds`, `file.private_data` (a `struct socket *`), `socket.sk`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+}
+
+/// Offsets of the fields of the classic syscall tracepoints, from their tracefs format files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallFields {
+    /// `syscalls:sys_enter_connect`: `fd`, `uservaddr`, `addrlen`.
+    pub connect_fd: u32,
+    pub connect_uservaddr: u32,
+    pub connect_addrlen: u32,
+    /// `syscalls:sys_exit_connect`: `ret`.
+    pub connect_ret: u32,
+}
+
+/// The global `CONFIG` of the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: KernelOffsets,
+    pub syscalls: SyscallFields,
+    /// A proxy that closes a connection sooner than this after starting to connect, or after
+    /// sending its last request, abandoned it (its client left) rather than timed out.
+    pub min_wait_ns: u64,
+    /// Non-zero once user space filled the offsets in: the programs do nothing until then.
+    pub ready: u32,
+    /// Non-zero when the `tcp_sendmsg_locked` probe is attached, so requests are seen.
+    pub sends_tracked: u32,
+}
+
+impl Config {
+    /// The default for [`Config::min_wait_ns`]: 50 ms. Real connect and read timeouts are longer;
+    /// clients that hang up and parallel connects that lose are usually faster.
+    pub const DEFAULT_MIN_WAIT_NS: u64 = 50_000_000;
+
+    /// What the object file holds before user space overrides it: not ready.
+    pub const UNSET: Config = Config {
+        offsets: KernelOffsets {
+            skc_family: 0,
+            skc_dport: 0,
+            skc_daddr: 0,
+            skc_rcv_saddr: 0,
+            skc_v6_daddr: 0,
+            skc_v6_rcv_saddr: 0,
+            inet_sport: 0,
+            sk_protocol: 0,
+            sk_err: 0,
+            tcp_bytes_received: 0,
+            tcp_bytes_acked: 0,
+            task_group_leader: 0,
+            task_comm: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdtable_fd: 0,
+            fdtable_max_fds: 0,
+            file_private_data: 0,
+            socket_sk: 0,
+        },
+        syscalls: SyscallFields {
+            connect_fd: 0,
+            connect_uservaddr: 0,
+            connect_addrlen: 0,
+            connect_ret: 0,
+        },
+        min_wait_ns: Config::DEFAULT_MIN_WAIT_NS,
+        ready: 0,
+        sends_tracked: 0,
+    };
+}

@@ -1,0 +1,720 @@
+//! The per-connection record the kernel keeps for every outbound TCP connection, and the state
+//! machine that turns what the kernel saw into one [`Outcome`].
+//!
+//! The kernel programs are thin: each tracepoint looks the connection up by its `struct sock *`
+//! and calls one method here. Because this is plain `no_std` Rust without loops, the same code
+//! runs in the kernel and in the unit tests below, which replay recorded event sequences.
+//!
+//! How a request is told from its response without parsing the protocol: every time the proxy
+//! starts sending on the connection (`tcp:tcp_sendmsg_locked` fires before any byte of that send
+//! leaves), the record keeps the connection's `bytes_received` counter. When the connection ends,
+//! `bytes_received` equal to that snapshot means no response byte arrived after the last request.
+
+use crate::{
+    net::Endpoint,
+    outcome::Outcome,
+};
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
+    pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
+/// The errno values the decision looks at (asm-generic/errno.h, as on x86, arm and riscv).
+pub mod errno {
+    pub const EINTR: i32 = 4;
+    pub const EAGAIN: i32 = 11;
+    pub const EADDRNOTAVAIL: i32 = 99;
+    pub const ENETDOWN: i32 = 100;
+    pub const ENETUNREACH: i32 = 101;
+    pub const EISCONN: i32 = 106;
+    pub const ETIMEDOUT: i32 = 110;
+    pub const ECONNREFUSED: i32 = 111;
+    pub const EHOSTDOWN: i32 = 112;
+    pub const EHOSTUNREACH: i32 = 113;
+    pub const EALREADY: i32 = 114;
+    pub const EINPROGRESS: i32 = 115;
+}
+
+/// Who started a connection: the connecting process, taken in process context when the socket
+/// went CLOSE→SYN_SENT inside connect().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Proxy {
+    /// The cgroup (v2) the process ran in, for a container label.
+    pub cgroup_id: u64,
+    /// Process id (tgid) and thread id.
+    pub tgid: u32,
+    pub pid: u32,
+    /// The process's name (its main thread's comm), NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// What ended the connection first.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndKind {
+    /// Still open.
+    Open = 0,
+    /// The upstream sent a RST.
+    PeerReset = 1,
+    /// The upstream sent a FIN.
+    PeerFin = 2,
+    /// The proxy closed (or shut down) its side.
+    ProxyClose = 3,
+    /// The kernel gave up on the connection (retransmission timeout, ICMP error) with `sk_err` set.
+    KernelError = 4,
+}
+
+impl EndKind {
+    pub const fn from_u8(v: u8) -> EndKind {
+        match v {
+            1 => EndKind::PeerReset,
+            2 => EndKind::PeerFin,
+            3 => EndKind::ProxyClose,
+            4 => EndKind::KernelError,
+            _ => EndKind::Open,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            EndKind::Open => "open",
+            EndKind::PeerReset => "upstream_reset",
+            EndKind::PeerFin => "upstream_fin",
+            EndKind::ProxyClose => "proxy_close",
+            EndKind::KernelError => "kernel_error",
+        }
+    }
+}
+
+/// The per-connection record, the value of the kernel's `CONNS` map keyed by `struct sock *`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnTrack {
+    pub proxy: Proxy,
+    pub upstream: Endpoint,
+    pub local: Endpoint,
+    /// When connect() put the socket in SYN_SENT (CLOCK_MONOTONIC ns).
+    pub connect_ns: u64,
+    /// When the handshake completed; 0 if it never did.
+    pub established_ns: u64,
+    /// When the first end signal ([`EndKind`]) came.
+    pub end_ns: u64,
+    /// When the proxy last started sending, and the connection's `bytes_received` then.
+    pub last_send_ns: u64,
+    pub rx_at_last_send: u64,
+    /// How many times the proxy started sending.
+    pub sends: u32,
+    /// SYNs retransmitted while connecting, and data retransmits once established.
+    pub syn_retransmits: u16,
+    pub retransmits: u16,
+    /// An [`EndKind`].
+    pub end: u8,
+    /// Non-zero when a RST from the upstream was seen (`tcp:tcp_receive_reset`).
+    pub reset_received: u8,
+    /// Non-zero when the upstream's FIN was seen (the socket went to CLOSE_WAIT or CLOSING).
+    pub fin_received: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The decision about a connection that reached TCP_CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// `None`: ended normally (or an outcome not worth counting again).
+    pub outcome: Option<Outcome>,
+    /// What the failure waited: the connect attempt's duration for connect-phase outcomes; how
+    /// long the last request went without an answer for response-phase ones.
+    pub waited_ns: u64,
+}
+
+/// What the kernel reads off the socket when it reaches TCP_CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseFacts {
+    pub now_ns: u64,
+    /// The state the socket left for TCP_CLOSE.
+    pub old_state: i32,
+    /// `sk->sk_err`: the error the kernel ended the connection with (0 when the proxy closed).
+    pub sk_err: i32,
+    /// `tcp_sock->bytes_received`: sequence space received, so a FIN counts one.
+    pub bytes_received: u64,
+    /// [`crate::Config::min_wait_ns`].
+    pub min_wait_ns: u64,
+    /// Whether the send probe is attached (else requests are invisible and fewer causes can be
+    /// told apart).
+    pub sends_tracked: bool,
+}
+
+impl ConnTrack {
+    /// A connection the proxy starts: CLOSE→SYN_SENT, in connect().
+    pub const fn connecting(proxy: Proxy, upstream: Endpoint, local: Endpoint, now_ns: u64) -> Self {
+        ConnTrack {
+            proxy,
+            upstream,
+            local,
+            connect_ns: now_ns,
+            established_ns: 0,
+            end_ns: 0,
+            last_send_ns: 0,
+            rx_at_last_send: 0,
+            sends: 0,
+            syn_retransmits: 0,
+            retransmits: 0,
+            end: EndKind::Open as u8,
+            reset_received: 0,
+            fin_received: 0,
+            _pad: [0; 5],
+        }
+    }
+
+    /// SYN_SENT→ESTABLISHED. Returns how long the connect took.
+    pub fn on_established(&mut self, now_ns: u64) -> u64 {
+        self.established_ns = now_ns;
+        now_ns.saturating_sub(self.connect_ns)
+    }
+
+    /// `tcp:tcp_retransmit_skb` on this connection.
+    pub fn on_retransmit(&mut self) {
+        if self.established_ns == 0 {
+            self.syn_retransmits = self.syn_retransmits.saturating_add(1);
+        } else {
+            self.retransmits = self.retransmits.saturating_add(1);
+        }
+    }
+
+    /// `tcp:tcp_sendmsg_locked`: the proxy starts sending; `bytes_received` is the connection's
+    /// counter before any byte of this send left.
+    pub fn on_send(&mut self, now_ns: u64, bytes_received: u64) {
+        self.sends = self.sends.saturating_add(1);
+        self.last_send_ns = now_ns;
+        self.rx_at_last_send = bytes_received;
+    }
+
+    /// `tcp:tcp_receive_reset`.
+    pub fn on_reset_received(&mut self, now_ns: u64) {
+        self.reset_received = 1;
+        self.mark_end(EndKind::PeerReset, now_ns);
+    }
+
+    /// A state change other than the first (SYN_SENT) and the last (CLOSE).
+    pub fn on_state_change(&mut self, old: i32, new: i32, now_ns: u64) {
+        use tcp_state::*;
+        if new == CLOSE_WAIT || new == CLOSING {
+            self.fin_received = 1;
+        }
+        match (old, new) {
+            (ESTABLISHED, CLOSE_WAIT) => self.mark_end(EndKind::PeerFin, now_ns),
+            (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK) => {
+                self.mark_end(EndKind::ProxyClose, now_ns)
+            }
+            _ => {}
+        }
+    }
+
+    fn mark_end(&mut self, kind: EndKind, now_ns: u64) {
+        if self.end == EndKind::Open as u8 {
+            self.end = kind as u8;
+            self.end_ns = now_ns;
+        }
+    }
+
+    /// The socket reached TCP_CLOSE: decide what became of the connection.
+    pub fn on_close(&mut self, facts: CloseFacts) -> Verdict {
+        if self.established_ns == 0 {
+            return self.decide_connect(facts);
+        }
+        if self.end == EndKind::Open as u8 {
+            // Nothing announced the end: the kernel aborted the connection (sk_err says why) or
+            // the proxy closed it abortively (unread data, SO_LINGER 0), which sends a RST.
+            let kind = if facts.sk_err != 0 {
+                EndKind::KernelError
+            } else {
+                EndKind::ProxyClose
+            };
+            self.mark_end(kind, facts.now_ns);
+        }
+        self.decide_response(facts)
+    }
+
+    /// The data bytes received, from the kernel's `bytes_received` at the CLOSE transition
+    /// from `old_state`. That counter is sequence space, where the upstream's FIN takes one
+    /// number: subtract it when the FIN was seen, or may just have come (FIN_WAIT2 goes straight
+    /// to CLOSE when it arrives).
+    pub fn data_received(&self, old_state: i32, bytes_received: u64) -> u64 {
+        let fin = self.fin_received != 0 || old_state == tcp_state::FIN_WAIT2;
+        bytes_received.saturating_sub(u64::from(fin))
+    }
+
+    fn decide_connect(&mut self, facts: CloseFacts) -> Verdict {
+        let waited_ns = facts.now_ns.saturating_sub(self.connect_ns);
+        self.mark_end(
+            if self.reset_received != 0 {
+                EndKind::PeerReset
+            } else if facts.sk_err != 0 {
+                EndKind::KernelError
+            } else {
+                EndKind::ProxyClose
+            },
+            facts.now_ns,
+        );
+        let outcome = if self.reset_received != 0 {
+            Outcome::Refused
+        } else {
+            match facts.sk_err {
+                0 if waited_ns < facts.min_wait_ns => Outcome::ConnectAbandoned,
+                // The proxy closed the socket while SYNs were unanswered: its connect timeout.
+                0 => Outcome::ConnectTimeout,
+                other => match connect_errno_outcome(other) {
+                    Some(outcome) => outcome,
+                    None => Outcome::ConnectError,
+                },
+            }
+        };
+        Verdict {
+            outcome: Some(outcome),
+            waited_ns,
+        }
+    }
+
+    fn decide_response(&self, facts: CloseFacts) -> Verdict {
+        let end = EndKind::from_u8(self.end);
+        let since_request = self.end_ns.saturating_sub(self.last_send_ns);
+        if !facts.sends_tracked {
+            // Without the send probe only resets can be told, by whether any byte ever came.
+            let outcome = match (end, facts.bytes_received) {
+                (EndKind::PeerReset, 0) => Some(Outcome::ResetBeforeResponse),
+                (EndKind::PeerReset, _) => Some(Outcome::ResetMidResponse),
+                _ => None,
+            };
+            return Verdict {
+                outcome,
+                waited_ns: self.end_ns.saturating_sub(self.established_ns),
+            };
+        }
+        // A request is outstanding when the proxy sent and no data byte came back since.
+        let answer_bytes = self
+            .data_received(facts.old_state, facts.bytes_received)
+            .saturating_sub(self.rx_at_last_send);
+        let outstanding = self.sends > 0 && answer_bytes == 0;
+        let outcome = match end {
+            EndKind::PeerReset if self.sends == 0 || outstanding => {
+                Some(Outcome::ResetBeforeResponse)
+            }
+            EndKind::PeerReset => Some(Outcome::ResetMidResponse),
+            EndKind::PeerFin if outstanding => Some(Outcome::ClosedBeforeResponse),
+            EndKind::ProxyClose if outstanding && since_request < facts.min_wait_ns => {
+                Some(Outcome::RequestAbandoned)
+            }
+            EndKind::ProxyClose | EndKind::KernelError if outstanding => {
+                Some(Outcome::ResponseTimeout)
+            }
+            // An idle keep-alive connection closed by either side, a response that ended with
+            // the connection, a half-close: not failures.
+            _ => None,
+        };
+        Verdict {
+            outcome,
+            waited_ns: if self.sends == 0 { 0 } else { since_request },
+        }
+    }
+}
+
+/// What a failed connect() (or a connection aborted with `sk_err` before it was established)
+/// means, by errno. `None` for results that are not failures of the attempt (EINPROGRESS…).
+pub const fn connect_errno_outcome(errno: i32) -> Option<Outcome> {
+    use errno::*;
+    match errno {
+        0 | EINPROGRESS | EALREADY | EISCONN | EINTR => None,
+        ECONNREFUSED => Some(Outcome::Refused),
+        ETIMEDOUT => Some(Outcome::ConnectTimeout),
+        EHOSTUNREACH | ENETUNREACH | EHOSTDOWN | ENETDOWN => Some(Outcome::Unreachable),
+        EADDRNOTAVAIL => Some(Outcome::NoEphemeralPort),
+        _ => Some(Outcome::ConnectError),
+    }
+}
+
+/// A connect() in flight, the value of the kernel's `CONNECTS` map keyed by thread.
+///
+/// connect() can fail before the socket ever reaches SYN_SENT (no route: EHOSTUNREACH) or go
+/// SYN_SENT→CLOSE inside the call without sending a SYN (no local port: EADDRNOTAVAIL). Those
+/// failures are decided at the syscall's exit from its return value; everything that happens
+/// after a SYN left is decided by [`ConnTrack`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect {
+    pub upstream: Endpoint,
+    pub start_ns: u64,
+    /// The socket, once it went CLOSE→SYN_SENT inside this call (0 before).
+    pub sk: u64,
+    /// Non-zero when the socket went SYN_SENT→CLOSE inside this call with no error of its own:
+    /// connect() itself failed after choosing a route, and its return value says why.
+    pub closed_in_call: u8,
+    pub _pad: [u8; 3],
+    /// The socket's file descriptor.
+    pub fd: u32,
+}
+
+impl PendingConnect {
+    /// What connect()'s return value means for this attempt.
+    pub const fn on_exit(&self, ret: i64) -> Option<Outcome> {
+        if ret >= 0 {
+            return None;
+        }
+        if self.sk != 0 && self.closed_in_call == 0 {
+            // The SYN left: the connection's own record decides, whatever connect() returned.
+            return None;
+        }
+        connect_errno_outcome((-ret) as i32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Recorded sequences of what the kernel programs see, replayed through the state machine.
+    //! `bytes_received` is the kernel's counter: sequence space, so each FIN counts one.
+
+    use super::{errno::*, tcp_state::*, *};
+    use crate::net::Endpoint;
+
+    const MS: u64 = 1_000_000;
+    const MIN_WAIT: u64 = 50 * MS;
+
+    fn conn() -> ConnTrack {
+        let proxy = Proxy {
+            cgroup_id: 1,
+            tgid: 812,
+            pid: 812,
+            comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        ConnTrack::connecting(
+            proxy,
+            Endpoint::v4([10, 0, 0, 5], 8000),
+            Endpoint::v4([10, 0, 0, 1], 0),
+            1_000 * MS,
+        )
+    }
+
+    /// The socket goes from `old` to CLOSE at `at_ms`.
+    fn close_from(
+        c: &mut ConnTrack,
+        old: i32,
+        at_ms: u64,
+        sk_err: i32,
+        bytes_received: u64,
+    ) -> Verdict {
+        c.on_close(CloseFacts {
+            now_ns: at_ms * MS,
+            old_state: old,
+            sk_err,
+            bytes_received,
+            min_wait_ns: MIN_WAIT,
+            sends_tracked: true,
+        })
+    }
+
+    fn established() -> ConnTrack {
+        let mut c = conn();
+        assert_eq!(c.on_established(1_001 * MS), MS);
+        c
+    }
+
+    /// The upstream's FIN, then the proxy's close: ESTABLISHED→CLOSE_WAIT→LAST_ACK.
+    fn upstream_closes(c: &mut ConnTrack, at_ms: u64) {
+        c.on_state_change(ESTABLISHED, CLOSE_WAIT, at_ms * MS);
+        c.on_state_change(CLOSE_WAIT, LAST_ACK, at_ms * MS);
+    }
+
+    /// The proxy's close: ESTABLISHED→FIN_WAIT1→FIN_WAIT2.
+    fn proxy_closes(c: &mut ConnTrack, at_ms: u64) {
+        c.on_state_change(ESTABLISHED, FIN_WAIT1, at_ms * MS);
+        c.on_state_change(FIN_WAIT1, FIN_WAIT2, at_ms * MS);
+    }
+
+    #[track_caller]
+    fn assert_outcome(v: Verdict, outcome: Option<Outcome>, waited_ms: u64) {
+        assert_eq!(v.outcome, outcome);
+        assert_eq!(v.waited_ns, waited_ms * MS, "waited");
+    }
+
+    #[test]
+    fn rst_to_syn_is_refused() {
+        let mut c = conn();
+        c.on_reset_received(1_000 * MS);
+        let v = close_from(&mut c, SYN_SENT, 1_000, ECONNREFUSED, 0);
+        assert_outcome(v, Some(Outcome::Refused), 0);
+        assert_eq!(EndKind::from_u8(c.end), EndKind::PeerReset);
+    }
+
+    #[test]
+    fn icmp_port_unreachable_is_refused() {
+        let mut c = conn();
+        let v = close_from(&mut c, SYN_SENT, 1_002, ECONNREFUSED, 0);
+        assert_outcome(v, Some(Outcome::Refused), 2);
+    }
+
+    #[test]
+    fn kernel_giving_up_on_syns_is_connect_timeout() {
+        let mut c = conn();
+        c.on_retransmit();
+        c.on_retransmit();
+        let v = close_from(&mut c, SYN_SENT, 4_000, ETIMEDOUT, 0);
+        assert_outcome(v, Some(Outcome::ConnectTimeout), 3_000);
+        assert_eq!(c.syn_retransmits, 2);
+    }
+
+    #[test]
+    fn proxy_closing_a_connecting_socket_after_its_timeout_is_connect_timeout() {
+        let mut c = conn();
+        c.on_retransmit();
+        let v = close_from(&mut c, SYN_SENT, 2_000, 0, 0);
+        assert_outcome(v, Some(Outcome::ConnectTimeout), 1_000);
+        assert_eq!(EndKind::from_u8(c.end), EndKind::ProxyClose);
+    }
+
+    #[test]
+    fn proxy_closing_a_connecting_socket_at_once_abandoned_it() {
+        let mut c = conn();
+        let v = close_from(&mut c, SYN_SENT, 1_003, 0, 0);
+        assert_outcome(v, Some(Outcome::ConnectAbandoned), 3);
+    }
+
+    #[test]
+    fn icmp_host_unreachable_is_unreachable() {
+        let mut c = conn();
+        let v = close_from(&mut c, SYN_SENT, 1_100, EHOSTUNREACH, 0);
+        assert_outcome(v, Some(Outcome::Unreachable), 100);
+        let mut c = conn();
+        let v = close_from(&mut c, SYN_SENT, 1_100, ENETUNREACH, 0);
+        assert_outcome(v, Some(Outcome::Unreachable), 100);
+    }
+
+    #[test]
+    fn other_errors_while_connecting_are_connect_error() {
+        let mut c = conn();
+        let v = close_from(&mut c, SYN_SENT, 1_001, 13, 0);
+        assert_eq!(v.outcome, Some(Outcome::ConnectError));
+    }
+
+    #[test]
+    fn healthy_request_then_upstream_close_is_not_a_failure() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        upstream_closes(&mut c, 1_003);
+        // 512 response bytes and the FIN.
+        assert_eq!(close_from(&mut c, LAST_ACK, 1_004, 0, 513).outcome, None);
+    }
+
+    #[test]
+    fn keep_alive_connection_closed_while_idle_is_not_a_failure() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0); // request 1
+        c.on_send(1_010 * MS, 300); // request 2, after response 1 (300 bytes)
+        c.on_send(1_020 * MS, 600); // request 3, after response 2
+        // Response 3 arrives (900 bytes in all), then the upstream's keep-alive timeout fires.
+        upstream_closes(&mut c, 6_020);
+        assert_eq!(close_from(&mut c, LAST_ACK, 6_021, 0, 901).outcome, None);
+    }
+
+    #[test]
+    fn proxy_closing_after_a_complete_response_is_not_a_failure() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        proxy_closes(&mut c, 1_005);
+        // 4096 response bytes and the upstream's FIN, which sends FIN_WAIT2 to CLOSE.
+        assert_eq!(close_from(&mut c, FIN_WAIT2, 1_006, 0, 4_097).outcome, None);
+    }
+
+    #[test]
+    fn connection_never_used_and_closed_by_upstream_is_not_a_failure() {
+        let mut c = established();
+        upstream_closes(&mut c, 9_000);
+        assert_eq!(close_from(&mut c, LAST_ACK, 9_001, 0, 1).outcome, None);
+    }
+
+    #[test]
+    fn rst_after_the_request_and_before_any_answer_is_reset_before_response() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.on_reset_received(1_012 * MS);
+        let v = close_from(&mut c, ESTABLISHED, 1_012, 104, 0);
+        assert_outcome(v, Some(Outcome::ResetBeforeResponse), 10);
+    }
+
+    #[test]
+    fn rst_on_a_reused_keep_alive_connection_before_the_answer_is_reset_before_response() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.on_send(1_500 * MS, 300); // second request after a 300-byte response
+        c.on_reset_received(1_501 * MS);
+        let v = close_from(&mut c, ESTABLISHED, 1_501, 104, 300);
+        assert_eq!(v.outcome, Some(Outcome::ResetBeforeResponse));
+    }
+
+    #[test]
+    fn rst_before_the_proxy_sent_anything_is_reset_before_response() {
+        let mut c = established();
+        c.on_reset_received(1_002 * MS);
+        let v = close_from(&mut c, ESTABLISHED, 1_002, 104, 0);
+        assert_eq!(v.outcome, Some(Outcome::ResetBeforeResponse));
+    }
+
+    #[test]
+    fn rst_after_part_of_the_response_is_reset_mid_response() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.on_reset_received(1_052 * MS);
+        let v = close_from(&mut c, ESTABLISHED, 1_052, 104, 40);
+        assert_outcome(v, Some(Outcome::ResetMidResponse), 50);
+    }
+
+    #[test]
+    fn fin_after_the_request_and_before_any_answer_is_closed_before_response() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        upstream_closes(&mut c, 1_003);
+        // Only the FIN came back.
+        let v = close_from(&mut c, LAST_ACK, 1_004, 0, 1);
+        assert_outcome(v, Some(Outcome::ClosedBeforeResponse), 1);
+    }
+
+    #[test]
+    fn request_sent_on_a_connection_the_upstream_already_closed_is_closed_before_response() {
+        // The keep-alive race: the upstream's idle FIN arrives, then the proxy reuses the
+        // connection; the upstream answers the request with a RST (EPIPE in CLOSE_WAIT).
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.on_state_change(ESTABLISHED, CLOSE_WAIT, 6_000 * MS);
+        c.on_send(6_000 * MS, 301);
+        c.on_reset_received(6_001 * MS);
+        let v = close_from(&mut c, CLOSE_WAIT, 6_001, 32, 301);
+        assert_eq!(v.outcome, Some(Outcome::ClosedBeforeResponse));
+    }
+
+    #[test]
+    fn proxy_closing_after_waiting_for_an_answer_is_response_timeout() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        proxy_closes(&mut c, 2_002);
+        // The upstream's own close comes afterwards: its FIN sends FIN_WAIT2 to CLOSE.
+        let v = close_from(&mut c, FIN_WAIT2, 2_500, 0, 1);
+        assert_outcome(v, Some(Outcome::ResponseTimeout), 1_000);
+    }
+
+    #[test]
+    fn proxy_closing_after_waiting_then_reset_is_still_response_timeout() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        proxy_closes(&mut c, 2_002);
+        c.on_reset_received(2_500 * MS);
+        let v = close_from(&mut c, FIN_WAIT2, 2_500, 104, 0);
+        assert_outcome(v, Some(Outcome::ResponseTimeout), 1_000);
+    }
+
+    #[test]
+    fn proxy_closing_at_once_after_its_request_abandoned_it() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        proxy_closes(&mut c, 1_004);
+        let v = close_from(&mut c, FIN_WAIT2, 1_005, 0, 1);
+        assert_outcome(v, Some(Outcome::RequestAbandoned), 2);
+    }
+
+    #[test]
+    fn proxy_abort_with_rst_after_waiting_is_response_timeout() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        let v = close_from(&mut c, ESTABLISHED, 3_002, 0, 0);
+        assert_outcome(v, Some(Outcome::ResponseTimeout), 2_000);
+    }
+
+    #[test]
+    fn half_close_then_answer_is_not_a_failure() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        proxy_closes(&mut c, 1_002);
+        // 100 response bytes and the FIN.
+        assert_eq!(close_from(&mut c, FIN_WAIT2, 1_200, 0, 101).outcome, None);
+    }
+
+    #[test]
+    fn kernel_retransmission_timeout_with_a_request_outstanding_is_response_timeout() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.on_retransmit();
+        let v = close_from(&mut c, ESTABLISHED, 16_002, ETIMEDOUT, 0);
+        assert_outcome(v, Some(Outcome::ResponseTimeout), 15_000);
+        assert_eq!(c.retransmits, 1);
+    }
+
+    #[test]
+    fn the_upstreams_fin_is_not_counted_as_data() {
+        let mut c = established();
+        assert_eq!(c.data_received(ESTABLISHED, 40), 40);
+        assert_eq!(c.data_received(FIN_WAIT2, 41), 40);
+        upstream_closes(&mut c, 1_100);
+        assert_eq!(c.data_received(LAST_ACK, 41), 40);
+        assert_eq!(c.data_received(LAST_ACK, 0), 0);
+    }
+
+    #[test]
+    fn without_the_send_probe_only_resets_count() {
+        let facts = |bytes_received| CloseFacts {
+            now_ns: 2_000 * MS,
+            old_state: ESTABLISHED,
+            sk_err: 104,
+            bytes_received,
+            min_wait_ns: MIN_WAIT,
+            sends_tracked: false,
+        };
+        let mut c = established();
+        c.on_reset_received(2_000 * MS);
+        assert_eq!(c.on_close(facts(0)).outcome, Some(Outcome::ResetBeforeResponse));
+        let mut c = established();
+        c.on_reset_received(2_000 * MS);
+        assert_eq!(c.on_close(facts(10)).outcome, Some(Outcome::ResetMidResponse));
+        let mut c = established();
+        upstream_closes(&mut c, 2_000);
+        let v = c.on_close(CloseFacts {
+            sk_err: 0,
+            old_state: LAST_ACK,
+            ..facts(1)
+        });
+        assert_eq!(v.outcome, None);
+    }
+
+    #[test]
+    fn connect_failing_before_any_syn_is_decided_by_its_return_value() {
+        let pending = |sk, closed_in_call| PendingConnect {
+            upstream: Endpoint::v4([10, 9, 9, 9], 80),
+            start_ns: 0,
+            sk,
+            closed_in_call,
+            _pad: [0; 3],
+            fd: 3,
+        };
+        // No route: connect() fails before SYN_SENT.
+        let no_route = pending(0, 0).on_exit(-i64::from(EHOSTUNREACH));
+        assert_eq!(no_route, Some(Outcome::Unreachable));
+        // No local port: SYN_SENT→CLOSE inside the call.
+        let no_port = pending(0xffff_8880_0000_1000, 1).on_exit(-i64::from(EADDRNOTAVAIL));
+        assert_eq!(no_port, Some(Outcome::NoEphemeralPort));
+        // A SYN left: the connection's own record decides (a blocking connect's ECONNREFUSED).
+        let refused = pending(0xffff_8880_0000_1000, 0).on_exit(-i64::from(ECONNREFUSED));
+        assert_eq!(refused, None);
+        // Non-blocking connects in progress and successes are not failures.
+        assert_eq!(pending(0, 0).on_exit(-i64::from(EINPROGRESS)), None);
+        assert_eq!(pending(0, 0).on_exit(-i64::from(EAGAIN)), Some(Outcome::ConnectError));
+        assert_eq!(pending(0, 0).on_exit(0), None);
+    }
+}

@@ -1,0 +1,49 @@
+//! What tracer's kernel programs (`tracer-ebpf`) and its agent (`tracer-user`) must agree on.
+//!
+//! - [`conn`]: the per-connection record the kernel keeps and the state machine that decides each
+//!   connection's [`Outcome`]. It is plain `no_std` Rust, so the very code the kernel runs is unit
+//!   tested on the host against recorded sequences of kernel events.
+//! - [`outcome`]: outcome codes (successes and failure causes) and their names.
+//! - [`event`]: the record a failure sends to user space through the ring buffer.
+//! - [`counts`]: keys and values of the exact per-CPU counters, and the agent's health counters.
+//! - [`config`]: what user space tells the kernel programs at load time (kernel struct offsets
+//!   from BTF, tracepoint field offsets, thresholds).
+#![no_std]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod config;
+pub mod conn;
+pub mod counts;
+pub mod event;
+pub mod net;
+pub mod outcome;
+
+pub use config::{Config, KernelOffsets, SyscallFields};
+pub use conn::{ConnTrack, EndKind, Proxy, Verdict};
+pub use counts::{CountKey, Stat, Tally};
+pub use event::{FailureEvent, Source};
+pub use net::Endpoint;
+pub use outcome::Outcome;
+
+/// Implements `aya::Pod` for the given `#[repr(C)]` types on the host side.
+macro_rules! impl_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: every type listed is `#[repr(C)]`, `Copy`, made only of integers and byte
+            // arrays, with explicit padding fields, so any bit pattern is a valid value.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+
+impl_pod!(
+    Config,
+    ConnTrack,
+    CountKey,
+    Tally,
+    FailureEvent,
+    conn::PendingConnect,
+);
