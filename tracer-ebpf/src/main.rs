@@ -1,0 +1,480 @@
+//! tracer's kernel programs: record the fate of every outbound TCP connection.
+//!
+//! Each program is a thin adapter: it reads what its tracepoint offers, finds the connection's
+//! record (keyed by `struct sock *`) and calls the shared state machine in
+//! `tracer_common::conn`, which decides the outcome. Outcomes are counted exactly here, in
+//! per-CPU maps; failures also go to user space through a ring buffer, with their evidence.
+//!
+//! | program               | tracepoint                     | records                          |
+//! |-----------------------|--------------------------------|----------------------------------|
+//! | `inet_sock_set_state` | tp_btf `inet_sock_set_state`   | start (process ctx), state, end  |
+//! | `tcp_receive_reset`   | tp_btf `tcp_receive_reset`     | the upstream's RST               |
+//! | `tcp_retransmit_skb`  | tp_btf `tcp_retransmit_skb`    | SYN and data retransmits         |
+//! | `tcp_sendmsg_locked`  | tp_btf `tcp_sendmsg_locked`    | the proxy starts a request       |
+//! | `sys_enter_connect`   | `syscalls:sys_enter_connect`   | where connect() goes             |
+//! | `sys_exit_connect`    | `syscalls:sys_exit_connect`    | connect() failing before a SYN   |
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use tracer_common::{
+    Config, ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Proxy, Source, Stat, Tally,
+    conn::{CloseFacts, PendingConnect, tcp_state},
+    counts::{
+        CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
+        OVERFLOW_SLOTS,
+    },
+    net::{AF_INET, AF_INET6, IPPROTO_TCP},
+};
+
+/// Offsets and settings, filled in by the agent at load time (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::UNSET;
+
+/// Reads a field of [`CONFIG`] as the loaded program sees it, not as it was compiled.
+macro_rules! config {
+    ($($field:tt)+) => {
+        // SAFETY: CONFIG is a plain read-only global.
+        unsafe { read_volatile(addr_of!(CONFIG.$($field)+)) }
+    };
+}
+
+/// Live outbound connections, keyed by `struct sock *`.
+#[map]
+static CONNS: LruHashMap<u64, ConnTrack> = LruHashMap::with_max_entries(CONNS_MAX_ENTRIES, 0);
+
+/// connect() calls in flight, keyed by thread (`pid_tgid`).
+#[map]
+static CONNECTS: HashMap<u64, PendingConnect> =
+    HashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
+
+/// Exact counts per proxy × upstream × outcome.
+#[map]
+static COUNTS: PerCpuHashMap<CountKey, Tally> =
+    PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+/// Counts per outcome that did not fit in `COUNTS`.
+#[map]
+static OVERFLOW_COUNTS: PerCpuArray<Tally> = PerCpuArray::with_max_entries(OVERFLOW_SLOTS, 0);
+
+/// The agent's health counters, indexed by `Stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// Failures, for user space.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+// ---------------------------------------------------------------------------------------------
+// Programs
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = sock_state_changed(sk, old, new);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        conn.on_reset_received(now());
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        conn.on_retransmit();
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
+pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        // Fires before this send's first byte is queued: no answer to it can be counted yet.
+        let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received));
+        conn.on_send(now(), bytes_received.unwrap_or(0));
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = connect_called(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = connect_returned(&ctx);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket state changes
+
+fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        // Inside connect(), in the proxy's own context.
+        return start_tracking(sk);
+    }
+    let Some(conn) = tracked(sk) else {
+        return Ok(());
+    };
+    let now = now();
+    if new == tcp_state::CLOSE {
+        connection_closed(sk, conn, old, now);
+        let _ = CONNS.remove(&(sk as u64));
+    } else if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
+        let took = conn.on_established(now);
+        conn.local.port = local_port(sk);
+        count(&conn.proxy, &conn.upstream, Outcome::Connected, took);
+    } else {
+        conn.on_state_change(old, new, now);
+    }
+    Ok(())
+}
+
+fn start_tracking(sk: *const u8) -> Result<(), i64> {
+    let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family = read_kernel::<u16>(sk, config!(offsets.skc_family))?;
+    let dport = u16::from_be(read_kernel::<u16>(sk, config!(offsets.skc_dport))?);
+    let (upstream, local) = match family {
+        AF_INET => (
+            Endpoint::v4(read_kernel(sk, config!(offsets.skc_daddr))?, dport),
+            Endpoint::v4(read_kernel(sk, config!(offsets.skc_rcv_saddr))?, 0),
+        ),
+        AF_INET6 => (
+            Endpoint::v6(read_kernel(sk, config!(offsets.skc_v6_daddr))?, dport),
+            Endpoint::v6(read_kernel(sk, config!(offsets.skc_v6_rcv_saddr))?, 0),
+        ),
+        _ => return Ok(()),
+    };
+    let key = sk as u64;
+    let conn = ConnTrack::connecting(current_proxy(), upstream, local, now());
+    match CONNS.insert(&key, &conn, 0) {
+        Ok(()) => stat(Stat::ConnsTracked),
+        Err(_) => stat(Stat::ConnsUntracked),
+    }
+    // Tell the connect() in flight which socket it is about.
+    if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+        // SAFETY: a pointer into the map's value, valid while this program runs.
+        unsafe { (*pending).sk = key };
+    }
+    Ok(())
+}
+
+fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) {
+    let sk_err = read_kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0);
+    let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
+    if conn.established_ns == 0 && conn.reset_received == 0 && sk_err == 0 {
+        // SYN_SENT→CLOSE with no error of its own inside connect() (no local port left): the
+        // syscall's return value says why, at sys_exit_connect.
+        if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+            // SAFETY: a pointer into the map's value, valid while this program runs.
+            let pending = unsafe { &mut *pending };
+            if pending.sk == sk as u64 {
+                pending.closed_in_call = 1;
+                return;
+            }
+        }
+    }
+    if conn.local.port == 0 {
+        conn.local.port = local_port(sk);
+    }
+    let verdict = conn.on_close(CloseFacts {
+        now_ns: now,
+        old_state,
+        sk_err,
+        bytes_received,
+        min_wait_ns: config!(min_wait_ns),
+        sends_tracked: config!(sends_tracked) != 0,
+    });
+    let Some(outcome) = verdict.outcome else {
+        return;
+    };
+    count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns);
+    if outcome.is_failure() {
+        let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
+        report(
+            conn,
+            &Report {
+                close_ns: now,
+                waited_ns: verdict.waited_ns,
+                bytes_received: conn.data_received(old_state, bytes_received),
+                bytes_acked,
+                errno: sk_err,
+                outcome,
+                source: Source::SocketClosed,
+            },
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// connect() failing before a SYN leaves
+
+fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let fd: u64 = read_field(ctx, config!(syscalls.connect_fd))?;
+    let uservaddr: u64 = read_field(ctx, config!(syscalls.connect_uservaddr))?;
+    let addrlen: u64 = read_field(ctx, config!(syscalls.connect_addrlen))?;
+    let sockaddr = uservaddr as *const u8;
+    // SAFETY: bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(sockaddr.cast())? };
+    // struct sockaddr_in{,6}: port at 2 (big-endian), IPv4 address at 4, IPv6 address at 8.
+    let port = u16::from_be(unsafe { bpf_probe_read_user(sockaddr.add(2).cast())? });
+    let upstream = match family {
+        AF_INET if addrlen >= 16 => {
+            Endpoint::v4(unsafe { bpf_probe_read_user(sockaddr.add(4).cast())? }, port)
+        }
+        AF_INET6 if addrlen >= 28 => {
+            Endpoint::v6(unsafe { bpf_probe_read_user(sockaddr.add(8).cast())? }, port)
+        }
+        _ => return Ok(()),
+    };
+    let pending = PendingConnect {
+        upstream,
+        start_ns: now(),
+        sk: 0,
+        closed_in_call: 0,
+        _pad: [0; 3],
+        fd: fd as u32,
+    };
+    if CONNECTS
+        .insert(&bpf_get_current_pid_tgid(), &pending, 0)
+        .is_err()
+    {
+        stat(Stat::ConnectsUntracked);
+    }
+    Ok(())
+}
+
+fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
+    let thread = bpf_get_current_pid_tgid();
+    let Some(pending) = CONNECTS.get_ptr(&thread) else {
+        return Ok(());
+    };
+    // SAFETY: a pointer into the map's value; copied before the entry is removed.
+    let pending = unsafe { *pending };
+    let _ = CONNECTS.remove(&thread);
+    let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
+    let Some(outcome) = pending.on_exit(ret) else {
+        return Ok(());
+    };
+    if pending.sk != 0 {
+        // It reached SYN_SENT, so it is TCP; its record is no longer needed.
+        let _ = CONNS.remove(&pending.sk);
+    } else if !fd_is_tcp(pending.fd)? {
+        // A UDP socket's connect() failing (no route for a DNS query…) is not our business.
+        return Ok(());
+    }
+    let now = now();
+    let conn = ConnTrack::connecting(current_proxy(), pending.upstream, Endpoint::default(), pending.start_ns);
+    let waited_ns = now.saturating_sub(pending.start_ns);
+    count(&conn.proxy, &conn.upstream, outcome, waited_ns);
+    report(
+        &conn,
+        &Report {
+            close_ns: now,
+            waited_ns,
+            bytes_received: 0,
+            bytes_acked: 0,
+            errno: (-ret) as i32,
+            outcome,
+            source: Source::ConnectCall,
+        },
+    );
+    Ok(())
+}
+
+/// Whether file descriptor `fd` of the current process is a TCP socket:
+/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk->sk_protocol.
+fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
+    let task = current_task();
+    let files: *const u8 = read_kernel(task, config!(offsets.task_files))?;
+    let fdt: *const u8 = read_kernel(files, config!(offsets.files_fdt))?;
+    let max_fds: u32 = read_kernel(fdt, config!(offsets.fdtable_max_fds))?;
+    if fd >= max_fds {
+        return Ok(false);
+    }
+    let fds: *const u8 = read_kernel(fdt, config!(offsets.fdtable_fd))?;
+    let file: *const u8 = read_kernel(fds, fd * 8)?;
+    let socket: *const u8 = read_kernel(file, config!(offsets.file_private_data))?;
+    let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
+    let protocol: u16 = read_kernel(sk, config!(offsets.sk_protocol))?;
+    Ok(protocol == IPPROTO_TCP)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counting and reporting
+
+/// What a failure report adds to the connection's record.
+struct Report {
+    close_ns: u64,
+    waited_ns: u64,
+    bytes_received: u64,
+    bytes_acked: u64,
+    errno: i32,
+    outcome: Outcome,
+    source: Source,
+}
+
+fn report(conn: &ConnTrack, report: &Report) {
+    let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
+        stat(Stat::EventsLost);
+        return;
+    };
+    entry.write(FailureEvent {
+        conn: *conn,
+        close_ns: report.close_ns,
+        waited_ns: report.waited_ns,
+        bytes_received: report.bytes_received,
+        bytes_acked: report.bytes_acked,
+        errno: report.errno,
+        outcome: report.outcome as u8,
+        source: report.source as u8,
+        _pad: [0; 2],
+    });
+    entry.submit(0);
+    stat(Stat::EventsSent);
+}
+
+fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) {
+    let key = CountKey {
+        comm: proxy.comm,
+        cgroup_id: proxy.cgroup_id,
+        upstream: *upstream,
+        outcome: outcome as u8,
+        _pad: [0; 7],
+    };
+    if add(&key, ns) {
+        return;
+    }
+    let first = Tally { count: 1, sum_ns: ns };
+    // Another CPU may create the key between the lookup and the insert: look again.
+    if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() || add(&key, ns) {
+        return;
+    }
+    // COUNTS is full: keep the exact total per outcome.
+    stat(Stat::CountsOverflowed);
+    if let Some(tally) = OVERFLOW_COUNTS.get_ptr_mut(outcome as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate while running.
+        unsafe {
+            (*tally).count += 1;
+            (*tally).sum_ns += ns;
+        }
+    }
+}
+
+fn add(key: &CountKey, ns: u64) -> bool {
+    match COUNTS.get_ptr_mut(key) {
+        Some(tally) => {
+            // SAFETY: this CPU's value of a per-CPU map entry.
+            unsafe {
+                (*tally).count += 1;
+                (*tally).sum_ns += ns;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+fn stat(which: Stat) {
+    if let Some(value) = STATS.get_ptr_mut(which as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *value += 1 };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The record of a tracked connection.
+fn tracked(sk: *const u8) -> Option<&'static mut ConnTrack> {
+    // SAFETY: a pointer into the map's value, valid while this program runs; the kernel runs
+    // one program per CPU at a time and a connection's events rarely race.
+    CONNS.get_ptr_mut(&(sk as u64)).map(|conn| unsafe { &mut *conn })
+}
+
+/// Reads a field of a classic tracepoint's record at the offset its format file gives.
+fn read_field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which copes with any address.
+    unsafe { ctx.read_at(offset as usize).map_err(i64::from) }
+}
+
+fn current_task() -> *const u8 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_current_task() as *const u8 }
+}
+
+/// The socket's local port, in host byte order (0 when not known).
+fn local_port(sk: *const u8) -> u16 {
+    u16::from_be(read_kernel::<u16>(sk, config!(offsets.inet_sport)).unwrap_or(0))
+}
+
+/// Reads a `T` at `base + offset` in kernel memory.
+fn read_kernel<T>(base: *const u8, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).map_err(i64::from) }
+}
+
+/// The process behind the current thread: its main thread's name, pid, tid and cgroup.
+fn current_proxy() -> Proxy {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let task = current_task();
+    let comm = read_kernel::<*const u8>(task, config!(offsets.task_group_leader))
+        .and_then(|leader| read_kernel::<[u8; 16]>(leader, config!(offsets.task_comm)))
+        .or_else(|_| bpf_get_current_comm().map_err(i64::from))
+        .unwrap_or([0; 16]);
+    Proxy {
+        // SAFETY: a helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        comm,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
