@@ -1,0 +1,130 @@
+//! Aggregate: the kernel's exact counts, per proxy × upstream, by outcome.
+//!
+//! The kernel counts every attempt where it is decided, so these totals stay exact whatever
+//! happens to events on the way (a full ring buffer, a slow reader).
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use tracer_common::Outcome;
+
+use crate::decode::Count;
+
+/// Who connects to what.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub proxy: String,
+    pub cgroup_id: u64,
+    pub upstream: SocketAddr,
+}
+
+/// The totals for one route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTotals {
+    /// Count and summed duration per outcome.
+    pub outcomes: BTreeMap<Outcome, (u64, Duration)>,
+}
+
+impl RouteTotals {
+    /// Connection attempts: every attempt ends in exactly one connect-phase outcome.
+    pub fn attempts(&self) -> u64 {
+        self.outcomes
+            .iter()
+            .filter(|(o, _)| o.is_connect_outcome())
+            .map(|(_, (n, _))| n)
+            .sum()
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.outcomes
+            .iter()
+            .filter(|(o, _)| o.is_failure())
+            .map(|(_, (n, _))| n)
+            .sum()
+    }
+
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes.get(&outcome).map_or(0, |(n, _)| *n)
+    }
+
+    /// The failure cause with the most failures.
+    pub fn leading_cause(&self) -> Option<Outcome> {
+        self.outcomes
+            .iter()
+            .filter(|(o, (n, _))| o.is_failure() && *n > 0)
+            .max_by_key(|(_, (n, _))| *n)
+            .map(|(o, _)| *o)
+    }
+}
+
+/// All routes' totals at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub routes: BTreeMap<Route, RouteTotals>,
+    /// Counts that did not fit in the kernel's table, per outcome.
+    pub overflow: BTreeMap<Outcome, u64>,
+}
+
+impl Totals {
+    pub fn from_counts(counts: impl IntoIterator<Item = Count>) -> Totals {
+        let mut totals = Totals::default();
+        for c in counts {
+            let route = Route {
+                proxy: c.proxy,
+                cgroup_id: c.cgroup_id,
+                upstream: c.upstream,
+            };
+            let entry = totals
+                .routes
+                .entry(route)
+                .or_default()
+                .outcomes
+                .entry(c.outcome)
+                .or_insert((0, Duration::ZERO));
+            entry.0 += c.count;
+            entry.1 += c.total_time;
+        }
+        totals
+    }
+
+    /// Routes with at least one failure, most failures first.
+    pub fn failing(&self) -> Vec<(&Route, &RouteTotals)> {
+        let mut failing: Vec<_> = self.routes.iter().filter(|(_, t)| t.failures() > 0).collect();
+        failing.sort_by(|a, b| b.1.failures().cmp(&a.1.failures()).then(a.0.cmp(b.0)));
+        failing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(upstream: &str, outcome: Outcome, n: u64) -> Count {
+        Count {
+            proxy: "nginx".into(),
+            cgroup_id: 1,
+            upstream: upstream.parse().unwrap(),
+            outcome,
+            count: n,
+            total_time: Duration::from_millis(n),
+        }
+    }
+
+    #[test]
+    fn attempts_are_connect_outcomes_and_failures_include_response_phase() {
+        let totals = Totals::from_counts([
+            count("10.0.0.5:8000", Outcome::Connected, 90),
+            count("10.0.0.5:8000", Outcome::Refused, 10),
+            count("10.0.0.5:8000", Outcome::ResetMidResponse, 3),
+            count("10.0.0.5:8000", Outcome::RequestAbandoned, 2),
+            count("10.0.0.6:8000", Outcome::Connected, 50),
+        ]);
+        let failing = totals.failing();
+        assert_eq!(failing.len(), 1);
+        let (route, t) = failing[0];
+        assert_eq!(route.upstream.to_string(), "10.0.0.5:8000");
+        assert_eq!(t.attempts(), 100);
+        assert_eq!(t.failures(), 13);
+        assert_eq!(t.leading_cause(), Some(Outcome::Refused));
+        assert_eq!(t.count(Outcome::Connected), 90);
+    }
+}

@@ -1,0 +1,427 @@
+//! Kernel capture: check the host, load tracer's eBPF programs with the offsets this kernel needs,
+//! attach them (degrading when an optional probe is missing), and hand out what they record:
+//! failure records from the ring buffer, exact counts and health counters from per-CPU maps.
+//!
+//! Everything is attached through file descriptors owned by [`Capture`]: dropping it, or the
+//! process ending in any way, detaches every program.
+
+pub mod btf;
+pub mod preflight;
+pub mod tracefs;
+
+use std::time::Duration;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tracer_common::{
+    Config, CountKey, KernelOffsets, Stat, SyscallFields, Tally, counts::OVERFLOW_SLOTS,
+};
+
+use self::{
+    btf::{Btf, BtfError},
+    preflight::PreflightError,
+    tracefs::{Tracefs, TracefsError},
+};
+
+/// The compiled kernel programs (built by build.rs from the tracer-ebpf crate).
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A BTF-typed tracepoint (`tp_btf`): raw arguments such as the `struct sock *`.
+    Btf(&'static str),
+    /// A classic tracepoint, attached through tracefs.
+    Tracepoint(&'static str, &'static str),
+}
+
+/// One of tracer's kernel programs.
+#[derive(Debug)]
+pub struct Probe {
+    /// The program's name in the object file.
+    pub program: &'static str,
+    pub hook: Hook,
+    /// Without a required probe tracer cannot work at all.
+    pub required: bool,
+    /// What it is for, and what is lost without it.
+    pub purpose: &'static str,
+}
+
+impl Probe {
+    /// `category:name` of the tracepoint.
+    pub fn tracepoint(&self) -> String {
+        match self.hook {
+            Hook::Btf(name) => format!("tp_btf:{name}"),
+            Hook::Tracepoint(category, name) => format!("{category}:{name}"),
+        }
+    }
+}
+
+pub const PROBES: [Probe; 6] = [
+    Probe {
+        program: "inet_sock_set_state",
+        hook: Hook::Btf("inet_sock_set_state"),
+        required: true,
+        purpose: "every outbound TCP connection: who starts it, where to, how it ends",
+    },
+    Probe {
+        program: "tcp_receive_reset",
+        hook: Hook::Btf("tcp_receive_reset"),
+        required: false,
+        purpose: "RSTs from upstreams (without it resets are still known from the socket error)",
+    },
+    Probe {
+        program: "tcp_retransmit_skb",
+        hook: Hook::Btf("tcp_retransmit_skb"),
+        required: false,
+        purpose: "SYN and data retransmits, evidence for timeouts",
+    },
+    Probe {
+        program: "tcp_sendmsg_locked",
+        hook: Hook::Btf("tcp_sendmsg_locked"),
+        required: false,
+        purpose: "requests the proxy sends (without it, once connected only resets are told apart)",
+    },
+    Probe {
+        program: "sys_enter_connect",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_connect"),
+        required: false,
+        purpose: "where connect() goes (needed with sys_exit_connect)",
+    },
+    Probe {
+        program: "sys_exit_connect",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_connect"),
+        required: false,
+        purpose: "connect() failing before any SYN: no route, no local port left",
+    },
+];
+
+/// What became of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeState {
+    Attached,
+    /// Not attached; why.
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeStatus {
+    pub probe: &'static Probe,
+    pub state: ProbeState,
+}
+
+impl ProbeStatus {
+    pub fn attached(&self) -> bool {
+        self.state == ProbeState::Attached
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("reading the kernel's BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("reading the kernel's BTF through aya: {0}")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error("loading tracer's eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the {probe} probe, which tracer cannot work without, failed: {reason}")]
+    RequiredProbe { probe: String, reason: String },
+    #[error("tracer's eBPF object has no map {0}")]
+    NoMap(&'static str),
+    #[error("using map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("watching the event ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the capture should behave.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// See [`Config::min_wait_ns`].
+    pub min_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            min_wait: Duration::from_nanos(Config::DEFAULT_MIN_WAIT_NS),
+        }
+    }
+}
+
+/// tracer's programs, loaded and attached.
+pub struct Capture {
+    /// Owns the programs and their links; dropping it detaches everything.
+    _ebpf: Ebpf,
+    pub probes: Vec<ProbeStatus>,
+    /// The tracefs used, if one was found or mounted.
+    pub tracefs: Option<Tracefs>,
+    events: Option<RingBuf<MapData>>,
+    counts: PerCpuHashMap<MapData, CountKey, Tally>,
+    overflow: PerCpuArray<MapData, Tally>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// The offsets the programs need, from the running kernel's BTF.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    let sock = |member: &str| btf.member_offset("sock", member);
+    Ok(KernelOffsets {
+        skc_family: sock("__sk_common.skc_family")?,
+        skc_dport: sock("__sk_common.skc_dport")?,
+
+        skc_daddr: sock("__sk_common.skc_daddr")?,
+        skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
+        skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        inet_sport: btf.member_offset("inet_sock", "inet_sport")?,
+        sk_protocol: sock("sk_protocol")?,
+        sk_err: sock("sk_err")?,
+        tcp_bytes_received: btf.member_offset("tcp_sock", "bytes_received")?,
+        tcp_bytes_acked: btf.member_offset("tcp_sock", "bytes_acked")?,
+        task_group_leader: btf.member_offset("task_struct", "group_leader")?,
+        task_comm: btf.member_offset("task_struct", "comm")?,
+        task_files: btf.member_offset("task_struct", "files")?,
+        files_fdt: btf.member_offset("files_struct", "fdt")?,
+        fdtable_fd: btf.member_offset("fdtable", "fd")?,
+        fdtable_max_fds: btf.member_offset("fdtable", "max_fds")?,
+        file_private_data: btf.member_offset("file", "private_data")?,
+        socket_sk: btf.member_offset("socket", "sk")?,
+    })
+}
+
+/// The connect() tracepoints' field offsets, from their format files.
+pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> {
+    let enter = tracefs.format("syscalls", "sys_enter_connect")?;
+    let exit = tracefs.format("syscalls", "sys_exit_connect")?;
+    Ok(SyscallFields {
+        connect_fd: enter.offset("fd", 8)?,
+        connect_uservaddr: enter.offset("uservaddr", 8)?,
+        connect_addrlen: enter.offset("addrlen", 8)?,
+        connect_ret: exit.offset("ret", 8)?,
+    })
+}
+
+impl Capture {
+    /// Checks the host, loads the programs and attaches every probe that this kernel has.
+    pub fn start(options: &Options) -> Result<Capture, CaptureError> {
+        preflight::check()?;
+        preflight::raise_memlock_limit();
+        let btf = Btf::from_sys_fs()?;
+        let aya_btf = aya::Btf::from_sys_fs()?;
+
+        let mut config = Config {
+            offsets: kernel_offsets(&btf)?,
+            min_wait_ns: u64::try_from(options.min_wait.as_nanos()).unwrap_or(u64::MAX),
+            ready: 1,
+            sends_tracked: u32::from(btf.has_tracepoint("tcp_sendmsg_locked")),
+            ..Config::UNSET
+        };
+        // Classic tracepoints need tracefs; without it only the connect() probes are lost.
+        let tracefs = Tracefs::find_or_mount();
+        let syscalls = match &tracefs {
+            Ok(tracefs) => syscall_fields(tracefs).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Ok(fields) = &syscalls {
+            config.syscalls = *fields;
+        }
+        let tracefs = tracefs.ok();
+
+        let (mut ebpf, mut probes) = load_and_attach(&config, &aya_btf, &syscalls)?;
+        let sends_attached = probes
+            .iter()
+            .any(|p| p.probe.program == "tcp_sendmsg_locked" && p.attached());
+        if config.sends_tracked == 1 && !sends_attached {
+            // The programs were told requests are visible; they are not. Load them again.
+            drop(ebpf);
+            config.sends_tracked = 0;
+            (ebpf, probes) = load_and_attach(&config, &aya_btf, &syscalls)?;
+        }
+
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
+            .map_err(|source| CaptureError::Map { map: "EVENTS", source })?;
+        let counts = PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?)
+            .map_err(|source| CaptureError::Map { map: "COUNTS", source })?;
+        let overflow = PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?)
+            .map_err(|source| CaptureError::Map {
+                map: "OVERFLOW_COUNTS",
+                source,
+            })?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)
+            .map_err(|source| CaptureError::Map { map: "STATS", source })?;
+        Ok(Capture {
+            _ebpf: ebpf,
+            probes,
+            tracefs,
+            events: Some(events),
+            counts,
+            overflow,
+            stats,
+        })
+    }
+
+    /// How many probes are attached.
+    pub fn attached(&self) -> usize {
+        self.probes.iter().filter(|p| p.attached()).count()
+    }
+
+    /// The failure records, to be read asynchronously. Can be taken once.
+    pub fn take_events(&mut self) -> Result<Events, CaptureError> {
+        let ring = self
+            .events
+            .take()
+            .ok_or(CaptureError::NoMap("EVENTS (already taken)"))?;
+        // SAFETY: the RingBuf owns its map's file descriptor for as long as it lives, and it
+        // lives inside the AsyncFd, so the descriptor stays open and the same.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Events { ring })
+    }
+
+    /// The exact counts per proxy × upstream × outcome, summed over CPUs.
+    pub fn counts(&self) -> Vec<(CountKey, Tally)> {
+        self.counts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum_tallies(per_cpu.iter())))
+            .collect()
+    }
+
+    /// Counts per outcome code that did not fit in the counts map.
+    pub fn overflow_counts(&self) -> Vec<(u8, Tally)> {
+        (0..OVERFLOW_SLOTS)
+            .filter_map(|slot| {
+                let per_cpu = self.overflow.get(&slot, 0).ok()?;
+                let tally = sum_tallies(per_cpu.iter());
+                (tally.count > 0).then_some((slot as u8, tally))
+            })
+            .collect()
+    }
+
+    /// A health counter, summed over CPUs.
+    pub fn stat(&self, which: Stat) -> u64 {
+        self.stats
+            .get(&(which as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+fn sum_tallies<'a>(tallies: impl Iterator<Item = &'a Tally>) -> Tally {
+    tallies.fold(Tally::default(), |sum, t| Tally {
+        count: sum.count + t.count,
+        sum_ns: sum.sum_ns + t.sum_ns,
+    })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::NoMap(name))
+}
+
+fn load_and_attach(
+    config: &Config,
+    aya_btf: &aya::Btf,
+    syscalls: &Result<SyscallFields, String>,
+) -> Result<(Ebpf, Vec<ProbeStatus>), CaptureError> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", config, true)
+        .load(PROGRAMS)?;
+    let mut probes = Vec::with_capacity(PROBES.len());
+    for probe in &PROBES {
+        let state = match attach(&mut ebpf, probe, aya_btf, syscalls) {
+            Ok(()) => ProbeState::Attached,
+            Err(reason) if probe.required => {
+                return Err(CaptureError::RequiredProbe {
+                    probe: probe.tracepoint(),
+                    reason,
+                });
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    "probe {} not attached: {reason}; lost: {}",
+                    probe.tracepoint(),
+                    probe.purpose
+                );
+                ProbeState::Failed(reason)
+            }
+        };
+        probes.push(ProbeStatus { probe, state });
+    }
+    Ok((ebpf, probes))
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    probe: &Probe,
+    aya_btf: &aya::Btf,
+    syscalls: &Result<SyscallFields, String>,
+) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(probe.program)
+        .ok_or_else(|| format!("no program {} in the object file", probe.program))?;
+    match probe.hook {
+        Hook::Btf(name) => {
+            let program: &mut BtfTracePoint =
+                program.try_into().map_err(|e| format!("{e}"))?;
+            program
+                .load(name, aya_btf)
+                .map_err(|e| format!("loading: {}", error_chain(&e)))?;
+            program
+                .attach()
+                .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
+        }
+        Hook::Tracepoint(category, name) => {
+            if let Err(reason) = syscalls {
+                return Err(reason.clone());
+            }
+            let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            program
+                .load()
+                .map_err(|e| format!("loading: {}", error_chain(&e)))?;
+            program
+                .attach(category, name)
+                .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// An error with its sources, on one line (aya's verifier log comes as a source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// The failure records the kernel sends, read as they come.
+pub struct Events {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Events {
+    /// Waits for records, then hands each one that is there to `each` as raw bytes.
+    pub async fn next_batch(&mut self, mut each: impl FnMut(&[u8])) -> std::io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            each(&record);
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! What tracer needs from the host before it loads anything, checked up front so that a missing
+//! piece is reported with what to do about it.
+
+use std::fmt;
+
+use thiserror::Error;
+
+use super::btf::VMLINUX;
+
+/// Capability numbers (linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, Error)]
+pub enum PreflightError {
+    #[error(
+        "not privileged enough to load eBPF programs (effective capabilities {caps}): \
+         run tracer as root (sudo tracer …) or give it CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN \
+         (setcap cap_bpf,cap_perfmon,cap_sys_admin+ep tracer)"
+    )]
+    NotPrivileged { caps: String },
+    #[error(
+        "this kernel has no BTF type information at {VMLINUX}: tracer needs a kernel built \
+         with CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or newer; most distributions ship it)"
+    )]
+    NoBtf,
+    #[error("kernel {found} is too old: tracer needs Linux {needed} or newer")]
+    OldKernel { found: KernelVersion, needed: KernelVersion },
+}
+
+/// A kernel release, e.g. 6.18.44.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelVersion(pub u32, pub u32, pub u32);
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+impl KernelVersion {
+    /// BTF tracepoints on sockets with typed arguments and ring buffers: 5.8.
+    pub const MINIMUM: KernelVersion = KernelVersion(5, 8, 0);
+
+    /// The running kernel's release.
+    pub fn current() -> Option<(KernelVersion, String)> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        let release = release.trim().to_string();
+        Some((KernelVersion::parse(&release)?, release))
+    }
+
+    /// Parses a release like `6.18.44-fc-v657` or `5.15.0-91-generic`.
+    pub fn parse(release: &str) -> Option<KernelVersion> {
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .take(3)
+            .map(|n| n.parse::<u32>().ok());
+        let major = numbers.next()??;
+        let minor = numbers.next()??;
+        let patch = numbers.next().flatten().unwrap_or(0);
+        Some(KernelVersion(major, minor, patch))
+    }
+}
+
+/// The effective capability set of this process.
+pub fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Whether this process may load and attach tracing programs.
+pub fn privileged(caps: u64) -> bool {
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+/// Everything that must hold before loading: privileges, kernel version, BTF.
+pub fn check() -> Result<(), PreflightError> {
+    let caps = effective_capabilities();
+    if !privileged(caps) {
+        return Err(PreflightError::NotPrivileged {
+            caps: format!("{caps:#x}"),
+        });
+    }
+    if let Some((found, _)) = KernelVersion::current()
+        && found < KernelVersion::MINIMUM
+    {
+        return Err(PreflightError::OldKernel {
+            found,
+            needed: KernelVersion::MINIMUM,
+        });
+    }
+    if !std::path::Path::new(VMLINUX).exists() {
+        return Err(PreflightError::NoBtf);
+    }
+    Ok(())
+}
+
+/// Lifts the locked-memory limit, which kernels before 5.11 charge BPF maps against.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failure only matters on old kernels and shows at load.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if rc != 0 {
+        tracing::debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(KernelVersion::parse("6.18.44-fc-v657"), Some(KernelVersion(6, 18, 44)));
+        assert_eq!(KernelVersion::parse("5.15.0-91-generic"), Some(KernelVersion(5, 15, 0)));
+        assert_eq!(KernelVersion::parse("6.1"), Some(KernelVersion(6, 1, 0)));
+        assert_eq!(KernelVersion::parse("garbage"), None);
+        assert!(KernelVersion(5, 4, 0) < KernelVersion::MINIMUM);
+        assert!(KernelVersion(6, 18, 44) > KernelVersion::MINIMUM);
+    }
+
+    #[test]
+    fn privileges_need_sys_admin_or_bpf_with_perfmon() {
+        assert!(privileged(1 << CAP_SYS_ADMIN));
+        assert!(privileged((1 << CAP_BPF) | (1 << CAP_PERFMON)));
+        assert!(!privileged(1 << CAP_BPF));
+        assert!(!privileged(0));
+        assert!(privileged(0x1ff_ffff_ffff));
+    }
+}

@@ -1,0 +1,240 @@
+//! Classify: a decoded failure's cause, put in the user's words with its evidence.
+//!
+//! The cause itself is decided in the kernel, by `tracer_common::conn` (so that the kernel can
+//! count it exactly); this stage explains it: one sentence a person on call can act on.
+
+use std::time::Duration;
+
+use tracer_common::{Outcome, Source, conn::EndKind};
+
+use crate::decode::Failure;
+
+/// The symbolic name of an errno, as in errno.h.
+pub fn errno_name(errno: i32) -> Option<&'static str> {
+    Some(match errno {
+        1 => "EPERM",
+        2 => "ENOENT",
+        4 => "EINTR",
+        11 => "EAGAIN",
+        13 => "EACCES",
+        22 => "EINVAL",
+        24 => "EMFILE",
+        23 => "ENFILE",
+        32 => "EPIPE",
+        98 => "EADDRINUSE",
+        99 => "EADDRNOTAVAIL",
+        100 => "ENETDOWN",
+        101 => "ENETUNREACH",
+        103 => "ECONNABORTED",
+        104 => "ECONNRESET",
+        110 => "ETIMEDOUT",
+        111 => "ECONNREFUSED",
+        112 => "EHOSTDOWN",
+        113 => "EHOSTUNREACH",
+        _ => return None,
+    })
+}
+
+/// The errno's message, as the proxy's log prints it ("Connection refused").
+pub fn errno_text(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.find(" (os error") {
+        Some(end) => text[..end].to_string(),
+        None => text,
+    }
+}
+
+/// A short human duration: 850 µs, 12.3 ms, 1.02 s.
+pub fn human_duration(d: Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 1_000 {
+        format!("{micros} µs")
+    } else if micros < 1_000_000 {
+        format!("{:.1} ms", micros as f64 / 1_000.0)
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
+/// One sentence: who failed to get what from which upstream, why, and the evidence.
+pub fn explain(f: &Failure) -> String {
+    let e = &f.evidence;
+    let who = format!("{} → {}", f.proxy, f.upstream);
+    let waited = human_duration(e.waited);
+    let errno = || match errno_name(e.errno) {
+        Some(name) => format!("{name}, {}", errno_text(e.errno)),
+        None => format!("errno {}", e.errno),
+    };
+    match f.cause {
+        Outcome::Refused if e.reset_received => format!(
+            "{who}: connection refused (the host answered the SYN with a RST after {waited}): \
+             nothing is listening on {}",
+            f.upstream
+        ),
+        Outcome::Refused => format!(
+            "{who}: connection refused ({}) after {waited}: nothing is listening on {}",
+            errno(),
+            f.upstream
+        ),
+        Outcome::ConnectTimeout => {
+            let who_gave_up = if e.errno != 0 {
+                "the kernel gave up"
+            } else {
+                "the proxy gave up"
+            };
+            format!(
+                "{who}: connect timed out after {waited} with {} SYN retransmit(s) unanswered \
+                 ({who_gave_up}): a firewall dropping SYNs, a host that is down, or a full \
+                 listen backlog",
+                e.syn_retransmits
+            )
+        }
+        Outcome::Unreachable => format!(
+            "{who}: {} after {waited}: no route to {}",
+            errno(),
+            f.upstream.ip()
+        ),
+        Outcome::NoEphemeralPort => format!(
+            "{who}: connect() failed ({}): the proxy has no local port left to reach this \
+             upstream (too many connections in TIME_WAIT or a narrow ip_local_port_range)",
+            errno()
+        ),
+        Outcome::ConnectError => format!("{who}: connect() failed ({}) after {waited}", errno()),
+        Outcome::ResetBeforeResponse if e.requests == 0 => format!(
+            "{who}: the upstream reset the connection before the proxy sent its request"
+        ),
+        Outcome::ResetBeforeResponse => format!(
+            "{who}: the upstream reset the connection {waited} after the request, before any \
+             response byte (a worker that crashed, was killed, or refused the request)"
+        ),
+        Outcome::ResetMidResponse => format!(
+            "{who}: the upstream reset the connection mid-response, {waited} after the request \
+             ({} bytes received)",
+            e.bytes_received
+        ),
+        Outcome::ClosedBeforeResponse => format!(
+            "{who}: the upstream closed the connection {waited} after the request without \
+             answering (upstream prematurely closed connection)"
+        ),
+        Outcome::ResponseTimeout if e.ended_by == EndKind::KernelError => format!(
+            "{who}: no response {waited} after the request and the kernel gave up on the \
+             connection ({}, {} retransmit(s))",
+            errno(),
+            e.retransmits
+        ),
+        Outcome::ResponseTimeout => format!(
+            "{who}: the proxy gave up after waiting {waited} for a response (the upstream is \
+             slow or stuck)"
+        ),
+        Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => {
+            format!("{who}: {}", f.cause.name())
+        }
+    }
+}
+
+/// Where the failure was seen, in words.
+pub fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::SocketClosed => "socket_closed",
+        Source::ConnectCall => "connect_call",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::SystemTime};
+
+    use super::*;
+    use crate::decode::{Evidence, ProxyProcess};
+
+    fn failure(cause: Outcome, evidence: Evidence) -> Failure {
+        Failure {
+            time: SystemTime::UNIX_EPOCH,
+            proxy: ProxyProcess {
+                comm: "nginx".into(),
+                pid: 812,
+                tid: 812,
+                cgroup_id: 1,
+            },
+            upstream: "10.0.0.5:8000".parse::<SocketAddr>().unwrap(),
+            local: None,
+            cause,
+            evidence,
+        }
+    }
+
+    fn evidence() -> Evidence {
+        Evidence {
+            errno: 0,
+            connect_time: None,
+            syn_retransmits: 0,
+            retransmits: 0,
+            requests: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            waited: Duration::from_micros(150),
+            ended_by: EndKind::PeerReset,
+            reset_received: true,
+            source: Source::SocketClosed,
+        }
+    }
+
+    #[test]
+    fn refused_names_the_upstream_and_says_nothing_listens() {
+        let text = explain(&failure(Outcome::Refused, Evidence { errno: 111, ..evidence() }));
+        assert_eq!(
+            text,
+            "nginx (pid 812) → 10.0.0.5:8000: connection refused (the host answered the SYN \
+             with a RST after 150 µs): nothing is listening on 10.0.0.5:8000"
+        );
+    }
+
+    #[test]
+    fn timeouts_say_who_gave_up() {
+        let kernel = Evidence {
+            errno: 110,
+            syn_retransmits: 6,
+            waited: Duration::from_secs(127),
+            ended_by: EndKind::KernelError,
+            reset_received: false,
+            ..evidence()
+        };
+        let text = explain(&failure(Outcome::ConnectTimeout, kernel.clone()));
+        assert!(text.contains("after 127.00 s with 6 SYN retransmit(s)"), "{text}");
+        assert!(text.contains("the kernel gave up"), "{text}");
+        let proxy = Evidence { errno: 0, ..kernel };
+        assert!(explain(&failure(Outcome::ConnectTimeout, proxy)).contains("the proxy gave up"));
+    }
+
+    #[test]
+    fn unreachable_gives_the_errno_as_the_proxy_logs_it() {
+        let text = explain(&failure(Outcome::Unreachable, Evidence { errno: 113, ..evidence() }));
+        assert!(text.contains("EHOSTUNREACH, No route to host"), "{text}");
+        assert!(text.ends_with("no route to 10.0.0.5"), "{text}");
+    }
+
+    #[test]
+    fn response_phase_causes_carry_the_wait() {
+        let e = Evidence {
+            requests: 1,
+            waited: Duration::from_millis(1_000),
+            ended_by: EndKind::ProxyClose,
+            reset_received: false,
+            ..evidence()
+        };
+        let text = explain(&failure(Outcome::ResponseTimeout, e.clone()));
+        assert!(text.contains("waiting 1.00 s for a response"), "{text}");
+        let text = explain(&failure(Outcome::ResetMidResponse, Evidence { bytes_received: 40, ..e }));
+        assert!(text.contains("(40 bytes received)"), "{text}");
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(Duration::from_micros(850)), "850 µs");
+        assert_eq!(human_duration(Duration::from_micros(12_345)), "12.3 ms");
+        assert_eq!(human_duration(Duration::from_millis(1_020)), "1.02 s");
+        assert_eq!(errno_text(111), "Connection refused");
+        assert_eq!(errno_name(113), Some("EHOSTUNREACH"));
+        assert_eq!(errno_name(9999), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! The `tracer` command line.
+
+pub mod check;
+pub mod events;
+pub mod run;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{capture::Options, export::events::UpstreamMatch};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Why your reverse proxy answers 502: every failed upstream connection, its cause \
+             and its evidence, seen from inside the kernel",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: trace every outbound TCP connection and report failing upstreams.
+    Run(RunArgs),
+    /// Print one line per failed upstream attempt as it happens (text, or JSON with --json).
+    Events(EventsArgs),
+    /// Check that this host can run tracer: kernel, privileges, BTF, tracefs, every probe.
+    Check(CaptureArgs),
+}
+
+/// How the kernel side decides.
+#[derive(Debug, Clone, Args)]
+pub struct CaptureArgs {
+    /// A proxy that closes a connection sooner than this after connecting or after its request
+    /// abandoned it (its client left) rather than timed out; such closes are not failures.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub min_wait: Duration,
+}
+
+impl CaptureArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            min_wait: self.min_wait,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// How often to log a summary of failing upstreams.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub summary_every: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Only failures of processes with this name (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Only failures of this process id (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only failures toward this upstream: IP:PORT, [IPv6]:PORT, IP or :PORT (repeatable).
+    #[arg(long = "upstream", value_name = "UPSTREAM")]
+    pub upstreams: Vec<UpstreamMatch>,
+}

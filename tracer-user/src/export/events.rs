@@ -1,0 +1,245 @@
+//! The event stream: one line per failed upstream attempt, as text or JSON, with filters.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    classify::{errno_name, explain, source_name},
+    decode::Failure,
+};
+
+/// Which upstreams `--upstream` selects: `ip:port`, `[ipv6]:port`, `ip`, or `:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamMatch {
+    Addr(SocketAddr),
+    Ip(IpAddr),
+    Port(u16),
+}
+
+impl FromStr for UpstreamMatch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(UpstreamMatch::Addr(addr));
+        }
+        if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return Ok(UpstreamMatch::Ip(ip));
+        }
+        if let Some(port) = s.strip_prefix(':')
+            && let Ok(port) = port.parse::<u16>()
+        {
+            return Ok(UpstreamMatch::Port(port));
+        }
+        Err(format!(
+            "`{s}` is not an upstream: use IP:PORT (10.0.0.5:8000, [2001:db8::1]:443), an IP, \
+             or :PORT"
+        ))
+    }
+}
+
+impl UpstreamMatch {
+    pub fn matches(&self, upstream: &SocketAddr) -> bool {
+        match self {
+            UpstreamMatch::Addr(addr) => addr == upstream,
+            UpstreamMatch::Ip(ip) => *ip == upstream.ip(),
+            UpstreamMatch::Port(port) => *port == upstream.port(),
+        }
+    }
+}
+
+/// Which failures to show. Empty lists select everything.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+    pub upstreams: Vec<UpstreamMatch>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, f: &Failure) -> bool {
+        (self.comms.is_empty() || self.comms.iter().any(|c| *c == f.proxy.comm))
+            && (self.pids.is_empty() || self.pids.contains(&f.proxy.pid))
+            && (self.upstreams.is_empty() || self.upstreams.iter().any(|u| u.matches(&f.upstream)))
+    }
+}
+
+/// The JSON form of a failure (one object per line).
+#[derive(Debug, Serialize)]
+pub struct EventRecord {
+    pub time: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub upstream: String,
+    pub local: Option<String>,
+    pub cause: &'static str,
+    pub errno: i32,
+    pub errno_name: Option<&'static str>,
+    pub connect_ms: Option<f64>,
+    pub syn_retransmits: u16,
+    pub retransmits: u16,
+    pub requests: u32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub waited_ms: f64,
+    pub ended_by: &'static str,
+    pub reset_received: bool,
+    pub seen_at: &'static str,
+    pub explanation: String,
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
+}
+
+impl From<&Failure> for EventRecord {
+    fn from(f: &Failure) -> Self {
+        let e = &f.evidence;
+        EventRecord {
+            time: humantime::format_rfc3339_millis(f.time).to_string(),
+            pid: f.proxy.pid,
+            tid: f.proxy.tid,
+            comm: f.proxy.comm.clone(),
+            cgroup_id: f.proxy.cgroup_id,
+            upstream: f.upstream.to_string(),
+            local: f.local.map(|l| l.to_string()),
+            cause: f.cause.name(),
+            errno: e.errno,
+            errno_name: errno_name(e.errno),
+            connect_ms: e.connect_time.map(millis),
+            syn_retransmits: e.syn_retransmits,
+            retransmits: e.retransmits,
+            requests: e.requests,
+            bytes_sent: e.bytes_sent,
+            bytes_received: e.bytes_received,
+            waited_ms: millis(e.waited),
+            ended_by: e.ended_by.name(),
+            reset_received: e.reset_received,
+            seen_at: source_name(e.source),
+            explanation: explain(f),
+        }
+    }
+}
+
+/// One JSON line.
+pub fn json_line(f: &Failure) -> String {
+    serde_json::to_string(&EventRecord::from(f)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// One text line: time, proxy, upstream, cause, evidence.
+pub fn text_line(f: &Failure) -> String {
+    let r = EventRecord::from(f);
+    let mut line = format!(
+        "{}  {}[{}]  {}  {}  waited={}ms",
+        r.time, r.comm, r.pid, r.upstream, r.cause, r.waited_ms
+    );
+    if let Some(name) = r.errno_name {
+        line.push_str(&format!(" errno={name}"));
+    } else if r.errno != 0 {
+        line.push_str(&format!(" errno={}", r.errno));
+    }
+    if let Some(ms) = r.connect_ms {
+        line.push_str(&format!(" connect={ms}ms"));
+    }
+    if r.syn_retransmits > 0 {
+        line.push_str(&format!(" syn_retransmits={}", r.syn_retransmits));
+    }
+    if r.requests > 0 {
+        line.push_str(&format!(
+            " requests={} sent={}B received={}B",
+            r.requests, r.bytes_sent, r.bytes_received
+        ));
+    }
+    line.push_str(&format!(" ended_by={}", r.ended_by));
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use tracer_common::{Outcome, Source, conn::EndKind};
+
+    use super::*;
+    use crate::decode::{Evidence, ProxyProcess};
+
+    fn failure() -> Failure {
+        Failure {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_763_769_600_123),
+            proxy: ProxyProcess {
+                comm: "nginx".into(),
+                pid: 812,
+                tid: 813,
+                cgroup_id: 1,
+            },
+            upstream: "10.0.0.5:8000".parse().unwrap(),
+            local: Some("10.0.0.1:40000".parse().unwrap()),
+            cause: Outcome::Refused,
+            evidence: Evidence {
+                errno: 111,
+                connect_time: None,
+                syn_retransmits: 0,
+                retransmits: 0,
+                requests: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                waited: Duration::from_micros(250),
+                ended_by: EndKind::PeerReset,
+                reset_received: true,
+                source: Source::SocketClosed,
+            },
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let value: serde_json::Value = serde_json::from_str(&json_line(&failure())).unwrap();
+        assert_eq!(value["time"], "2025-11-22T00:00:00.123Z");
+        assert_eq!(value["pid"], 812);
+        assert_eq!(value["comm"], "nginx");
+        assert_eq!(value["upstream"], "10.0.0.5:8000");
+        assert_eq!(value["cause"], "refused");
+        assert_eq!(value["errno_name"], "ECONNREFUSED");
+        assert_eq!(value["waited_ms"], 0.25);
+        assert_eq!(value["ended_by"], "upstream_reset");
+        assert!(value["explanation"].as_str().unwrap().contains("nothing is listening"));
+    }
+
+    #[test]
+    fn text_line_reads_left_to_right() {
+        assert_eq!(
+            text_line(&failure()),
+            "2025-11-22T00:00:00.123Z  nginx[812]  10.0.0.5:8000  refused  waited=0.25ms \
+             errno=ECONNREFUSED ended_by=upstream_reset"
+        );
+    }
+
+    #[test]
+    fn filters_select_by_comm_pid_and_upstream() {
+        let f = failure();
+        assert!(EventFilter::default().matches(&f));
+        let by = |comms: &[&str], pids: &[u32], ups: &[&str]| EventFilter {
+            comms: comms.iter().map(|s| s.to_string()).collect(),
+            pids: pids.to_vec(),
+            upstreams: ups.iter().map(|s| s.parse().unwrap()).collect(),
+        };
+        assert!(by(&["nginx"], &[], &[]).matches(&f));
+        assert!(!by(&["haproxy"], &[], &[]).matches(&f));
+        assert!(by(&[], &[812], &[]).matches(&f));
+        assert!(!by(&[], &[1], &[]).matches(&f));
+        assert!(by(&[], &[], &["10.0.0.5:8000"]).matches(&f));
+        assert!(by(&[], &[], &["10.0.0.5"]).matches(&f));
+        assert!(by(&[], &[], &[":8000"]).matches(&f));
+        assert!(!by(&[], &[], &["10.0.0.5:8001"]).matches(&f));
+        assert!("[::1]:443".parse::<UpstreamMatch>().is_ok());
+        assert!("[::1]".parse::<UpstreamMatch>().is_ok());
+        assert!("nonsense".parse::<UpstreamMatch>().unwrap_err().contains("IP:PORT"));
+    }
+}

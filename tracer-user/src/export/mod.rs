@@ -1,0 +1,3 @@
+//! Export: what users see. [`events`] is the event stream (text or JSON lines).
+
+pub mod events;
