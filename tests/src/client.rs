@@ -1,0 +1,186 @@
+//! What a proxy does toward its upstreams, with plain sockets: connect, send a request, read the
+//! response, give up after a timeout. Run these inside a test namespace.
+
+use std::{
+    io::{self, ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    time::Duration,
+};
+
+pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: upstream\r\n\r\n";
+
+/// Connects, sends one request and reads the whole response (Content-Length bodies).
+pub fn request(addr: SocketAddr) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    exchange(&mut stream)
+}
+
+/// Sends one request on an open connection and reads its response.
+pub fn exchange(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    stream.write_all(REQUEST)?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(total) = complete_length(&response)
+            && response.len() >= total
+        {
+            return Ok(response);
+        }
+        match stream.read(&mut buf)? {
+            0 => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "upstream closed the connection",
+                ));
+            }
+            n => response.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The full length of a response whose head has arrived.
+fn complete_length(response: &[u8]) -> Option<usize> {
+    let head_end = response.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())?;
+    Some(head_end + length)
+}
+
+/// Sends one request and gives up (closes the connection) when no answer came in `patience`.
+/// Returns whether it gave up.
+pub fn request_with_timeout(addr: SocketAddr, patience: Duration) -> io::Result<bool> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.write_all(REQUEST)?;
+    stream.set_read_timeout(Some(patience))?;
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// Starts a non-blocking connect, waits `patience` for it, then closes the socket, like a proxy
+/// whose connect timeout fires. Returns whether the connect was still in progress.
+pub fn connect_with_timeout(addr: SocketAddr, patience: Duration) -> io::Result<bool> {
+    let socket = raw_socket(addr)?;
+    set_nonblocking(&socket)?;
+    match raw_connect(&socket, addr) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+        Ok(()) => return Ok(false),
+    }
+    std::thread::sleep(patience);
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid socket and output buffer of the given length.
+    unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let still_connecting = err == 0 && socket.peer_addr().is_err();
+    drop(socket);
+    Ok(still_connecting)
+}
+
+/// A blocking connect that lets the kernel retransmit the SYN only `syn_count` times (TCP_SYNCNT),
+/// so that the kernel itself gives up quickly.
+pub fn connect_with_syn_count(addr: SocketAddr, syn_count: i32) -> io::Result<TcpStream> {
+    let socket = raw_socket(addr)?;
+    // SAFETY: valid socket and option value of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&syn_count as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    raw_connect(&socket, addr)?;
+    Ok(socket)
+}
+
+/// A TCP socket for `addr`'s family, not connected yet.
+fn raw_socket(addr: SocketAddr) -> io::Result<TcpStream> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+fn set_nonblocking(socket: &TcpStream) -> io::Result<()> {
+    socket.set_nonblocking(true)
+}
+
+fn raw_connect(socket: &TcpStream, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: a valid socket and a sockaddr of the length given.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}

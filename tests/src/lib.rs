@@ -1,0 +1,56 @@
+//! Helpers for tracer's end-to-end tests: private network namespaces ([`netns`]), upstreams
+//! that fail on purpose ([`upstream`]), what a proxy does ([`client`]) and the real tracer
+//! binary ([`tracer_process`]).
+
+pub mod client;
+pub mod netns;
+pub mod tracer_process;
+pub mod upstream;
+
+use serde_json::Value;
+
+/// Whether kernel tests can run: they need root. Without it they are skipped with a printed
+/// reason, except under `CI=true`, where skipping is an error.
+pub fn kernel_tests_enabled(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{test}: kernel tests must run as root when CI=true");
+    eprintln!("skipped {test}: kernel tests need root (sudo -E cargo xtask test)");
+    false
+}
+
+/// This process's name, as tracer reports the proxy.
+pub fn own_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("reading /proc/self/comm")
+        .trim()
+        .to_string()
+}
+
+/// Asserts that `events` are exactly `n` failures toward `upstream` with `cause`, all made by
+/// this process, and returns them.
+#[track_caller]
+pub fn assert_failures<'a>(events: &'a [Value], upstream: &str, cause: &str, n: usize) -> Vec<&'a Value> {
+    let mine: Vec<&Value> = events.iter().filter(|e| e["upstream"] == upstream).collect();
+    let summary: Vec<String> = mine
+        .iter()
+        .map(|e| format!("{} {}", e["cause"], e["explanation"]))
+        .collect();
+    assert_eq!(
+        mine.len(),
+        n,
+        "expected {n} failures toward {upstream}, got {}:\n{}",
+        mine.len(),
+        summary.join("\n")
+    );
+    let comm = own_comm();
+    for event in &mine {
+        assert_eq!(event["cause"], cause, "{event}");
+        assert_eq!(event["pid"], std::process::id(), "{event}");
+        assert_eq!(event["comm"], comm.as_str(), "{event}");
+    }
+    mine
+}

@@ -1,0 +1,145 @@
+//! The real `tracer` binary, run as users run it, as a separate process.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, RecvTimeoutError, channel},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The tracer binary: `$TRACER_BIN`, or the workspace's debug build.
+pub fn tracer_bin() -> PathBuf {
+    let path = std::env::var_os("TRACER_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tracer")
+    });
+    assert!(
+        path.exists(),
+        "no tracer binary at {}: build it first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `tracer events --json`.
+pub struct Tracer {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Tracer {
+    /// Starts `tracer events --json <args>` and waits until its probes are attached.
+    pub fn events(args: &[&str]) -> Tracer {
+        let mut child = Command::new(tracer_bin())
+            .arg("events")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tracer");
+        let (line_tx, lines) = channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready) = channel();
+        {
+            let stderr_text = stderr.clone();
+            let pipe = child.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.contains("probes attached") {
+                        let _ = ready_tx.send(());
+                    }
+                    let mut text = stderr_text.lock().expect("stderr lock");
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        let mut tracer = Tracer {
+            child,
+            lines,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ready.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => return tracer,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    if let Ok(Some(status)) = tracer.child.try_wait() {
+                        panic!("tracer exited ({status}) before attaching:\n{}", tracer.stderr());
+                    }
+                }
+                Err(_) => panic!("tracer did not attach in 30 s:\n{}", tracer.stderr()),
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Events until `want` of them arrived or `timeout` passed, then anything else that
+    /// arrives within `settle` (so that extra events are caught too).
+    pub fn collect(&self, want: usize, timeout: Duration, settle: Duration) -> Vec<Value> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while events.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => events.push(parse(&line)),
+                Err(_) => break,
+            }
+        }
+        let settle_until = Instant::now() + settle;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(settle_until.saturating_duration_since(Instant::now()))
+        {
+            events.push(parse(&line));
+        }
+        events
+    }
+
+    /// Stops tracer with SIGINT, as Ctrl-C does, and checks that it exits cleanly.
+    pub fn stop(mut self) -> String {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for tracer") {
+                // Let the reader threads take the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                let stderr = self.stderr();
+                assert!(status.success(), "tracer exited with {status}:\n{stderr}");
+                return stderr;
+            }
+            assert!(Instant::now() < deadline, "tracer did not stop on SIGINT");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {line}"))
+}

@@ -1,0 +1,162 @@
+//! Upstream servers that fail on purpose, each the way a real one does.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::Netns;
+
+/// What the upstream does with each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Answers every request (keep-alive), and closes a connection idle for `idle_close`.
+    Answer { idle_close: Duration },
+    /// Reads the request, then resets the connection (a worker killed mid-request).
+    ResetBeforeAnswer,
+    /// Sends the start of a response, then resets the connection.
+    PartialThenReset,
+    /// Reads the request, then closes the connection without a word.
+    CloseAfterRequest,
+    /// Reads the request and never answers (a stuck worker).
+    NeverAnswer,
+}
+
+/// The response `Answer` sends.
+pub const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+/// The start of a response `PartialThenReset` sends before its reset.
+pub const PARTIAL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial";
+
+/// A running upstream; stops on drop.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Listens on `addr` inside `ns` and serves every connection with `behaviour`.
+    pub fn start(ns: &Netns, addr: SocketAddr, behaviour: Behaviour) -> Upstream {
+        let listener = ns.run(|| {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener.set_nonblocking(true).expect("nonblocking listener");
+            listener
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let stop = stop.clone();
+                            std::thread::spawn(move || serve(stream, behaviour, &stop));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => panic!("accept on {addr}: {e}"),
+                    }
+                }
+            })
+        };
+        Upstream {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one request head (up to the blank line). False on EOF or error.
+pub fn read_request(stream: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// Closes the connection with a RST instead of a FIN (SO_LINGER with a zero timeout).
+pub fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a valid linger struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(stream);
+}
+
+fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {
+    match behaviour {
+        Behaviour::Answer { idle_close } => {
+            let _ = stream.set_read_timeout(Some(idle_close));
+            while read_request(&mut stream) {
+                if stream.write_all(RESPONSE).is_err() {
+                    return;
+                }
+            }
+            // Idle (read timed out) or the client left: close with a FIN.
+        }
+        Behaviour::ResetBeforeAnswer => {
+            if read_request(&mut stream) {
+                reset(stream);
+            }
+        }
+        Behaviour::PartialThenReset => {
+            if read_request(&mut stream) && stream.write_all(PARTIAL).is_ok() {
+                // Let the partial response reach the proxy before the reset does.
+                std::thread::sleep(Duration::from_millis(20));
+                reset(stream);
+            }
+        }
+        Behaviour::CloseAfterRequest => {
+            if read_request(&mut stream) {
+                drop(stream);
+            }
+        }
+        Behaviour::NeverAnswer => {
+            if read_request(&mut stream) {
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    match stream.read(&mut buf) {
+                        Ok(0) => return,
+                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+}

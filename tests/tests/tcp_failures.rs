@@ -1,0 +1,333 @@
+//! Every TCP failure cause, produced for real in a private network namespace with plain sockets,
+//! and what the real `tracer events --json` reports about it: exactly one failure per failed
+//! attempt, with the right cause, upstream and process, and nothing for healthy traffic.
+//!
+//! Each test uses its own namespace and its own upstream address (127.77.<n>.1 and the like), and
+//! its own tracer filtered to that upstream, so the tests can run side by side.
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use tracer_tests::{
+    assert_failures,
+    client::{
+        connect_with_syn_count, connect_with_timeout, exchange, request, request_with_timeout,
+    },
+    kernel_tests_enabled,
+    netns::Netns,
+    tracer_process::Tracer,
+    upstream::{Behaviour, PARTIAL, Upstream},
+};
+
+const N: usize = 20;
+const WAIT: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// Runs `n` copies of `f` at once inside `ns`.
+fn in_parallel(ns: &Netns, n: usize, f: impl Fn() + Sync) {
+    ns.run(|| {
+        std::thread::scope(|scope| {
+            for _ in 0..n {
+                scope.spawn(&f);
+            }
+        })
+    });
+}
+
+#[test]
+fn proxy_is_refused_when_nothing_listens_on_the_upstream() {
+    if !kernel_tests_enabled("proxy_is_refused_when_nothing_listens_on_the_upstream") {
+        return;
+    }
+    let ns = Netns::new("refused");
+    let upstream = addr("127.77.1.1:8001");
+    let tracer = Tracer::events(&["--upstream", "127.77.1.1:8001"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = TcpStream::connect(upstream).expect_err("nothing listens");
+            assert_eq!(error.kind(), ErrorKind::ConnectionRefused);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.1.1:8001", "refused", N) {
+        assert_eq!(event["errno_name"], "ECONNREFUSED");
+        assert_eq!(event["reset_received"], true);
+        assert_eq!(event["ended_by"], "upstream_reset");
+        let local = event["local"].as_str().expect("local address");
+        assert!(local.starts_with("127.0.0.1:") && !local.ends_with(":0"), "{local}");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn proxy_is_refused_by_an_ipv6_upstream() {
+    if !kernel_tests_enabled("proxy_is_refused_by_an_ipv6_upstream") {
+        return;
+    }
+    let ns = Netns::new("refused6");
+    ns.ip(&["addr", "add", "fd00:77::1/128", "dev", "lo", "nodad"]);
+    let upstream = addr("[fd00:77::1]:8001");
+    let tracer = Tracer::events(&["--upstream", "[fd00:77::1]:8001"]);
+    ns.run(|| {
+        for _ in 0..N {
+            TcpStream::connect(upstream).expect_err("nothing listens");
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    assert_failures(&events, "[fd00:77::1]:8001", "refused", N);
+    tracer.stop();
+}
+
+#[test]
+fn proxy_gives_up_connecting_when_a_firewall_drops_syns() {
+    if !kernel_tests_enabled("proxy_gives_up_connecting_when_a_firewall_drops_syns") {
+        return;
+    }
+    let ns = Netns::new("syndrop");
+    ns.firewall("tcp dport 8002 drop");
+    let upstream = addr("127.77.2.1:8002");
+    let tracer = Tracer::events(&["--upstream", "127.77.2.1:8002"]);
+    let attempts = 5;
+    in_parallel(&ns, attempts, || {
+        let pending = connect_with_timeout(upstream, Duration::from_millis(300)).expect("connect");
+        assert!(pending, "the SYN should have gone unanswered");
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.2.1:8002", "connect_timeout", attempts) {
+        assert_eq!(event["errno"], 0, "the proxy gave up, not the kernel: {event}");
+        assert_eq!(event["ended_by"], "proxy_close");
+        let waited = event["waited_ms"].as_f64().expect("waited_ms");
+        assert!((290.0..2_000.0).contains(&waited), "waited {waited} ms");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn kernel_gives_up_on_syns_nobody_answers() {
+    if !kernel_tests_enabled("kernel_gives_up_on_syns_nobody_answers") {
+        return;
+    }
+    let ns = Netns::new("syntimeout");
+    ns.firewall("tcp dport 8003 drop");
+    let upstream = addr("127.77.3.1:8003");
+    let tracer = Tracer::events(&["--upstream", "127.77.3.1:8003"]);
+    let attempts = 3;
+    in_parallel(&ns, attempts, || {
+        // One retransmit: the kernel gives up after about 1 s + 2 s.
+        let error = connect_with_syn_count(upstream, 1).expect_err("no SYN-ACK ever comes");
+        assert_eq!(error.raw_os_error(), Some(libc::ETIMEDOUT));
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.3.1:8003", "connect_timeout", attempts) {
+        assert_eq!(event["errno_name"], "ETIMEDOUT");
+        // The kernel may retransmit once more than TCP_SYNCNT asks before its give-up time.
+        assert!(event["syn_retransmits"].as_u64() >= Some(1), "{event}");
+        assert_eq!(event["ended_by"], "kernel_error");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_without_a_route_is_unreachable() {
+    if !kernel_tests_enabled("upstream_without_a_route_is_unreachable") {
+        return;
+    }
+    let ns = Netns::new("noroute");
+    // An explicit unreachable route (EHOSTUNREACH), and a network with no route at all
+    // (ENETUNREACH). Both fail inside connect(), before any SYN.
+    ns.ip(&["route", "add", "unreachable", "10.250.4.0/24"]);
+    let host = addr("10.250.4.1:8004");
+    let net = addr("10.251.4.1:8004");
+    let tracer = Tracer::events(&["--upstream", ":8004"]);
+    ns.run(|| {
+        for _ in 0..N / 2 {
+            let error = TcpStream::connect(host).expect_err("no route");
+            assert_eq!(error.raw_os_error(), Some(libc::EHOSTUNREACH));
+            let error = TcpStream::connect(net).expect_err("no route");
+            assert_eq!(error.raw_os_error(), Some(libc::ENETUNREACH));
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "10.250.4.1:8004", "unreachable", N / 2) {
+        assert_eq!(event["errno_name"], "EHOSTUNREACH");
+        assert_eq!(event["seen_at"], "connect_call");
+    }
+    for event in assert_failures(&events, "10.251.4.1:8004", "unreachable", N / 2) {
+        assert_eq!(event["errno_name"], "ENETUNREACH");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn icmp_host_unreachable_from_the_network_is_unreachable() {
+    if !kernel_tests_enabled("icmp_host_unreachable_from_the_network_is_unreachable") {
+        return;
+    }
+    let ns = Netns::new("icmpunreach");
+    ns.firewall("tcp dport 8005 reject with icmp type host-unreachable");
+    let upstream = addr("127.77.5.1:8005");
+    let tracer = Tracer::events(&["--upstream", "127.77.5.1:8005"]);
+    let attempts = 5;
+    in_parallel(&ns, attempts, || {
+        let error = TcpStream::connect(upstream).expect_err("ICMP host unreachable");
+        assert_eq!(error.raw_os_error(), Some(libc::EHOSTUNREACH));
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.5.1:8005", "unreachable", attempts) {
+        assert_eq!(event["errno_name"], "EHOSTUNREACH");
+        assert_eq!(event["seen_at"], "socket_closed", "the ICMP error ended the socket");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_resetting_before_answering_is_reset_before_response() {
+    if !kernel_tests_enabled("upstream_resetting_before_answering_is_reset_before_response") {
+        return;
+    }
+    let ns = Netns::new("rstbefore");
+    let upstream = Upstream::start(&ns, addr("127.77.6.1:8006"), Behaviour::ResetBeforeAnswer);
+    let tracer = Tracer::events(&["--upstream", "127.77.6.1:8006"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = request(upstream.addr).expect_err("reset");
+            assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.6.1:8006", "reset_before_response", N) {
+        assert_eq!(event["requests"], 1);
+        assert_eq!(event["bytes_received"], 0);
+        assert_eq!(event["errno_name"], "ECONNRESET");
+        assert!(event["connect_ms"].as_f64().is_some(), "it was connected: {event}");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_resetting_mid_response_is_reset_mid_response() {
+    if !kernel_tests_enabled("upstream_resetting_mid_response_is_reset_mid_response") {
+        return;
+    }
+    let ns = Netns::new("rstmid");
+    let upstream = Upstream::start(&ns, addr("127.77.7.1:8007"), Behaviour::PartialThenReset);
+    let tracer = Tracer::events(&["--upstream", "127.77.7.1:8007"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = request(upstream.addr).expect_err("reset mid-response");
+            assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.7.1:8007", "reset_mid_response", N) {
+        assert_eq!(event["bytes_received"], PARTIAL.len());
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_closing_without_answering_is_closed_before_response() {
+    if !kernel_tests_enabled("upstream_closing_without_answering_is_closed_before_response") {
+        return;
+    }
+    let ns = Netns::new("finbefore");
+    let upstream = Upstream::start(&ns, addr("127.77.8.1:8008"), Behaviour::CloseAfterRequest);
+    let tracer = Tracer::events(&["--upstream", "127.77.8.1:8008"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = request(upstream.addr).expect_err("closed without an answer");
+            assert_eq!(error.kind(), ErrorKind::UnexpectedEof);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.8.1:8008", "closed_before_response", N) {
+        assert_eq!(event["ended_by"], "upstream_fin");
+        assert_eq!(event["bytes_received"], 0);
+    }
+    tracer.stop();
+}
+
+#[test]
+fn proxy_giving_up_on_a_silent_upstream_is_response_timeout() {
+    if !kernel_tests_enabled("proxy_giving_up_on_a_silent_upstream_is_response_timeout") {
+        return;
+    }
+    let ns = Netns::new("readtimeout");
+    let upstream = Upstream::start(&ns, addr("127.77.9.1:8009"), Behaviour::NeverAnswer);
+    let tracer = Tracer::events(&["--upstream", "127.77.9.1:8009"]);
+    let attempts = 5;
+    in_parallel(&ns, attempts, || {
+        let gave_up =
+            request_with_timeout(upstream.addr, Duration::from_millis(300)).expect("request");
+        assert!(gave_up, "the upstream should not have answered");
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    for event in assert_failures(&events, "127.77.9.1:8009", "response_timeout", attempts) {
+        assert_eq!(event["ended_by"], "proxy_close");
+        let waited = event["waited_ms"].as_f64().expect("waited_ms");
+        assert!((290.0..2_000.0).contains(&waited), "waited {waited} ms");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn healthy_upstream_with_keep_alive_and_idle_closes_has_no_failures() {
+    if !kernel_tests_enabled("healthy_upstream_with_keep_alive_and_idle_closes_has_no_failures") {
+        return;
+    }
+    let ns = Netns::new("healthy");
+    let upstream = Upstream::start(
+        &ns,
+        addr("127.77.10.1:8010"),
+        Behaviour::Answer {
+            idle_close: Duration::from_millis(100),
+        },
+    );
+    let tracer = Tracer::events(&["--upstream", "127.77.10.1:8010"]);
+    in_parallel(&ns, N / 2, || {
+        // Keep-alive: five requests on one connection, then the upstream closes it when idle.
+        let mut stream = TcpStream::connect(upstream.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        for _ in 0..5 {
+            exchange(&mut stream).expect("answered");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        drop(stream);
+        // One request per connection, closed by the proxy at once.
+        request(upstream.addr).expect("answered");
+    });
+    let events = tracer.collect(1, Duration::from_secs(1), SETTLE);
+    assert_failures(&events, "127.77.10.1:8010", "none", 0);
+    tracer.stop();
+}
+
+#[test]
+fn proxy_hanging_up_at_once_is_not_a_failure() {
+    if !kernel_tests_enabled("proxy_hanging_up_at_once_is_not_a_failure") {
+        return;
+    }
+    // A proxy whose client went away closes its upstream connection at once: nginx logs no
+    // upstream error for that, and neither does tracer (it counts it as abandoned).
+    let ns = Netns::new("hangup");
+    ns.firewall("tcp dport 8011 drop");
+    let silent = Upstream::start(&ns, addr("127.77.11.1:8012"), Behaviour::NeverAnswer);
+    let tracer = Tracer::events(&["--upstream", "127.77.11.1"]);
+    ns.run(|| {
+        for _ in 0..5 {
+            connect_with_timeout(addr("127.77.11.1:8011"), Duration::from_millis(5)).expect("connect");
+            request_with_timeout(silent.addr, Duration::from_millis(5)).expect("request");
+        }
+    });
+    let events = tracer.collect(1, Duration::from_secs(1), SETTLE);
+    assert!(events.is_empty(), "no failures expected: {events:?}");
+    tracer.stop();
+}
