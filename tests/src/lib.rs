@@ -33,8 +33,16 @@ pub fn own_comm() -> String {
 /// Asserts that `events` are exactly `n` failures toward `upstream` with `cause`, all made by
 /// this process, and returns them.
 #[track_caller]
-pub fn assert_failures<'a>(events: &'a [Value], upstream: &str, cause: &str, n: usize) -> Vec<&'a Value> {
-    let mine: Vec<&Value> = events.iter().filter(|e| e["upstream"] == upstream).collect();
+pub fn assert_failures<'a>(
+    events: &'a [Value],
+    upstream: &str,
+    cause: &str,
+    n: usize,
+) -> Vec<&'a Value> {
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["upstream"] == upstream)
+        .collect();
     let summary: Vec<String> = mine
         .iter()
         .map(|e| format!("{} {}", e["cause"], e["explanation"]))

@@ -82,7 +82,13 @@ impl Netns {
         let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
         // SAFETY: a valid namespace file descriptor; affects only this thread.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns into {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setns into {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -15,9 +15,11 @@ use serde_json::Value;
 
 /// The tracer binary: `$TRACER_BIN`, or the workspace's debug build.
 pub fn tracer_bin() -> PathBuf {
-    let path = std::env::var_os("TRACER_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tracer")
-    });
+    let path = std::env::var_os("TRACER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tracer")
+        });
     assert!(
         path.exists(),
         "no tracer binary at {}: build it first (cargo xtask test does)",
@@ -80,7 +82,10 @@ impl Tracer {
                 Ok(()) => return tracer,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
                     if let Ok(Some(status)) = tracer.child.try_wait() {
-                        panic!("tracer exited ({status}) before attaching:\n{}", tracer.stderr());
+                        panic!(
+                            "tracer exited ({status}) before attaching:\n{}",
+                            tracer.stderr()
+                        );
                     }
                 }
                 Err(_) => panic!("tracer did not attach in 30 s:\n{}", tracer.stderr()),
@@ -114,10 +119,19 @@ impl Tracer {
         events
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops tracer with SIGINT, as Ctrl-C does, and checks that it exits cleanly.
-    pub fn stop(mut self) -> String {
+    pub fn stop(self) -> String {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops tracer with `signal` and checks that it exits cleanly; returns its stderr.
+    pub fn stop_with(mut self, signal: i32) -> String {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for tracer") {
@@ -141,5 +155,6 @@ impl Drop for Tracer {
 }
 
 fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {line}"))
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {line}"))
 }

@@ -46,7 +46,9 @@ impl Upstream {
     pub fn start(ns: &Netns, addr: SocketAddr, behaviour: Behaviour) -> Upstream {
         let listener = ns.run(|| {
             let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            listener.set_nonblocking(true).expect("nonblocking listener");
+            listener
+                .set_nonblocking(true)
+                .expect("nonblocking listener");
             listener
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -152,7 +154,8 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {
                 while !stop.load(Ordering::Relaxed) {
                     match stream.read(&mut buf) {
                         Ok(0) => return,
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                         _ => return,
                     }
                 }

@@ -61,7 +61,10 @@ fn proxy_is_refused_when_nothing_listens_on_the_upstream() {
         assert_eq!(event["reset_received"], true);
         assert_eq!(event["ended_by"], "upstream_reset");
         let local = event["local"].as_str().expect("local address");
-        assert!(local.starts_with("127.0.0.1:") && !local.ends_with(":0"), "{local}");
+        assert!(
+            local.starts_with("127.0.0.1:") && !local.ends_with(":0"),
+            "{local}"
+        );
     }
     tracer.stop();
 }
@@ -101,7 +104,10 @@ fn proxy_gives_up_connecting_when_a_firewall_drops_syns() {
     });
     let events = tracer.collect(attempts, WAIT, SETTLE);
     for event in assert_failures(&events, "127.77.2.1:8002", "connect_timeout", attempts) {
-        assert_eq!(event["errno"], 0, "the proxy gave up, not the kernel: {event}");
+        assert_eq!(
+            event["errno"], 0,
+            "the proxy gave up, not the kernel: {event}"
+        );
         assert_eq!(event["ended_by"], "proxy_close");
         let waited = event["waited_ms"].as_f64().expect("waited_ms");
         assert!((290.0..2_000.0).contains(&waited), "waited {waited} ms");
@@ -182,7 +188,10 @@ fn icmp_host_unreachable_from_the_network_is_unreachable() {
     let events = tracer.collect(attempts, WAIT, SETTLE);
     for event in assert_failures(&events, "127.77.5.1:8005", "unreachable", attempts) {
         assert_eq!(event["errno_name"], "EHOSTUNREACH");
-        assert_eq!(event["seen_at"], "socket_closed", "the ICMP error ended the socket");
+        assert_eq!(
+            event["seen_at"], "socket_closed",
+            "the ICMP error ended the socket"
+        );
     }
     tracer.stop();
 }
@@ -206,7 +215,10 @@ fn upstream_resetting_before_answering_is_reset_before_response() {
         assert_eq!(event["requests"], 1);
         assert_eq!(event["bytes_received"], 0);
         assert_eq!(event["errno_name"], "ECONNRESET");
-        assert!(event["connect_ms"].as_f64().is_some(), "it was connected: {event}");
+        assert!(
+            event["connect_ms"].as_f64().is_some(),
+            "it was connected: {event}"
+        );
     }
     tracer.stop();
 }
@@ -323,7 +335,8 @@ fn proxy_hanging_up_at_once_is_not_a_failure() {
     let tracer = Tracer::events(&["--upstream", "127.77.11.1"]);
     ns.run(|| {
         for _ in 0..5 {
-            connect_with_timeout(addr("127.77.11.1:8011"), Duration::from_millis(5)).expect("connect");
+            connect_with_timeout(addr("127.77.11.1:8011"), Duration::from_millis(5))
+                .expect("connect");
             request_with_timeout(silent.addr, Duration::from_millis(5)).expect("request");
         }
     });

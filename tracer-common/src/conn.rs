@@ -10,10 +10,7 @@
 //! leaves), the record keeps the connection's `bytes_received` counter. When the connection ends,
 //! `bytes_received` equal to that snapshot means no response byte arrived after the last request.
 
-use crate::{
-    net::Endpoint,
-    outcome::Outcome,
-};
+use crate::{net::Endpoint, outcome::Outcome};
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -158,7 +155,12 @@ pub struct CloseFacts {
 
 impl ConnTrack {
     /// A connection the proxy starts: CLOSE→SYN_SENT, in connect().
-    pub const fn connecting(proxy: Proxy, upstream: Endpoint, local: Endpoint, now_ns: u64) -> Self {
+    pub const fn connecting(
+        proxy: Proxy,
+        upstream: Endpoint,
+        local: Endpoint,
+        now_ns: u64,
+    ) -> Self {
         ConnTrack {
             proxy,
             upstream,
@@ -679,10 +681,16 @@ mod tests {
         };
         let mut c = established();
         c.on_reset_received(2_000 * MS);
-        assert_eq!(c.on_close(facts(0)).outcome, Some(Outcome::ResetBeforeResponse));
+        assert_eq!(
+            c.on_close(facts(0)).outcome,
+            Some(Outcome::ResetBeforeResponse)
+        );
         let mut c = established();
         c.on_reset_received(2_000 * MS);
-        assert_eq!(c.on_close(facts(10)).outcome, Some(Outcome::ResetMidResponse));
+        assert_eq!(
+            c.on_close(facts(10)).outcome,
+            Some(Outcome::ResetMidResponse)
+        );
         let mut c = established();
         upstream_closes(&mut c, 2_000);
         let v = c.on_close(CloseFacts {
@@ -714,7 +722,10 @@ mod tests {
         assert_eq!(refused, None);
         // Non-blocking connects in progress and successes are not failures.
         assert_eq!(pending(0, 0).on_exit(-i64::from(EINPROGRESS)), None);
-        assert_eq!(pending(0, 0).on_exit(-i64::from(EAGAIN)), Some(Outcome::ConnectError));
+        assert_eq!(
+            pending(0, 0).on_exit(-i64::from(EAGAIN)),
+            Some(Outcome::ConnectError)
+        );
         assert_eq!(pending(0, 0).on_exit(0), None);
     }
 }

@@ -129,8 +129,10 @@ mod tests {
 
     #[test]
     fn every_attempt_has_one_connect_outcome() {
-        let connect: std::vec::Vec<_> =
-            Outcome::ALL.iter().filter(|o| o.is_connect_outcome()).collect();
+        let connect: std::vec::Vec<_> = Outcome::ALL
+            .iter()
+            .filter(|o| o.is_connect_outcome())
+            .collect();
         assert_eq!(connect.len(), 7);
         assert!(!Outcome::ResetMidResponse.is_connect_outcome());
         assert!(!Outcome::Connected.is_failure());

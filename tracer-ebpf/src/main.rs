@@ -15,6 +15,10 @@
 //! | `sys_exit_connect`    | `syscalls:sys_exit_connect`    | connect() failing before a SYN   |
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go by reference so they are not copied on the 512-byte BPF stack"
+)]
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -56,8 +60,7 @@ static CONNS: LruHashMap<u64, ConnTrack> = LruHashMap::with_max_entries(CONNS_MA
 
 /// connect() calls in flight, keyed by thread (`pid_tgid`).
 #[map]
-static CONNECTS: HashMap<u64, PendingConnect> =
-    HashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
+static CONNECTS: HashMap<u64, PendingConnect> = HashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
 
 /// Exact counts per proxy × upstream × outcome.
 #[map]
@@ -252,12 +255,14 @@ fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
     // struct sockaddr_in{,6}: port at 2 (big-endian), IPv4 address at 4, IPv6 address at 8.
     let port = u16::from_be(unsafe { bpf_probe_read_user(sockaddr.add(2).cast())? });
     let upstream = match family {
-        AF_INET if addrlen >= 16 => {
-            Endpoint::v4(unsafe { bpf_probe_read_user(sockaddr.add(4).cast())? }, port)
-        }
-        AF_INET6 if addrlen >= 28 => {
-            Endpoint::v6(unsafe { bpf_probe_read_user(sockaddr.add(8).cast())? }, port)
-        }
+        AF_INET if addrlen >= 16 => Endpoint::v4(
+            unsafe { bpf_probe_read_user(sockaddr.add(4).cast())? },
+            port,
+        ),
+        AF_INET6 if addrlen >= 28 => Endpoint::v6(
+            unsafe { bpf_probe_read_user(sockaddr.add(8).cast())? },
+            port,
+        ),
         _ => return Ok(()),
     };
     let pending = PendingConnect {
@@ -297,7 +302,12 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let now = now();
-    let conn = ConnTrack::connecting(current_proxy(), pending.upstream, Endpoint::default(), pending.start_ns);
+    let conn = ConnTrack::connecting(
+        current_proxy(),
+        pending.upstream,
+        Endpoint::default(),
+        pending.start_ns,
+    );
     let waited_ns = now.saturating_sub(pending.start_ns);
     count(&conn.proxy, &conn.upstream, outcome, waited_ns);
     report(
@@ -378,7 +388,10 @@ fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) {
     if add(&key, ns) {
         return;
     }
-    let first = Tally { count: 1, sum_ns: ns };
+    let first = Tally {
+        count: 1,
+        sum_ns: ns,
+    };
     // Another CPU may create the key between the lookup and the insert: look again.
     if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() || add(&key, ns) {
         return;
@@ -427,7 +440,9 @@ fn now() -> u64 {
 fn tracked(sk: *const u8) -> Option<&'static mut ConnTrack> {
     // SAFETY: a pointer into the map's value, valid while this program runs; the kernel runs
     // one program per CPU at a time and a connection's events rarely race.
-    CONNS.get_ptr_mut(&(sk as u64)).map(|conn| unsafe { &mut *conn })
+    CONNS
+        .get_ptr_mut(&(sk as u64))
+        .map(|conn| unsafe { &mut *conn })
 }
 
 /// Reads a field of a classic tracepoint's record at the offset its format file gives.

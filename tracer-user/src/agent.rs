@@ -34,7 +34,10 @@ impl Agent {
         let mut capture = Capture::start(options)?;
         let events = capture.take_events()?;
         if let Some(tracefs) = capture.tracefs.as_ref().filter(|t| t.mounted_now) {
-            eprintln!("tracer: tracefs was not mounted; mounted it at {}", tracefs.path.display());
+            eprintln!(
+                "tracer: tracefs was not mounted; mounted it at {}",
+                tracefs.path.display()
+            );
         }
         eprintln!(
             "tracer: {}/{} probes attached; watching outbound TCP connections (Ctrl-C to stop)",
@@ -51,9 +54,11 @@ impl Agent {
 
     /// The kernel's exact counts, aggregated per route.
     pub fn totals(&self) -> Totals {
-        let counts = self.capture.counts().into_iter().filter_map(|(key, tally)| {
-            Count::from_kernel(&key, tally.count, tally.sum_ns).ok()
-        });
+        let counts = self
+            .capture
+            .counts()
+            .into_iter()
+            .filter_map(|(key, tally)| Count::from_kernel(&key, tally.count, tally.sum_ns).ok());
         let mut totals = Totals::from_counts(counts);
         for (code, tally) in self.capture.overflow_counts() {
             if let Some(outcome) = tracer_common::Outcome::from_u8(code) {
@@ -111,6 +116,15 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        eprintln!("tracer: stopping; {} probes detached", self.capture.attached());
+        let lost = self.capture.stat(tracer_common::Stat::EventsLost);
+        let lost = if lost > 0 {
+            format!("; {lost} failure events were lost (ring buffer full; the counts have them)")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "tracer: stopping; {} probes detached{lost}",
+            self.capture.attached()
+        );
     }
 }

@@ -1,3 +1,5 @@
+use std::io::IsTerminal as _;
+
 use clap::Parser as _;
 use tracer_user::cli::{Cli, Command, check, events, run};
 use tracing_subscriber::EnvFilter;
@@ -6,7 +8,11 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,aya=warn,aya_obj=warn".into()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,aya=warn,aya_obj=warn".into()),
+        )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

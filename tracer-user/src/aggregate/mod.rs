@@ -88,7 +88,11 @@ impl Totals {
 
     /// Routes with at least one failure, most failures first.
     pub fn failing(&self) -> Vec<(&Route, &RouteTotals)> {
-        let mut failing: Vec<_> = self.routes.iter().filter(|(_, t)| t.failures() > 0).collect();
+        let mut failing: Vec<_> = self
+            .routes
+            .iter()
+            .filter(|(_, t)| t.failures() > 0)
+            .collect();
         failing.sort_by(|a, b| b.1.failures().cmp(&a.1.failures()).then(a.0.cmp(b.0)));
         failing
     }

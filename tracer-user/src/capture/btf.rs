@@ -63,10 +63,16 @@ struct Member {
 #[derive(Debug, Clone)]
 enum Type {
     /// struct or union
-    Aggregate { members: Vec<Member> },
+    Aggregate {
+        members: Vec<Member>,
+    },
     /// typedef, const, volatile, restrict, type tag: stands for `type_id`.
-    Alias { type_id: u32 },
-    Enum { variants: Vec<(String, i64)> },
+    Alias {
+        type_id: u32,
+    },
+    Enum {
+        variants: Vec<(String, i64)>,
+    },
     Other,
 }
 
@@ -289,10 +295,7 @@ impl Btf {
     pub fn enum_value(&self, name: &str, variant: &str) -> Option<i64> {
         let id = self.enums.get(name)?;
         match &self.types[*id as usize] {
-            Type::Enum { variants } => variants
-                .iter()
-                .find(|(n, _)| n == variant)
-                .map(|(_, v)| *v),
+            Type::Enum { variants } => variants.iter().find(|(n, _)| n == variant).map(|(_, v)| *v),
             _ => None,
         }
     }
@@ -307,12 +310,10 @@ impl Btf {
             .iter()
             .filter(|m| m.name.is_empty())
             .find_map(|anonymous| match self.resolve(anonymous.type_id) {
-                Type::Aggregate { members } => {
-                    self.find_member(members, name).map(|mut inner| {
-                        inner.bit_offset += anonymous.bit_offset;
-                        inner
-                    })
-                }
+                Type::Aggregate { members } => self.find_member(members, name).map(|mut inner| {
+                    inner.bit_offset += anonymous.bit_offset;
+                    inner
+                }),
                 _ => None,
             })
     }
@@ -396,12 +397,26 @@ mod tests {
             (3 << 24) | 192,
         ]);
         // 6: enum colour
-        push(&[colour, info(KIND_ENUM, 2, false), 4, red, 1, blue, (-2i32) as u32]);
+        push(&[
+            colour,
+            info(KIND_ENUM, 2, false),
+            4,
+            red,
+            1,
+            blue,
+            (-2i32) as u32,
+        ]);
         // 7: typedef int btf_trace_demo
         push(&[tp, info(KIND_TYPEDEF, 0, false), 1]);
 
         let mut data = Vec::new();
-        for w in [MAGIC as u32 | (1 << 16), 24, 0, types.len() as u32, types.len() as u32] {
+        for w in [
+            MAGIC as u32 | (1 << 16),
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+        ] {
             data.extend_from_slice(&w.to_le_bytes());
         }
         data.extend_from_slice(&(strings.len() as u32).to_le_bytes());
@@ -423,14 +438,26 @@ mod tests {
     #[test]
     fn says_what_is_missing() {
         let btf = Btf::parse(&sample()).unwrap();
-        assert!(matches!(btf.member_offset("outer", "bits"), Err(BtfError::BitField { .. })));
-        assert!(matches!(btf.member_offset("outer", "nope"), Err(BtfError::NoMember { .. })));
-        assert!(matches!(btf.member_offset("missing", "x"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.member_offset("outer", "bits"),
+            Err(BtfError::BitField { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("outer", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("missing", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
         assert!(matches!(
             btf.member_offset("outer", "x.y"),
             Err(BtfError::NotAggregate { .. })
         ));
-        assert!(matches!(Btf::parse(b"nonsense data here, not btf"), Err(BtfError::Malformed(_))));
+        assert!(matches!(
+            Btf::parse(b"nonsense data here, not btf"),
+            Err(BtfError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -451,10 +478,16 @@ mod tests {
         };
         assert!(btf.len() > 10_000);
         // A tcp_sock starts with its sock, which starts with its sock_common.
-        assert_eq!(btf.member_offset("sock", "__sk_common.skc_daddr").unwrap(), 0);
+        assert_eq!(
+            btf.member_offset("sock", "__sk_common.skc_daddr").unwrap(),
+            0
+        );
         let received = btf.member_offset("tcp_sock", "bytes_received").unwrap();
         assert!(received > btf.member_offset("sock", "sk_err").unwrap());
         assert!(btf.has_tracepoint("inet_sock_set_state"));
-        assert_eq!(btf.enum_value("skb_drop_reason", "SKB_NOT_DROPPED_YET"), Some(0));
+        assert_eq!(
+            btf.enum_value("skb_drop_reason", "SKB_NOT_DROPPED_YET"),
+            Some(0)
+        );
     }
 }

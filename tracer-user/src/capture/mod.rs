@@ -85,7 +85,8 @@ pub const PROBES: [Probe; 6] = [
         program: "tcp_sendmsg_locked",
         hook: Hook::Btf("tcp_sendmsg_locked"),
         required: false,
-        purpose: "requests the proxy sends (without it, once connected only resets are told apart)",
+        purpose: "requests the proxy sends (Linux 6.16+; without it, once connected only resets \
+                  are told apart)",
     },
     Probe {
         program: "sys_enter_connect",
@@ -248,17 +249,31 @@ impl Capture {
             (ebpf, probes) = load_and_attach(&config, &aya_btf, &syscalls)?;
         }
 
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
-            .map_err(|source| CaptureError::Map { map: "EVENTS", source })?;
-        let counts = PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?)
-            .map_err(|source| CaptureError::Map { map: "COUNTS", source })?;
-        let overflow = PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?)
-            .map_err(|source| CaptureError::Map {
-                map: "OVERFLOW_COUNTS",
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(|source| {
+            CaptureError::Map {
+                map: "EVENTS",
                 source,
+            }
+        })?;
+        let counts = PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?).map_err(|source| {
+            CaptureError::Map {
+                map: "COUNTS",
+                source,
+            }
+        })?;
+        let overflow =
+            PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?).map_err(|source| {
+                CaptureError::Map {
+                    map: "OVERFLOW_COUNTS",
+                    source,
+                }
             })?;
-        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)
-            .map_err(|source| CaptureError::Map { map: "STATS", source })?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
+            CaptureError::Map {
+                map: "STATS",
+                source,
+            }
+        })?;
         Ok(Capture {
             _ebpf: ebpf,
             probes,
@@ -371,8 +386,7 @@ fn attach(
         .ok_or_else(|| format!("no program {} in the object file", probe.program))?;
     match probe.hook {
         Hook::Btf(name) => {
-            let program: &mut BtfTracePoint =
-                program.try_into().map_err(|e| format!("{e}"))?;
+            let program: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             program
                 .load(name, aya_btf)
                 .map_err(|e| format!("loading: {}", error_chain(&e)))?;

@@ -26,7 +26,10 @@ pub enum PreflightError {
     )]
     NoBtf,
     #[error("kernel {found} is too old: tracer needs Linux {needed} or newer")]
-    OldKernel { found: KernelVersion, needed: KernelVersion },
+    OldKernel {
+        found: KernelVersion,
+        needed: KernelVersion,
+    },
 }
 
 /// A kernel release, e.g. 6.18.44.
@@ -113,7 +116,10 @@ pub fn raise_memlock_limit() {
     // SAFETY: a valid rlimit struct; failure only matters on old kernels and shows at load.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if rc != 0 {
-        tracing::debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -123,8 +129,14 @@ mod tests {
 
     #[test]
     fn parses_kernel_releases() {
-        assert_eq!(KernelVersion::parse("6.18.44-fc-v657"), Some(KernelVersion(6, 18, 44)));
-        assert_eq!(KernelVersion::parse("5.15.0-91-generic"), Some(KernelVersion(5, 15, 0)));
+        assert_eq!(
+            KernelVersion::parse("6.18.44-fc-v657"),
+            Some(KernelVersion(6, 18, 44))
+        );
+        assert_eq!(
+            KernelVersion::parse("5.15.0-91-generic"),
+            Some(KernelVersion(5, 15, 0))
+        );
         assert_eq!(KernelVersion::parse("6.1"), Some(KernelVersion(6, 1, 0)));
         assert_eq!(KernelVersion::parse("garbage"), None);
         assert!(KernelVersion(5, 4, 0) < KernelVersion::MINIMUM);

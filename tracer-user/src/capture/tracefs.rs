@@ -70,14 +70,18 @@ impl Tracefs {
 
     /// The fields of tracepoint `category:name`.
     pub fn format(&self, category: &str, name: &str) -> Result<Format, TracefsError> {
-        let path = self.path.join("events").join(category).join(name).join("format");
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| TracefsError::NoTracepoint {
-                category: category.to_string(),
-                name: name.to_string(),
-                path: path.display().to_string(),
-                source,
-            })?;
+        let path = self
+            .path
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
+        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::NoTracepoint {
+            category: category.to_string(),
+            name: name.to_string(),
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(Format {
             category: category.to_string(),
             name: name.to_string(),
@@ -90,7 +94,8 @@ fn mount_tracefs(target: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(target)?;
     let source = CString::new("nodev").expect("no NUL");
     let fstype = CString::new("tracefs").expect("no NUL");
-    let target = CString::new(target.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let target =
+        CString::new(target.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let rc = unsafe {
         libc::mount(
@@ -140,7 +145,7 @@ impl Format {
 }
 
 /// Parses the `field:` lines of a format file, e.g.
-/// `field:struct sockaddr * uservaddr;	offset:24;	size:8;	signed:0;`.
+/// `field:struct sockaddr * uservaddr;<TAB>offset:24;<TAB>size:8;<TAB>signed:0;`.
 pub fn parse_format(text: &str) -> Vec<Field> {
     text.lines()
         .filter_map(|line| {

@@ -100,9 +100,9 @@ pub fn explain(f: &Failure) -> String {
             errno()
         ),
         Outcome::ConnectError => format!("{who}: connect() failed ({}) after {waited}", errno()),
-        Outcome::ResetBeforeResponse if e.requests == 0 => format!(
-            "{who}: the upstream reset the connection before the proxy sent its request"
-        ),
+        Outcome::ResetBeforeResponse if e.requests == 0 => {
+            format!("{who}: the upstream reset the connection before the proxy sent its request")
+        }
         Outcome::ResetBeforeResponse => format!(
             "{who}: the upstream reset the connection {waited} after the request, before any \
              response byte (a worker that crashed, was killed, or refused the request)"
@@ -181,7 +181,13 @@ mod tests {
 
     #[test]
     fn refused_names_the_upstream_and_says_nothing_listens() {
-        let text = explain(&failure(Outcome::Refused, Evidence { errno: 111, ..evidence() }));
+        let text = explain(&failure(
+            Outcome::Refused,
+            Evidence {
+                errno: 111,
+                ..evidence()
+            },
+        ));
         assert_eq!(
             text,
             "nginx (pid 812) → 10.0.0.5:8000: connection refused (the host answered the SYN \
@@ -200,7 +206,10 @@ mod tests {
             ..evidence()
         };
         let text = explain(&failure(Outcome::ConnectTimeout, kernel.clone()));
-        assert!(text.contains("after 127.00 s with 6 SYN retransmit(s)"), "{text}");
+        assert!(
+            text.contains("after 127.00 s with 6 SYN retransmit(s)"),
+            "{text}"
+        );
         assert!(text.contains("the kernel gave up"), "{text}");
         let proxy = Evidence { errno: 0, ..kernel };
         assert!(explain(&failure(Outcome::ConnectTimeout, proxy)).contains("the proxy gave up"));
@@ -208,7 +217,13 @@ mod tests {
 
     #[test]
     fn unreachable_gives_the_errno_as_the_proxy_logs_it() {
-        let text = explain(&failure(Outcome::Unreachable, Evidence { errno: 113, ..evidence() }));
+        let text = explain(&failure(
+            Outcome::Unreachable,
+            Evidence {
+                errno: 113,
+                ..evidence()
+            },
+        ));
         assert!(text.contains("EHOSTUNREACH, No route to host"), "{text}");
         assert!(text.ends_with("no route to 10.0.0.5"), "{text}");
     }
@@ -224,7 +239,13 @@ mod tests {
         };
         let text = explain(&failure(Outcome::ResponseTimeout, e.clone()));
         assert!(text.contains("waiting 1.00 s for a response"), "{text}");
-        let text = explain(&failure(Outcome::ResetMidResponse, Evidence { bytes_received: 40, ..e }));
+        let text = explain(&failure(
+            Outcome::ResetMidResponse,
+            Evidence {
+                bytes_received: 40,
+                ..e
+            },
+        ));
         assert!(text.contains("(40 bytes received)"), "{text}");
     }
 

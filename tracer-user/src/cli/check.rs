@@ -5,7 +5,9 @@ use anyhow::bail;
 
 use super::CaptureArgs;
 use crate::capture::{
-    Capture, ProbeState, btf::{Btf, VMLINUX}, kernel_offsets,
+    Capture, ProbeState,
+    btf::{Btf, VMLINUX},
+    kernel_offsets,
     preflight::{self, KernelVersion},
     tracefs::Tracefs,
 };
@@ -35,7 +37,12 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
             version >= KernelVersion::MINIMUM,
             format!("needs {} or newer", KernelVersion::MINIMUM),
         ),
-        None => row("kernel", "unknown".into(), false, "cannot read /proc/sys/kernel/osrelease".into()),
+        None => row(
+            "kernel",
+            "unknown".into(),
+            false,
+            "cannot read /proc/sys/kernel/osrelease".into(),
+        ),
     }
     let caps = preflight::effective_capabilities();
     let privileged = preflight::privileged(caps);
@@ -51,16 +58,31 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
     );
     match Btf::from_sys_fs() {
         Ok(btf) => {
-            row(VMLINUX, format!("{} types", btf.len()), true, "BTF type information".into());
+            row(
+                VMLINUX,
+                format!("{} types", btf.len()),
+                true,
+                "BTF type information".into(),
+            );
             match kernel_offsets(&btf) {
-                Ok(_) => row("struct offsets", "all found".into(), true, "sock, tcp_sock, task_struct, files".into()),
+                Ok(_) => row(
+                    "struct offsets",
+                    "all found".into(),
+                    true,
+                    "sock, tcp_sock, task_struct, files".into(),
+                ),
                 Err(e) => row("struct offsets", "missing".into(), false, e.to_string()),
             }
         }
         Err(e) => row(VMLINUX, "unreadable".into(), false, e.to_string()),
     }
     match Tracefs::find() {
-        Some(path) => row("tracefs", path.display().to_string(), true, "mounted".into()),
+        Some(path) => row(
+            "tracefs",
+            path.display().to_string(),
+            true,
+            "mounted".into(),
+        ),
         None => row(
             "tracefs",
             "not mounted".into(),
@@ -75,7 +97,11 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
             Ok(capture) => {
                 for status in &capture.probes {
                     let (value, ok, note) = match &status.state {
-                        ProbeState::Attached => ("attached".to_string(), true, status.probe.purpose.to_string()),
+                        ProbeState::Attached => (
+                            "attached".to_string(),
+                            true,
+                            status.probe.purpose.to_string(),
+                        ),
                         ProbeState::Failed(reason) => (
                             "NOT attached".to_string(),
                             !status.probe.required,
@@ -83,12 +109,22 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
                         ),
                     };
                     failed_required |= !ok;
-                    row(&format!("probe {}", status.probe.tracepoint()), value, ok, note);
+                    row(
+                        &format!("probe {}", status.probe.tracepoint()),
+                        value,
+                        ok,
+                        note,
+                    );
                 }
                 let attached = capture.attached();
                 let total = capture.probes.len();
                 drop(capture);
-                row("probes", format!("{attached}/{total} attached"), true, "and detached again".into());
+                row(
+                    "probes",
+                    format!("{attached}/{total} attached"),
+                    true,
+                    "and detached again".into(),
+                );
             }
             Err(e) => {
                 failed_required = true;

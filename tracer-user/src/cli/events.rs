@@ -1,9 +1,6 @@
 //! `tracer events`: the failure stream on stdout.
 
-use std::{
-    io::Write as _,
-    ops::ControlFlow,
-};
+use std::{io::Write as _, ops::ControlFlow};
 
 use anyhow::Context as _;
 

@@ -257,7 +257,10 @@ mod tests {
     fn as_bytes(event: &FailureEvent) -> Vec<u8> {
         // SAFETY: reading a repr(C) struct's bytes.
         unsafe {
-            std::slice::from_raw_parts((event as *const FailureEvent).cast::<u8>(), size_of::<FailureEvent>())
+            std::slice::from_raw_parts(
+                (event as *const FailureEvent).cast::<u8>(),
+                size_of::<FailureEvent>(),
+            )
         }
         .to_vec()
     }
@@ -284,7 +287,10 @@ mod tests {
     #[test]
     fn rejects_short_records_and_unknown_codes() {
         let bytes = as_bytes(&refused_event());
-        assert!(matches!(failure_event(&bytes[..10]), Err(DecodeError::Size { got: 10, .. })));
+        assert!(matches!(
+            failure_event(&bytes[..10]),
+            Err(DecodeError::Size { got: 10, .. })
+        ));
         let mut event = refused_event();
         event.outcome = 99;
         assert_eq!(
@@ -293,7 +299,10 @@ mod tests {
         );
         event.outcome = Outcome::Refused as u8;
         event.conn.upstream.family = 1;
-        assert_eq!(Failure::from_event(&event, &Clock::new()), Err(DecodeError::Family(1)));
+        assert_eq!(
+            Failure::from_event(&event, &Clock::new()),
+            Err(DecodeError::Family(1))
+        );
     }
 
     #[test]
@@ -312,7 +321,7 @@ mod tests {
 
     #[test]
     fn comm_stops_at_the_first_nul() {
-        assert_eq!(comm(b"nginx\0worker\0\0\0\0\0"), "nginx");
+        assert_eq!(comm(b"nginx\0worker\0\0\0\0"), "nginx");
         assert_eq!(comm(b"0123456789abcdef"), "0123456789abcdef");
     }
 }

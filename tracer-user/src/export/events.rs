@@ -28,7 +28,11 @@ impl FromStr for UpstreamMatch {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(UpstreamMatch::Addr(addr));
         }
-        if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = s
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(UpstreamMatch::Ip(ip));
         }
         if let Some(port) = s.strip_prefix(':')
@@ -63,7 +67,7 @@ pub struct EventFilter {
 
 impl EventFilter {
     pub fn matches(&self, f: &Failure) -> bool {
-        (self.comms.is_empty() || self.comms.iter().any(|c| *c == f.proxy.comm))
+        (self.comms.is_empty() || self.comms.contains(&f.proxy.comm))
             && (self.pids.is_empty() || self.pids.contains(&f.proxy.pid))
             && (self.upstreams.is_empty() || self.upstreams.iter().any(|u| u.matches(&f.upstream)))
     }
@@ -130,7 +134,8 @@ impl From<&Failure> for EventRecord {
 
 /// One JSON line.
 pub fn json_line(f: &Failure) -> String {
-    serde_json::to_string(&EventRecord::from(f)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    serde_json::to_string(&EventRecord::from(f))
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 /// One text line: time, proxy, upstream, cause, evidence.
@@ -209,7 +214,12 @@ mod tests {
         assert_eq!(value["errno_name"], "ECONNREFUSED");
         assert_eq!(value["waited_ms"], 0.25);
         assert_eq!(value["ended_by"], "upstream_reset");
-        assert!(value["explanation"].as_str().unwrap().contains("nothing is listening"));
+        assert!(
+            value["explanation"]
+                .as_str()
+                .unwrap()
+                .contains("nothing is listening")
+        );
     }
 
     #[test]
@@ -240,6 +250,11 @@ mod tests {
         assert!(!by(&[], &[], &["10.0.0.5:8001"]).matches(&f));
         assert!("[::1]:443".parse::<UpstreamMatch>().is_ok());
         assert!("[::1]".parse::<UpstreamMatch>().is_ok());
-        assert!("nonsense".parse::<UpstreamMatch>().unwrap_err().contains("IP:PORT"));
+        assert!(
+            "nonsense"
+                .parse::<UpstreamMatch>()
+                .unwrap_err()
+                .contains("IP:PORT")
+        );
     }
 }

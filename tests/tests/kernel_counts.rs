@@ -1,0 +1,95 @@
+//! The kernel's exact counts: every attempt counted once where it is decided, successes too,
+//! read through the agent library in this process.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use tracer_common::Outcome;
+use tracer_tests::{
+    client::request,
+    kernel_tests_enabled,
+    netns::Netns,
+    own_comm,
+    upstream::{Behaviour, Upstream},
+};
+use tracer_user::{agent::Agent, aggregate::Totals, capture::Options};
+
+fn count(totals: &Totals, upstream: SocketAddr, outcome: Outcome) -> u64 {
+    let comm = own_comm();
+    totals
+        .routes
+        .iter()
+        .filter(|(route, _)| route.upstream == upstream && route.proxy == comm)
+        .map(|(_, t)| t.count(outcome))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_counts_every_attempt_exactly() {
+    if !kernel_tests_enabled("kernel_counts_every_attempt_exactly") {
+        return;
+    }
+    let agent = Agent::start(&Options::default()).expect("tracer starts");
+    let ns = Netns::new("counts");
+    let closed: SocketAddr = "127.77.20.1:8020".parse().unwrap();
+    let healthy = Upstream::start(
+        &ns,
+        "127.77.20.1:8021".parse().unwrap(),
+        Behaviour::Answer {
+            idle_close: Duration::from_millis(100),
+        },
+    );
+    let mute = Upstream::start(
+        &ns,
+        "127.77.20.1:8022".parse().unwrap(),
+        Behaviour::CloseAfterRequest,
+    );
+    let (refused, answered, unanswered) = (30, 10, 5);
+    ns.run(|| {
+        for _ in 0..refused {
+            TcpStream::connect(closed).expect_err("refused");
+        }
+        for _ in 0..answered {
+            request(healthy.addr).expect("answered");
+        }
+        for _ in 0..unanswered {
+            request(mute.addr).expect_err("closed before answering");
+        }
+    });
+    let expected = [
+        (closed, Outcome::Refused, refused),
+        (closed, Outcome::Connected, 0),
+        (healthy.addr, Outcome::Connected, answered),
+        (mute.addr, Outcome::Connected, unanswered),
+        (mute.addr, Outcome::ClosedBeforeResponse, unanswered),
+    ];
+    // Connections end asynchronously (the last ACK): give the counts a moment to settle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let totals = agent.totals();
+        let got: Vec<u64> = expected
+            .iter()
+            .map(|(u, o, _)| count(&totals, *u, *o))
+            .collect();
+        let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
+        if got == want {
+            let route = totals
+                .routes
+                .iter()
+                .find(|(r, _)| r.upstream == healthy.addr)
+                .unwrap()
+                .1;
+            assert_eq!(route.failures(), 0);
+            assert_eq!(route.attempts(), answered);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.capture.stat(tracer_common::Stat::EventsLost), 0);
+}

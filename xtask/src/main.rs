@@ -1,0 +1,165 @@
+//! `cargo xtask`: set-up, build, run and test tracer.
+//!
+//! - `cargo xtask run [-- ARGS]`: installs what is missing, builds, runs `tracer run ARGS`.
+//! - `cargo xtask test`: installs what the tests need, builds, runs every test.
+//! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "tracer's set-up, build, run and test tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building (and, with --test-deps, testing) needs, if missing.
+    Setup {
+        #[arg(long)]
+        test_deps: bool,
+    },
+    /// Build tracer (release unless --debug).
+    Build {
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build and run the agent on this host: `tracer run ARGS` (`tracer ARGS` when ARGS
+    /// starts with another subcommand, e.g. `cargo xtask run -- events --json`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "events",
+    "check",
+    "help",
+    "--help",
+    "-h",
+    "--version",
+    "-V",
+];
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup { test_deps } => {
+            setup::toolchain()?;
+            if test_deps {
+                setup::packages(setup::TEST_PACKAGES)?;
+            }
+            Ok(())
+        }
+        Task::Build { debug } => build(!debug).map(drop),
+        Task::Run { args } => {
+            setup::toolchain()?;
+            let tracer = build(true)?;
+            let mut args = args;
+            if !args
+                .first()
+                .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()))
+            {
+                args.insert(0, "run".into());
+            }
+            run_tracer(&tracer, &args)
+        }
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds the tracer binary and returns its path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--package",
+        "tracer-user",
+        "--bin",
+        "tracer",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    setup::run(&mut cmd).context("building tracer")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile).join("tracer"))
+}
+
+/// Runs tracer in the foreground, as root (through sudo when needed), passing Ctrl-C to it.
+fn run_tracer(tracer: &Path, args: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        Command::new(tracer)
+    } else if setup::has_command("sudo") {
+        eprintln!("xtask: tracer needs root; running it through sudo");
+        let mut cmd = Command::new("sudo");
+        cmd.arg(tracer);
+        cmd
+    } else {
+        bail!(
+            "tracer needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and sudo is missing: run {} {} as root",
+            tracer.display(),
+            args.join(" ")
+        );
+    };
+    cmd.args(args);
+    // Ctrl-C reaches tracer directly (same process group); xtask waits for it to finish.
+    // SAFETY: ignoring SIGINT in this process only.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", tracer.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        setup::packages(setup::TEST_PACKAGES)?;
+    } else if ci {
+        bail!("CI=true: the kernel tests must run, and they need root");
+    } else {
+        eprintln!("xtask: not root: kernel tests will be skipped (each says so)");
+    }
+    let tracer = build(false)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .arg("test")
+        .args(extra)
+        .env("TRACER_BIN", &tracer);
+    setup::run(&mut cmd).context("the tests failed")
+}
