@@ -1,8 +1,9 @@
 //! Helpers for tracer's end-to-end tests: private network namespaces ([`netns`]), upstreams
-//! that fail on purpose ([`upstream`]), what a proxy does ([`client`]) and the real tracer
-//! binary ([`tracer_process`]).
+//! that fail on purpose ([`upstream`]), what a proxy does ([`client`]), the real tracer
+//! binary ([`tracer_process`]) and the nginx fault lab ([`lab`]).
 
 pub mod client;
+pub mod lab;
 pub mod netns;
 pub mod tracer_process;
 pub mod upstream;

@@ -94,21 +94,61 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        kill_processes_in(&self.name);
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();
     }
 }
 
-/// Deletes namespaces left behind by an earlier run that was killed.
+/// Deletes namespaces left behind by runs that were killed: ours (named
+/// `{PREFIX}{tag}-{pid}-{n}`) whose process is gone. Processes still inside them are killed
+/// first, so nothing keeps them alive.
 pub fn delete_leftovers() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        if name.starts_with(PREFIX) {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let owner = rest.rsplit('-').nth(1).and_then(|pid| pid.parse::<u32>().ok());
+        if owner.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            continue;
+        }
+        kill_processes_in(name);
+        let _ = Command::new("ip").args(["netns", "delete", name]).status();
+    }
+}
+
+/// Deletes every namespace this crate made for process `pid` (and what runs in them).
+pub fn delete_owned_by(pid: u32) {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let owner = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.rsplit('-').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if owner == Some(pid) {
+            kill_processes_in(name);
             let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+    }
+}
+
+/// Kills every process inside namespace `name`.
+pub fn kill_processes_in(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }

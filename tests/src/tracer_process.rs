@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -38,14 +39,22 @@ pub struct Tracer {
 impl Tracer {
     /// Starts `tracer events --json <args>` and waits until its probes are attached.
     pub fn events(args: &[&str]) -> Tracer {
-        let mut child = Command::new(tracer_bin())
+        let mut command = Command::new(tracer_bin());
+        command
             .arg("events")
             .arg("--json")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tracer");
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe. If this process dies, tracer gets SIGTERM and
+        // detaches itself, so no run leaves a tracer behind.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("starting tracer");
         let (line_tx, lines) = channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
@@ -130,6 +139,22 @@ impl Tracer {
 
     /// Stops tracer with `signal` and checks that it exits cleanly; returns its stderr.
     pub fn stop_with(mut self, signal: i32) -> String {
+        self.terminate(signal)
+    }
+
+    /// Stops tracer with SIGINT; returns every event it printed that was not collected yet, and
+    /// its stderr.
+    pub fn stop_collecting(mut self) -> (Vec<Value>, String) {
+        let stderr = self.terminate(libc::SIGINT);
+        let mut events = Vec::new();
+        // The reader thread ends (and the channel with it) at tracer's end of output.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            events.push(parse(&line));
+        }
+        (events, stderr)
+    }
+
+    fn terminate(&mut self, signal: i32) -> String {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -141,7 +166,7 @@ impl Tracer {
                 assert!(status.success(), "tracer exited with {status}:\n{stderr}");
                 return stderr;
             }
-            assert!(Instant::now() < deadline, "tracer did not stop on SIGINT");
+            assert!(Instant::now() < deadline, "tracer did not stop on signal {signal}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -27,6 +27,10 @@ pub enum Behaviour {
     CloseAfterRequest,
     /// Reads the request and never answers (a stuck worker).
     NeverAnswer,
+    /// Answers the request as if keeping the connection alive, then closes it 2 ms later: a
+    /// proxy that reuses the connection races with the close (an upstream keep-alive timeout
+    /// shorter than the proxy's, taken to the extreme).
+    AnswerThenClose,
 }
 
 /// The response `Answer` sends.
@@ -140,6 +144,13 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {
                 // Let the partial response reach the proxy before the reset does.
                 std::thread::sleep(Duration::from_millis(20));
                 reset(stream);
+            }
+        }
+        Behaviour::AnswerThenClose => {
+            if read_request(&mut stream) && stream.write_all(RESPONSE).is_ok() {
+                // Long enough for the proxy to put the connection back in its pool and pick it
+                // for the next request.
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
         Behaviour::CloseAfterRequest => {

@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask run [-- ARGS]`: installs what is missing, builds, runs `tracer run ARGS`.
 //! - `cargo xtask test`: installs what the tests need, builds, runs every test.
+//! - `cargo xtask lab`: the nginx fault lab, tracer against nginx's error log.
 //! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
 
 mod setup;
@@ -42,6 +43,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the nginx fault lab and print tracer's agreement with nginx's error log.
+    Lab,
     /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -84,7 +87,35 @@ fn main() -> anyhow::Result<()> {
             run_tracer(&tracer, &args)
         }
         Task::Test { args } => test(&args),
+        Task::Lab => lab(),
     }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root: it makes network namespaces and loads eBPF programs");
+    }
+    Ok(())
+}
+
+fn lab() -> anyhow::Result<()> {
+    require_root("the lab")?;
+    setup::toolchain()?;
+    setup::packages(setup::TEST_PACKAGES)?;
+    let tracer = build(true)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["run", "--quiet", "--release", "--package", "tracer-tests", "--bin", "tracer-lab"])
+        .env("TRACER_BIN", &tracer);
+    // Ctrl-C reaches the lab directly; it cleans up and exits.
+    // SAFETY: ignoring SIGINT in this process only.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = cmd.status().context("running the lab")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

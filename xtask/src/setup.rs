@@ -22,6 +22,7 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("setpriv", "util-linux"),
+    ("nginx", "nginx"),
 ];
 
 pub fn toolchain() -> anyhow::Result<()> {

@@ -1,0 +1,267 @@
+//! The fault lab: real nginx in front of upstreams that fail on purpose, with nginx's own
+//! error.log as the oracle for what tracer must report.
+//!
+//! Two private hosts joined by a veth pair: the proxy host (nginx, the clients; it has no route
+//! to 10.88.9.0/24) and the upstream host (10.88.0.2, the upstream servers; its firewall drops
+//! SYNs to one port). tracer runs on the real host, as the separate `tracer events --json`
+//! process, and sees both. Nothing leaves this machine.
+
+pub mod load;
+pub mod nginx;
+pub mod report;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use self::{nginx::Nginx, report::LabReport};
+use crate::{
+    netns::{self, Netns},
+    tracer_process::Tracer,
+    upstream::{Behaviour, Upstream},
+};
+
+/// What an upstream of the lab does, and what tracer must say about it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub addr: SocketAddr,
+    /// The server listening there; `None` when nothing listens.
+    pub behaviour: Option<Behaviour>,
+    /// The upstream host's firewall drops SYNs to it.
+    pub syns_dropped: bool,
+    /// The failure cause tracer must report for it; `None` for a healthy upstream.
+    pub expected: Option<&'static str>,
+    /// Whether the lab must produce at least one such failure (races may produce none).
+    pub must_fail: bool,
+}
+
+/// An nginx `server` + `upstream` pair, and the load sent through it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: &'static str,
+    pub listen_port: u16,
+    pub upstreams: Vec<SocketAddr>,
+    /// `keepalive` connections to the upstream (HTTP/1.1), or one connection per request.
+    pub keepalive: bool,
+    pub requests: usize,
+    pub concurrency: usize,
+}
+
+/// The lab's upstreams and routes.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub upstreams: Vec<UpstreamSpec>,
+    pub routes: Vec<Route>,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// Where the proxy host has no route (`ip route add unreachable`).
+pub const UNROUTED: &str = "10.88.9.0/24";
+
+impl Matrix {
+    /// One upstream per failure kind, two healthy ones, and a route that retries.
+    pub fn standard() -> Matrix {
+        let up = |port: u16, behaviour: Option<Behaviour>, expected: Option<&'static str>| UpstreamSpec {
+            addr: SocketAddr::from(([10, 88, 0, 2], port)),
+            behaviour,
+            syns_dropped: false,
+            expected,
+            must_fail: expected.is_some(),
+        };
+        let idle = |secs| Behaviour::Answer {
+            idle_close: Duration::from_secs(secs),
+        };
+        let upstreams = vec![
+            up(9000, Some(idle(60)), None),
+            up(9001, None, Some("refused")),
+            UpstreamSpec {
+                syns_dropped: true,
+                ..up(9002, None, Some("connect_timeout"))
+            },
+            UpstreamSpec {
+                addr: addr("10.88.9.1:9003"),
+                ..up(9003, None, Some("unreachable"))
+            },
+            up(9004, Some(Behaviour::ResetBeforeAnswer), Some("reset_before_response")),
+            up(9005, Some(Behaviour::PartialThenReset), Some("reset_mid_response")),
+            up(9006, Some(Behaviour::CloseAfterRequest), Some("closed_before_response")),
+            up(9007, Some(Behaviour::NeverAnswer), Some("response_timeout")),
+            up(9008, Some(idle(5)), None),
+            // nginx may reuse a connection the upstream is closing: it logs "upstream
+            // prematurely closed connection" and retries. How often is up to the race.
+            UpstreamSpec {
+                must_fail: false,
+                ..up(9009, Some(Behaviour::AnswerThenClose), Some("closed_before_response"))
+            },
+        ];
+        let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
+            name,
+            listen_port,
+            upstreams: ports
+                .iter()
+                .map(|p| {
+                    upstreams
+                        .iter()
+                        .find(|u| u.addr.port() == *p)
+                        .expect("upstream of the matrix")
+                        .addr
+                })
+                .collect(),
+            keepalive,
+            requests,
+            concurrency,
+        };
+        let routes = vec![
+            route("healthy_keepalive", 8100, &[9000], true, 400, 8),
+            route("refused", 8101, &[9001], false, 200, 8),
+            route("connect_timeout", 8102, &[9002], false, 20, 10),
+            route("unreachable", 8103, &[9003], false, 200, 8),
+            route("reset_before_response", 8104, &[9004], true, 200, 8),
+            route("reset_mid_response", 8105, &[9005], false, 200, 8),
+            route("closed_before_response", 8106, &[9006], true, 200, 8),
+            route("response_timeout", 8107, &[9007], false, 20, 10),
+            route("healthy", 8108, &[9008], false, 400, 8),
+            // nginx tries the next server when one fails: client 200s, failed attempts logged.
+            route("retry", 8109, &[9001, 9008], false, 100, 4),
+            route("keepalive_race", 8110, &[9009], true, 400, 8),
+        ];
+        Matrix { upstreams, routes }
+    }
+}
+
+/// The lab's two hosts.
+pub struct Topology {
+    pub proxy: Netns,
+    pub upstream: Netns,
+}
+
+impl Topology {
+    pub fn create(matrix: &Matrix) -> Topology {
+        let proxy = Netns::new("lab-proxy");
+        let upstream = Netns::new("lab-up");
+        proxy.ip(&[
+            "link", "add", "lab-p0", "type", "veth", "peer", "name", "lab-u0", "netns",
+            &upstream.name,
+        ]);
+        proxy.ip(&["addr", "add", "10.88.0.1/24", "dev", "lab-p0"]);
+        upstream.ip(&["addr", "add", "10.88.0.2/24", "dev", "lab-u0"]);
+        proxy.ip(&["link", "set", "lab-p0", "up"]);
+        upstream.ip(&["link", "set", "lab-u0", "up"]);
+        proxy.ip(&["route", "add", "unreachable", UNROUTED]);
+        for spec in matrix.upstreams.iter().filter(|u| u.syns_dropped) {
+            upstream.firewall(&format!("tcp dport {} drop", spec.addr.port()));
+        }
+        Topology { proxy, upstream }
+    }
+}
+
+/// Options of a lab run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Lowest agreement accepted per (upstream, cause).
+    pub target: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { target: 0.995 }
+    }
+}
+
+/// A new working directory for one lab run (nginx's config and logs).
+fn lab_dir() -> PathBuf {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "tracer-lab-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Lab runs use the same upstream addresses and tracer follows every nginx: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Removes what killed runs left: their namespaces (and nginx in them), their directories.
+pub fn clean_leftovers() {
+    netns::delete_leftovers();
+    remove_dirs(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Removes what this process's runs made, when it is interrupted.
+pub fn clean_up_after_interrupt() {
+    let me = std::process::id();
+    netns::delete_owned_by(me);
+    remove_dirs(|pid| pid == me);
+}
+
+/// Removes the lab directories whose owning process `owner` selects.
+fn remove_dirs(owner: impl Fn(u32) -> bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("tracer-lab-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(&owner) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Runs the whole lab and compares tracer's report with nginx's logs.
+pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let started = Instant::now();
+    clean_leftovers();
+    let dir = lab_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("lab directory");
+
+    let topology = Topology::create(matrix);
+    let _servers: Vec<Upstream> = matrix
+        .upstreams
+        .iter()
+        .filter_map(|spec| {
+            spec.behaviour
+                .map(|behaviour| Upstream::start(&topology.upstream, spec.addr, behaviour))
+        })
+        .collect();
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let mut nginx = Nginx::start(&topology.proxy.name, &dir, &matrix.routes);
+
+    let load_started = Instant::now();
+    let load = load::run_routes(&topology.proxy, &matrix.routes);
+    let load_time = load_started.elapsed();
+    // Let the last timeouts fire, then stop nginx gracefully (it closes its idle
+    // keep-alive connections) and tracer.
+    std::thread::sleep(Duration::from_millis(1_500));
+    nginx.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    let (events, _stderr) = tracer.stop_collecting();
+
+    let report = LabReport::build(
+        matrix,
+        options,
+        &nginx.error_log(),
+        &nginx.access_log(),
+        &events,
+        load,
+        load_time,
+        started.elapsed(),
+    );
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}

@@ -1,0 +1,352 @@
+//! Real nginx as the lab's reverse proxy, and its logs as the oracle.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::Route;
+
+/// A running nginx (master and workers) inside the proxy namespace.
+pub struct Nginx {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Nginx {
+    /// Writes the configuration for `routes` into `dir` and starts nginx in namespace `netns`.
+    pub fn start(netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
+        for sub in ["tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
+        }
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config(dir, routes)).expect("writing nginx.conf");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "nginx", "-e"])
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting nginx (cargo xtask setup installs it)");
+        let nginx = Nginx {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        nginx.wait_started();
+        nginx
+    }
+
+    fn wait_started(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = self.dir.join("nginx.pid");
+        while !pid.exists() {
+            assert!(Instant::now() < deadline, "nginx did not start: {}", self.error_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The pid file is written once the listening sockets are open; give workers a moment.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
+    /// Stops nginx gracefully (it closes its idle upstream connections) and waits for it.
+    pub fn stop(&mut self) {
+        // SAFETY: signalling our own child (`ip netns exec` execs nginx in place).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn config(dir: &Path, routes: &[Route]) -> String {
+    let d = dir.display();
+    let mut conf = format!(
+        "user root;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format lab '$msec $request_time $status $server_port \"$upstream_addr\"';
+    access_log {d}/access.log lab;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    proxy_connect_timeout 1s;
+    proxy_read_timeout 1s;
+    proxy_send_timeout 1s;
+    keepalive_timeout 0;
+"
+    );
+    for route in routes {
+        let servers: String = route
+            .upstreams
+            .iter()
+            .map(|u| format!("        server {u};\n"))
+            .collect();
+        let keepalive = if route.keepalive { "        keepalive 16;\n" } else { "" };
+        let _ = write!(
+            conf,
+            "    upstream {name} {{\n{servers}{keepalive}    }}\n",
+            name = route.name
+        );
+        let http11 = if route.keepalive {
+            " proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            conf,
+            "    server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://{name};{http11} }} }}",
+            port = route.listen_port,
+            name = route.name
+        );
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+/// One failed upstream attempt, as nginx's error.log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedFailure {
+    pub upstream: String,
+    /// The tracer cause this line means, or `None` when no tracer cause matches it.
+    pub cause: Option<&'static str>,
+    pub message: String,
+}
+
+/// The tracer cause an nginx error-log message means (the table in docs/causes.md).
+pub fn cause_of(message: &str) -> Option<&'static str> {
+    let errno = message
+        .split_once(" failed (")
+        .or_else(|| message.split_once(" timed out ("))
+        .and_then(|(_, rest)| rest.split(':').next())
+        .and_then(|n| n.parse::<i32>().ok());
+    if message.contains("while connecting to upstream") {
+        if message.starts_with("upstream timed out") {
+            return Some("connect_timeout");
+        }
+        return Some(match errno? {
+            111 => "refused",
+            110 => "connect_timeout",
+            113 | 101 | 112 | 100 => "unreachable",
+            99 => "no_ephemeral_port",
+            _ => "connect_error",
+        });
+    }
+    if message.starts_with("upstream timed out") {
+        return Some("response_timeout");
+    }
+    if message.starts_with("upstream prematurely closed connection while reading response header") {
+        return Some("closed_before_response");
+    }
+    if matches!(errno, Some(104) | Some(32)) {
+        if message.contains("while reading response header")
+            || message.contains("while sending request")
+        {
+            return Some("reset_before_response");
+        }
+        if message.contains("while reading upstream") {
+            return Some("reset_mid_response");
+        }
+    }
+    None
+}
+
+/// Lines that name an upstream without being a failed attempt of their own.
+const NOT_ATTEMPTS: [&str; 2] = [
+    // [warn] after max_fails failures: the failures were logged one by one already.
+    "upstream server temporarily disabled",
+    // No server was tried at all.
+    "no live upstreams",
+];
+
+/// The failed upstream attempts in an error.log: the lines of level error or worse that name an
+/// upstream.
+pub fn failures_in(error_log: &str) -> Vec<LoggedFailure> {
+    error_log
+        .lines()
+        .filter_map(|line| {
+            // 2026/11/22 00:30:01 [error] 812#812: *5 MESSAGE, client: …, upstream: "http://10.88.0.2:9001/", host: …
+            let level = line.split_once(" [")?.1.split_once(']')?.0;
+            if !matches!(level, "error" | "crit" | "alert" | "emerg") {
+                return None;
+            }
+            let (_, after_level) = line.split_once("] ")?;
+            let (_, after_pid) = after_level.split_once(": ")?;
+            let message = after_pid
+                .strip_prefix('*')
+                .and_then(|m| m.split_once(' ').map(|(_, m)| m))
+                .unwrap_or(after_pid);
+            let message = message.split(", client: ").next()?.to_string();
+            if NOT_ATTEMPTS.iter().any(|n| message.starts_with(n)) {
+                return None;
+            }
+            let upstream = line.split("upstream: \"").nth(1)?.split('"').next()?;
+            let upstream = upstream
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .split('/')
+                .next()?
+                .to_string();
+            Some(LoggedFailure {
+                cause: cause_of(&message),
+                upstream,
+                message,
+            })
+        })
+        .collect()
+}
+
+/// One request in the access log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRequest {
+    /// When the request ended (seconds since the epoch) and how long it took.
+    pub end: f64,
+    pub duration: f64,
+    pub status: u16,
+    pub port: u16,
+    /// Every upstream tried, in order.
+    pub upstreams: Vec<SocketAddr>,
+}
+
+/// Parses the lab's access-log format: `$msec $request_time $status $server_port "$upstream_addr"`.
+pub fn requests_in(access_log: &str) -> Vec<LoggedRequest> {
+    access_log
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(5, ' ');
+            let end = fields.next()?.parse().ok()?;
+            let duration = fields.next()?.parse().ok()?;
+            let status = fields.next()?.parse().ok()?;
+            let port = fields.next()?.parse().ok()?;
+            let upstreams = fields.next()?.trim_matches('"');
+            Some(LoggedRequest {
+                end,
+                duration,
+                status,
+                port,
+                upstreams: parse_upstream_list(upstreams),
+            })
+        })
+        .collect()
+}
+
+/// `$upstream_addr` lists the upstreams tried, separated by ", " (and " : " across
+/// internal redirects); `-` when none was.
+fn parse_upstream_list(text: &str) -> Vec<SocketAddr> {
+    text.split(", ")
+        .flat_map(|s| s.split(" : "))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ERROR_LOG: &str = r#"2026/11/22 00:30:01 [error] 812#812: *5 connect() failed (111: Connection refused) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9001/", host: "127.0.0.1:8101"
+2026/11/22 00:30:02 [error] 812#812: *6 upstream timed out (110: Connection timed out) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9002/", host: "127.0.0.1:8102"
+2026/11/22 00:30:03 [error] 812#812: *7 connect() to 10.88.9.1:9003 failed (113: No route to host) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.9.1:9003/", host: "127.0.0.1:8103"
+2026/11/22 00:30:04 [error] 812#812: *8 recv() failed (104: Connection reset by peer) while reading response header from upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9004/", host: "127.0.0.1:8104"
+2026/11/22 00:30:05 [error] 812#812: *9 recv() failed (104: Connection reset by peer) while reading upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9005/", host: "127.0.0.1:8105"
+2026/11/22 00:30:06 [error] 812#812: *10 upstream prematurely closed connection while reading response header from upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9006/", host: "127.0.0.1:8106"
+2026/11/22 00:30:07 [error] 812#812: *11 upstream timed out (110: Connection timed out) while reading response header from upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://[fd00:88::2]:9007/", host: "127.0.0.1:8107"
+2026/11/22 00:30:08 [notice] 811#811: signal process started
+2026/11/22 00:30:08 [warn] 812#812: *13 upstream server temporarily disabled while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9001/", host: "127.0.0.1:8109"
+2026/11/22 00:30:08 [error] 812#812: *14 no live upstreams while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://retry/", host: "127.0.0.1:8109"
+2026/11/22 00:30:09 [error] 812#812: *12 upstream prematurely closed connection while reading upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9008/", host: "127.0.0.1:8108"
+"#;
+
+    #[test]
+    fn every_error_log_line_maps_to_its_tracer_cause() {
+        let failures = failures_in(ERROR_LOG);
+        let got: Vec<(&str, Option<&str>)> = failures
+            .iter()
+            .map(|f| (f.upstream.as_str(), f.cause))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.88.0.2:9001", Some("refused")),
+                ("10.88.0.2:9002", Some("connect_timeout")),
+                ("10.88.9.1:9003", Some("unreachable")),
+                ("10.88.0.2:9004", Some("reset_before_response")),
+                ("10.88.0.2:9005", Some("reset_mid_response")),
+                ("10.88.0.2:9006", Some("closed_before_response")),
+                ("[fd00:88::2]:9007", Some("response_timeout")),
+                // A body cut short by a FIN: the kernel cannot tell it (docs/causes.md).
+                ("10.88.0.2:9008", None),
+            ]
+        );
+        assert_eq!(
+            failures[0].message,
+            "connect() failed (111: Connection refused) while connecting to upstream"
+        );
+    }
+
+    #[test]
+    fn other_connect_errors_map_by_errno() {
+        assert_eq!(
+            cause_of("connect() to 10.0.0.1:80 failed (99: Cannot assign requested address) while connecting to upstream"),
+            Some("no_ephemeral_port")
+        );
+        assert_eq!(
+            cause_of("connect() failed (110: Connection timed out) while connecting to upstream"),
+            Some("connect_timeout")
+        );
+        assert_eq!(
+            cause_of("connect() failed (13: Permission denied) while connecting to upstream"),
+            Some("connect_error")
+        );
+        assert_eq!(
+            cause_of("writev() failed (32: Broken pipe) while sending request to upstream"),
+            Some("reset_before_response")
+        );
+    }
+
+    #[test]
+    fn access_log_lists_every_upstream_tried() {
+        let requests = requests_in(
+            "1763769600.123 1.002 504 8107 \"10.88.0.2:9007\"\n\
+             1763769601.500 0.004 200 8110 \"10.88.0.2:9001, 10.88.0.2:9000\"\n\
+             1763769602.000 0.000 502 8103 \"[fd00:88::2]:9003\"\n",
+        );
+        assert_eq!(requests.len(), 3);
+        assert_eq!(requests[0].status, 504);
+        assert_eq!(requests[0].port, 8107);
+        assert!((requests[0].duration - 1.002).abs() < 1e-9);
+        assert_eq!(requests[0].upstreams, vec!["10.88.0.2:9007".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(requests[1].upstreams.len(), 2);
+        assert_eq!(requests[2].upstreams, vec!["[fd00:88::2]:9003".parse::<SocketAddr>().unwrap()]);
+    }
+}

@@ -1,0 +1,272 @@
+//! The lab's verdict: tracer's failures against nginx's error.log, per upstream and cause, and
+//! every 502/504 in nginx's access.log explained by a tracer failure.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use serde_json::Value;
+
+use super::{
+    Matrix, Options,
+    load::RouteLoad,
+    nginx::{LoggedFailure, LoggedRequest, failures_in, requests_in},
+};
+
+/// One row of the agreement table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub upstream: String,
+    /// A failure cause, or `(healthy)` for a healthy upstream's row.
+    pub cause: String,
+    pub nginx: usize,
+    pub tracer: usize,
+}
+
+impl Cell {
+    /// min/max of the two counts (1 when both are 0).
+    pub fn agreement(&self) -> f64 {
+        let (low, high) = (self.nginx.min(self.tracer), self.nginx.max(self.tracer));
+        if high == 0 { 1.0 } else { low as f64 / high as f64 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabReport {
+    pub target: f64,
+    pub cells: Vec<Cell>,
+    /// The (upstream, cause) cells that must not stay empty.
+    pub must_fail: Vec<(String, String)>,
+    /// error.log lines naming an upstream that no tracer cause matches.
+    pub unmapped: Vec<LoggedFailure>,
+    /// Responses 502/504 in the access log, and those no tracer failure explains.
+    pub gateway_errors: usize,
+    pub unexplained: Vec<LoggedRequest>,
+    pub load: Vec<RouteLoad>,
+    pub requests: usize,
+    pub load_time: Duration,
+    pub total_time: Duration,
+}
+
+/// A tracer failure event: upstream, cause, and when (seconds since the epoch).
+struct TracerFailure {
+    upstream: String,
+    cause: String,
+    time: f64,
+}
+
+fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
+    events
+        .iter()
+        .filter_map(|e| {
+            let time = humantime::parse_rfc3339(e["time"].as_str()?).ok()?;
+            Some(TracerFailure {
+                upstream: e["upstream"].as_str()?.to_string(),
+                cause: e["cause"].as_str()?.to_string(),
+                time: time
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs_f64(),
+            })
+        })
+        .collect()
+}
+
+impl LabReport {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        matrix: &Matrix,
+        options: &Options,
+        error_log: &str,
+        access_log: &str,
+        events: &[Value],
+        load: Vec<RouteLoad>,
+        load_time: Duration,
+        total_time: Duration,
+    ) -> LabReport {
+        let logged = failures_in(error_log);
+        let tracer = tracer_failures(events);
+
+        let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+        for f in &logged {
+            if let Some(cause) = f.cause {
+                counts.entry((f.upstream.clone(), cause.to_string())).or_default().0 += 1;
+            }
+        }
+        for f in &tracer {
+            counts.entry((f.upstream.clone(), f.cause.clone())).or_default().1 += 1;
+        }
+        // Every upstream of the matrix has a row, so a healthy one shows its zeros, and an
+        // expected cause that nobody reported shows as a missing row.
+        for spec in &matrix.upstreams {
+            let upstream = spec.addr.to_string();
+            let cause = spec.expected.unwrap_or("(healthy)").to_string();
+            if !counts.keys().any(|(u, _)| *u == upstream) || spec.expected.is_some() {
+                counts.entry((upstream, cause)).or_default();
+            }
+        }
+        let cells = counts
+            .into_iter()
+            .map(|((upstream, cause), (nginx, tracer))| Cell {
+                upstream,
+                cause,
+                nginx,
+                tracer,
+            })
+            .collect();
+
+        let requests = requests_in(access_log);
+        let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &tracer);
+        LabReport {
+            target: options.target,
+            cells,
+            must_fail: matrix
+                .upstreams
+                .iter()
+                .filter(|u| u.must_fail)
+                .filter_map(|u| Some((u.addr.to_string(), u.expected?.to_string())))
+                .collect(),
+            unmapped: logged.into_iter().filter(|f| f.cause.is_none()).collect(),
+            gateway_errors,
+            unexplained,
+            requests: load.iter().map(|l| l.statuses.values().sum::<usize>() + l.errors).sum(),
+            load,
+            load_time,
+            total_time,
+        }
+    }
+
+    /// What fails the lab, one line each; empty when it passed.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for cell in &self.cells {
+            if cell.agreement() < self.target {
+                problems.push(format!(
+                    "{} {}: nginx {} vs tracer {} ({:.1}% < {:.1}%)",
+                    cell.upstream,
+                    cell.cause,
+                    cell.nginx,
+                    cell.tracer,
+                    cell.agreement() * 100.0,
+                    self.target * 100.0
+                ));
+            }
+            if self.must_fail.contains(&(cell.upstream.clone(), cell.cause.clone()))
+                && cell.nginx == 0
+                && cell.tracer == 0
+            {
+                problems.push(format!(
+                    "{} {}: the lab produced no such failure at all",
+                    cell.upstream, cell.cause
+                ));
+            }
+        }
+        for f in &self.unmapped {
+            problems.push(format!("nginx logged a failure tracer has no cause for: {} ({})", f.message, f.upstream));
+        }
+        if !self.unexplained.is_empty() {
+            problems.push(format!(
+                "{} of {} responses 502/504 have no tracer failure on their upstream",
+                self.unexplained.len(),
+                self.gateway_errors
+            ));
+        }
+        problems
+    }
+
+    pub fn passed(&self) -> bool {
+        self.problems().is_empty()
+    }
+}
+
+/// Matches every 502/504 to a tracer failure on one of the upstreams nginx tried for it, within
+/// the request's lifetime; each failure explains one response at most.
+fn explain_gateway_errors(
+    requests: &[LoggedRequest],
+    tracer: &[TracerFailure],
+) -> (usize, Vec<LoggedRequest>) {
+    const SLACK: f64 = 0.1;
+    let mut used = BTreeSet::new();
+    let mut gateway: Vec<&LoggedRequest> = requests
+        .iter()
+        .filter(|r| r.status == 502 || r.status == 504)
+        .collect();
+    gateway.sort_by(|a, b| a.end.total_cmp(&b.end));
+    let mut unexplained = Vec::new();
+    for request in &gateway {
+        let start = request.end - request.duration - SLACK;
+        let end = request.end + SLACK;
+        let upstreams: Vec<String> = request.upstreams.iter().map(SocketAddr::to_string).collect();
+        let found = tracer.iter().enumerate().find(|(i, f)| {
+            !used.contains(i) && upstreams.contains(&f.upstream) && (start..=end).contains(&f.time)
+        });
+        match found {
+            Some((i, _)) => {
+                used.insert(i);
+            }
+            None => unexplained.push((*request).clone()),
+        }
+    }
+    (gateway.len(), unexplained)
+}
+
+impl fmt::Display for LabReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "tracer fault lab: {} requests through nginx in {:.1} s (whole lab {:.1} s)",
+            self.requests,
+            self.load_time.as_secs_f64(),
+            self.total_time.as_secs_f64()
+        )?;
+        writeln!(f)?;
+        writeln!(f, "{:<20} {:<24} {:>7} {:>7} {:>10}", "upstream", "cause", "nginx", "tracer", "agreement")?;
+        for cell in &self.cells {
+            writeln!(
+                f,
+                "{:<20} {:<24} {:>7} {:>7} {:>9.1}%{}",
+                cell.upstream,
+                cell.cause,
+                cell.nginx,
+                cell.tracer,
+                cell.agreement() * 100.0,
+                if cell.agreement() < self.target { "  <-- below target" } else { "" }
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "what the clients saw, per route:")?;
+        for load in &self.load {
+            let statuses: Vec<String> = load
+                .statuses
+                .iter()
+                .map(|(code, n)| format!("{n}×{code}"))
+                .collect();
+            let errors = if load.errors > 0 { format!(", {} without a response", load.errors) } else { String::new() };
+            writeln!(f, "  {:<24} {}{errors}", load.route, statuses.join(" "))?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "access log: {} responses 502/504, {} explained by a tracer failure on their upstream",
+            self.gateway_errors,
+            self.gateway_errors - self.unexplained.len()
+        )?;
+        let problems = self.problems();
+        if problems.is_empty() {
+            writeln!(
+                f,
+                "result: PASS (every cell ≥ {:.1}%, healthy upstreams clean, every 502/504 explained)",
+                self.target * 100.0
+            )
+        } else {
+            writeln!(f, "result: FAIL")?;
+            for p in problems {
+                writeln!(f, "  - {p}")?;
+            }
+            Ok(())
+        }
+    }
+}

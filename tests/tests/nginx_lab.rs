@@ -1,0 +1,36 @@
+//! The fault lab as a test: real nginx, upstreams that fail on purpose, tracer as a separate
+//! process. tracer must agree with nginx's error.log on every failed attempt (≥ 99.5% per
+//! upstream and cause), report nothing for healthy upstreams, and explain every 502/504.
+
+use tracer_tests::{kernel_tests_enabled, lab};
+
+#[test]
+fn tracer_agrees_with_nginx_error_log_on_every_failure() {
+    if !kernel_tests_enabled("tracer_agrees_with_nginx_error_log_on_every_failure") {
+        return;
+    }
+    let report = lab::run(&lab::Matrix::standard(), &lab::Options::default());
+    println!("{report}");
+    assert!(report.passed(), "the lab failed:\n{report}");
+}
+
+#[test]
+fn lab_can_run_twice_in_a_row() {
+    if !kernel_tests_enabled("lab_can_run_twice_in_a_row") {
+        return;
+    }
+    // A small matrix, twice: the first run must leave nothing that breaks the second.
+    let mut matrix = lab::Matrix::standard();
+    matrix.routes.retain(|r| r.name == "refused" || r.name == "healthy");
+    for route in &mut matrix.routes {
+        route.requests = 20;
+    }
+    matrix.upstreams.retain(|u| [9001, 9008].contains(&u.addr.port()));
+    for _ in 0..2 {
+        let report = lab::run(&matrix, &lab::Options::default());
+        assert!(report.passed(), "{report}");
+    }
+    let leftovers = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let leftovers = String::from_utf8_lossy(&leftovers.stdout);
+    assert!(!leftovers.contains(&format!("lab-proxy-{}", std::process::id())), "{leftovers}");
+}
