@@ -3,8 +3,10 @@
 //! binary ([`tracer_process`]) and the nginx fault lab ([`lab`]).
 
 pub mod client;
+pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod privileges;
 pub mod tracer_process;
 pub mod upstream;
 

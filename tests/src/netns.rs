@@ -113,7 +113,10 @@ pub fn delete_leftovers() {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             continue;
         };
-        let owner = rest.rsplit('-').nth(1).and_then(|pid| pid.parse::<u32>().ok());
+        let owner = rest
+            .rsplit('-')
+            .nth(1)
+            .and_then(|pid| pid.parse::<u32>().ok());
         if owner.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()) {
             continue;
         }

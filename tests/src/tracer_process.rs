@@ -39,10 +39,15 @@ pub struct Tracer {
 impl Tracer {
     /// Starts `tracer events --json <args>` and waits until its probes are attached.
     pub fn events(args: &[&str]) -> Tracer {
+        let mut all = vec!["events", "--json"];
+        all.extend_from_slice(args);
+        Tracer::start(&all)
+    }
+
+    /// Starts `tracer <args>` and waits until its probes are attached.
+    pub fn start(args: &[&str]) -> Tracer {
         let mut command = Command::new(tracer_bin());
         command
-            .arg("events")
-            .arg("--json")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -166,7 +171,10 @@ impl Tracer {
                 assert!(status.success(), "tracer exited with {status}:\n{stderr}");
                 return stderr;
             }
-            assert!(Instant::now() < deadline, "tracer did not stop on signal {signal}");
+            assert!(
+                Instant::now() < deadline,
+                "tracer did not stop on signal {signal}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

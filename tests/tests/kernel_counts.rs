@@ -91,5 +91,5 @@ async fn kernel_counts_every_attempt_exactly() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(agent.capture.stat(tracer_common::Stat::EventsLost), 0);
+    assert_eq!(agent.shared.stat(tracer_common::Stat::EventsLost), 0);
 }

@@ -3,19 +3,63 @@
 
 use crate::net::Endpoint;
 
-/// The key of the kernel's `COUNTS` per-CPU hash: proxy × upstream × outcome.
-///
-/// The proxy is its process name and cgroup rather than its pid, so worker restarts and
-/// short-lived clients do not multiply the keys.
+/// Who connects to what: the proxy (its process name and cgroup, not its pid, so worker
+/// restarts and short-lived clients do not multiply the keys) and the upstream.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CountKey {
+pub struct RouteKey {
     pub comm: [u8; 16],
     pub cgroup_id: u64,
     pub upstream: Endpoint,
+}
+
+/// The key of the kernel's `COUNTS` per-CPU hash: route × outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CountKey {
+    pub route: RouteKey,
     /// An [`crate::Outcome`] code.
     pub outcome: u8,
     pub _pad: [u8; 7],
+}
+
+/// The key of the kernel's `CONNECT_LATENCY` per-CPU hash: route × latency bucket; the value is
+/// how many successful connects took that long.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LatencyKey {
+    pub route: RouteKey,
+    /// An index into [`CONNECT_BUCKETS_NS`]; `CONNECT_BUCKETS_NS.len()` for slower ones.
+    pub bucket: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Upper bounds of the connect-latency buckets, in nanoseconds (100 µs … 5 s).
+pub const CONNECT_BUCKETS_NS: [u64; 15] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+
+/// The bucket a connect time falls in: the first whose bound it does not exceed.
+pub fn connect_bucket(ns: u64) -> u8 {
+    let mut bucket = 0;
+    while bucket < CONNECT_BUCKETS_NS.len() && ns > CONNECT_BUCKETS_NS[bucket] {
+        bucket += 1;
+    }
+    bucket as u8
 }
 
 /// The value of `COUNTS`: how many, and the sum of their durations (connect time for
@@ -30,6 +74,8 @@ pub struct Tally {
 /// Size of `COUNTS`. When it is full, new keys are counted per outcome only, in
 /// `OVERFLOW_COUNTS`, and [`Stat::CountsOverflowed`] goes up.
 pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
+/// Size of `CONNECT_LATENCY` (about a dozen buckets per route in use).
+pub const LATENCY_MAX_ENTRIES: u32 = 65_536;
 /// Size of the live-connection table `CONNS` (an LRU hash keyed by socket).
 pub const CONNS_MAX_ENTRIES: u32 = 65_536;
 /// Size of the in-flight connect() table `CONNECTS` (keyed by thread).
@@ -55,17 +101,23 @@ pub enum Stat {
     CountsOverflowed = 4,
     /// connect() calls that could not be followed (`CONNECTS` insert failed).
     ConnectsUntracked = 5,
+    /// Tracked connections that reached TCP_CLOSE (tracked − closed − live = evicted).
+    ConnsClosed = 6,
+    /// Connect latencies not recorded because `CONNECT_LATENCY` was full.
+    LatencyOverflowed = 7,
 }
 
 impl Stat {
     pub const COUNT: u32 = 8;
-    pub const ALL: [Stat; 6] = [
+    pub const ALL: [Stat; 8] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
         Stat::ConnsUntracked,
         Stat::CountsOverflowed,
         Stat::ConnectsUntracked,
+        Stat::ConnsClosed,
+        Stat::LatencyOverflowed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -76,6 +128,25 @@ impl Stat {
             Stat::ConnsUntracked => "connections_untracked",
             Stat::CountsOverflowed => "counts_overflowed",
             Stat::ConnectsUntracked => "connects_untracked",
+            Stat::ConnsClosed => "connections_closed",
+            Stat::LatencyOverflowed => "latency_overflowed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_times_fall_in_the_first_bucket_they_fit() {
+        assert_eq!(connect_bucket(0), 0);
+        assert_eq!(connect_bucket(100_000), 0);
+        assert_eq!(connect_bucket(100_001), 1);
+        assert_eq!(connect_bucket(1_000_000), 3);
+        assert_eq!(connect_bucket(5_000_000_000), 14);
+        assert_eq!(connect_bucket(5_000_000_001), 15);
+        assert_eq!(connect_bucket(u64::MAX), CONNECT_BUCKETS_NS.len() as u8);
+        assert!(CONNECT_BUCKETS_NS.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -22,7 +22,7 @@ pub mod outcome;
 
 pub use config::{Config, KernelOffsets, SyscallFields};
 pub use conn::{ConnTrack, EndKind, Proxy, Verdict};
-pub use counts::{CountKey, Stat, Tally};
+pub use counts::{CountKey, LatencyKey, RouteKey, Stat, Tally};
 pub use event::{FailureEvent, Source};
 pub use net::Endpoint;
 pub use outcome::Outcome;
@@ -43,6 +43,8 @@ impl_pod!(
     Config,
     ConnTrack,
     CountKey,
+    LatencyKey,
+    RouteKey,
     Tally,
     FailureEvent,
     conn::PendingConnect,

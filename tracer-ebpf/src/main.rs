@@ -33,11 +33,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Config, ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Proxy, Source, Stat, Tally,
+    Config, ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Proxy, RouteKey,
+    Source, Stat, Tally,
     conn::{CloseFacts, PendingConnect, tcp_state},
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-        OVERFLOW_SLOTS,
+        LATENCY_MAX_ENTRIES, OVERFLOW_SLOTS, connect_bucket,
     },
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
@@ -66,6 +67,11 @@ static CONNECTS: HashMap<u64, PendingConnect> = HashMap::with_max_entries(CONNEC
 #[map]
 static COUNTS: PerCpuHashMap<CountKey, Tally> =
     PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+/// Successful connects per route × connect-time bucket.
+#[map]
+static CONNECT_LATENCY: PerCpuHashMap<LatencyKey, u64> =
+    PerCpuHashMap::with_max_entries(LATENCY_MAX_ENTRIES, 0);
 
 /// Counts per outcome that did not fit in `COUNTS`.
 #[map]
@@ -149,11 +155,15 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
     let now = now();
     if new == tcp_state::CLOSE {
         connection_closed(sk, conn, old, now);
-        let _ = CONNS.remove(&(sk as u64));
+        if CONNS.remove(&(sk as u64)).is_ok() {
+            stat(Stat::ConnsClosed);
+        }
     } else if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
         let took = conn.on_established(now);
         conn.local.port = local_port(sk);
-        count(&conn.proxy, &conn.upstream, Outcome::Connected, took);
+        let route = route_of(&conn.proxy, &conn.upstream);
+        count(&route, Outcome::Connected, took);
+        count_latency(&route, took);
     } else {
         conn.on_state_change(old, new, now);
     }
@@ -221,7 +231,11 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     let Some(outcome) = verdict.outcome else {
         return;
     };
-    count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns);
+    count(
+        &route_of(&conn.proxy, &conn.upstream),
+        outcome,
+        verdict.waited_ns,
+    );
     if outcome.is_failure() {
         let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
         report(
@@ -309,7 +323,7 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
         pending.start_ns,
     );
     let waited_ns = now.saturating_sub(pending.start_ns);
-    count(&conn.proxy, &conn.upstream, outcome, waited_ns);
+    count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
     report(
         &conn,
         &Report {
@@ -377,11 +391,17 @@ fn report(conn: &ConnTrack, report: &Report) {
     stat(Stat::EventsSent);
 }
 
-fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) {
-    let key = CountKey {
+fn route_of(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
+    RouteKey {
         comm: proxy.comm,
         cgroup_id: proxy.cgroup_id,
         upstream: *upstream,
+    }
+}
+
+fn count(route: &RouteKey, outcome: Outcome, ns: u64) {
+    let key = CountKey {
+        route: *route,
         outcome: outcome as u8,
         _pad: [0; 7],
     };
@@ -403,6 +423,29 @@ fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) {
         unsafe {
             (*tally).count += 1;
             (*tally).sum_ns += ns;
+        }
+    }
+}
+
+fn count_latency(route: &RouteKey, ns: u64) {
+    let key = LatencyKey {
+        route: *route,
+        bucket: connect_bucket(ns),
+        _pad: [0; 7],
+    };
+    if let Some(n) = CONNECT_LATENCY.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of a per-CPU map entry.
+        unsafe { *n += 1 };
+        return;
+    }
+    if CONNECT_LATENCY
+        .insert(&key, &1, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        match CONNECT_LATENCY.get_ptr_mut(&key) {
+            // SAFETY: as above.
+            Some(n) => unsafe { *n += 1 },
+            None => stat(Stat::LatencyOverflowed),
         }
     }
 }

@@ -1,18 +1,28 @@
 //! The agent's loop: capture → decode → the caller's handler (which classifies, aggregates and
 //! exports), until SIGINT or SIGTERM. Dropping the agent detaches every probe.
+//!
+//! What other tasks (the metrics endpoint, the live view) need is in [`Shared`].
 
-use std::{ops::ControlFlow, time::Duration};
+use std::{
+    ops::ControlFlow,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
+use tracer_common::{Outcome, Stat};
 
 use crate::{
     aggregate::Totals,
-    capture::{Capture, CaptureError, Events, Options},
-    decode::{self, Clock, Count, Failure},
+    capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus},
+    decode::{self, Clock, Count, Failure, LatencyCount},
 };
 
-/// What the loop hands its handler.
+/// What a handler is given.
 pub enum Happening {
     /// A failed upstream attempt.
     Failure(Failure),
@@ -20,12 +30,52 @@ pub enum Happening {
     Tick,
 }
 
+/// The agent's state that other tasks read: the kernel's counters and the agent's health.
+pub struct Shared {
+    pub counters: Arc<Counters>,
+    pub probes: Vec<ProbeStatus>,
+    pub started: SystemTime,
+    /// Failure records read from the ring buffer, and those that could not be decoded.
+    pub events_received: AtomicU64,
+    pub events_undecodable: AtomicU64,
+}
+
+impl Shared {
+    /// The kernel's exact counts, aggregated per route.
+    pub fn totals(&self) -> Totals {
+        let counts = self
+            .counters
+            .counts()
+            .into_iter()
+            .filter_map(|(key, tally)| Count::from_kernel(&key, tally.count, tally.sum_ns).ok());
+        let latency = self
+            .counters
+            .latency()
+            .into_iter()
+            .filter_map(|(key, n)| LatencyCount::from_kernel(&key, n).ok());
+        let mut totals = Totals::from_counts(counts, latency);
+        for (code, tally) in self.counters.overflow_counts() {
+            if let Some(outcome) = Outcome::from_u8(code) {
+                *totals.overflow.entry(outcome).or_default() += tally.count;
+            }
+        }
+        totals
+    }
+
+    pub fn stat(&self, which: Stat) -> u64 {
+        self.counters.stat(which)
+    }
+
+    pub fn attached(&self) -> usize {
+        self.probes.iter().filter(|p| p.attached()).count()
+    }
+}
+
 pub struct Agent {
-    pub capture: Capture,
+    capture: Capture,
     events: Events,
     clock: Clock,
-    /// Records that could not be decoded (a version mismatch between the programs and the agent).
-    pub undecodable: u64,
+    pub shared: Arc<Shared>,
 }
 
 impl Agent {
@@ -44,28 +94,24 @@ impl Agent {
             capture.attached(),
             capture.probes.len()
         );
+        let shared = Arc::new(Shared {
+            counters: capture.counters.clone(),
+            probes: capture.probes.clone(),
+            started: SystemTime::now(),
+            events_received: AtomicU64::new(0),
+            events_undecodable: AtomicU64::new(0),
+        });
         Ok(Agent {
             capture,
             events,
             clock: Clock::new(),
-            undecodable: 0,
+            shared,
         })
     }
 
     /// The kernel's exact counts, aggregated per route.
     pub fn totals(&self) -> Totals {
-        let counts = self
-            .capture
-            .counts()
-            .into_iter()
-            .filter_map(|(key, tally)| Count::from_kernel(&key, tally.count, tally.sum_ns).ok());
-        let mut totals = Totals::from_counts(counts);
-        for (code, tally) in self.capture.overflow_counts() {
-            if let Some(outcome) = tracer_common::Outcome::from_u8(code) {
-                *totals.overflow.entry(outcome).or_default() += tally.count;
-            }
-        }
-        totals
+        self.shared.totals()
     }
 
     /// Runs until a signal (or the handler says stop), handing every failure and every tick
@@ -73,7 +119,7 @@ impl Agent {
     pub async fn run(
         &mut self,
         tick_every: Option<Duration>,
-        mut handle: impl FnMut(&Agent, Happening) -> ControlFlow<()>,
+        mut handle: impl FnMut(&Shared, Happening) -> ControlFlow<()>,
     ) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -88,22 +134,26 @@ impl Agent {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = ticker.tick(), if tick_every.is_some() => {
-                    if handle(self, Happening::Tick).is_break() {
+                    if handle(&self.shared, Happening::Tick).is_break() {
                         break;
                     }
                 }
             }
             for record in batch.drain(..) {
+                self.shared.events_received.fetch_add(1, Ordering::Relaxed);
                 let failure = record.and_then(|event| Failure::from_event(&event, &self.clock));
                 match failure {
                     Ok(failure) => {
-                        if handle(self, Happening::Failure(failure)).is_break() {
+                        if handle(&self.shared, Happening::Failure(failure)).is_break() {
                             return Ok(());
                         }
                     }
                     Err(e) => {
-                        self.undecodable += 1;
-                        if self.undecodable == 1 {
+                        let before = self
+                            .shared
+                            .events_undecodable
+                            .fetch_add(1, Ordering::Relaxed);
+                        if before == 0 {
                             tracing::warn!("undecodable failure record: {e}");
                         }
                     }
@@ -116,7 +166,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let lost = self.capture.stat(tracer_common::Stat::EventsLost);
+        let lost = self.shared.stat(Stat::EventsLost);
         let lost = if lost > 0 {
             format!("; {lost} failure events were lost (ring buffer full; the counts have them)")
         } else {

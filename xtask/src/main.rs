@@ -106,7 +106,15 @@ fn lab() -> anyhow::Result<()> {
     let tracer = build(true)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .args(["run", "--quiet", "--release", "--package", "tracer-tests", "--bin", "tracer-lab"])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "tracer-tests",
+            "--bin",
+            "tracer-lab",
+        ])
         .env("TRACER_BIN", &tracer);
     // Ctrl-C reaches the lab directly; it cleans up and exits.
     // SAFETY: ignoring SIGINT in this process only.

@@ -23,6 +23,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("setpriv", "util-linux"),
     ("nginx", "nginx"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 pub fn toolchain() -> anyhow::Result<()> {
@@ -136,11 +138,13 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// Installs the Debian packages whose commands are missing.
 pub fn packages(needed: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = needed
+    let mut missing: Vec<&str> = needed
         .iter()
         .filter(|(command, _)| !has_command(command))
         .map(|(_, package)| *package)
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

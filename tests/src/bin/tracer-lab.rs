@@ -25,7 +25,9 @@ fn main() -> ExitCode {
                 }
             });
         }
-        Err(e) => eprintln!("tracer-lab: cannot handle signals ({e}); an interrupted run is cleaned up by the next"),
+        Err(e) => eprintln!(
+            "tracer-lab: cannot handle signals ({e}); an interrupted run is cleaned up by the next"
+        ),
     }
     let report = lab::run(&lab::Matrix::standard(), &lab::Options::default());
     print!("{report}");

@@ -74,7 +74,9 @@ fn run_route(route: &Route) -> RouteLoad {
 /// One request; the response's status code.
 fn get(target: SocketAddr) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
         .ok()?;

@@ -70,12 +70,14 @@ pub const UNROUTED: &str = "10.88.9.0/24";
 impl Matrix {
     /// One upstream per failure kind, two healthy ones, and a route that retries.
     pub fn standard() -> Matrix {
-        let up = |port: u16, behaviour: Option<Behaviour>, expected: Option<&'static str>| UpstreamSpec {
-            addr: SocketAddr::from(([10, 88, 0, 2], port)),
-            behaviour,
-            syns_dropped: false,
-            expected,
-            must_fail: expected.is_some(),
+        let up = |port: u16, behaviour: Option<Behaviour>, expected: Option<&'static str>| {
+            UpstreamSpec {
+                addr: SocketAddr::from(([10, 88, 0, 2], port)),
+                behaviour,
+                syns_dropped: false,
+                expected,
+                must_fail: expected.is_some(),
+            }
         };
         let idle = |secs| Behaviour::Answer {
             idle_close: Duration::from_secs(secs),
@@ -91,16 +93,32 @@ impl Matrix {
                 addr: addr("10.88.9.1:9003"),
                 ..up(9003, None, Some("unreachable"))
             },
-            up(9004, Some(Behaviour::ResetBeforeAnswer), Some("reset_before_response")),
-            up(9005, Some(Behaviour::PartialThenReset), Some("reset_mid_response")),
-            up(9006, Some(Behaviour::CloseAfterRequest), Some("closed_before_response")),
+            up(
+                9004,
+                Some(Behaviour::ResetBeforeAnswer),
+                Some("reset_before_response"),
+            ),
+            up(
+                9005,
+                Some(Behaviour::PartialThenReset),
+                Some("reset_mid_response"),
+            ),
+            up(
+                9006,
+                Some(Behaviour::CloseAfterRequest),
+                Some("closed_before_response"),
+            ),
             up(9007, Some(Behaviour::NeverAnswer), Some("response_timeout")),
             up(9008, Some(idle(5)), None),
             // nginx may reuse a connection the upstream is closing: it logs "upstream
             // prematurely closed connection" and retries. How often is up to the race.
             UpstreamSpec {
                 must_fail: false,
-                ..up(9009, Some(Behaviour::AnswerThenClose), Some("closed_before_response"))
+                ..up(
+                    9009,
+                    Some(Behaviour::AnswerThenClose),
+                    Some("closed_before_response"),
+                )
             },
         ];
         let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
@@ -149,7 +167,15 @@ impl Topology {
         let proxy = Netns::new("lab-proxy");
         let upstream = Netns::new("lab-up");
         proxy.ip(&[
-            "link", "add", "lab-p0", "type", "veth", "peer", "name", "lab-u0", "netns",
+            "link",
+            "add",
+            "lab-p0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lab-u0",
+            "netns",
             &upstream.name,
         ]);
         proxy.ip(&["addr", "add", "10.88.0.1/24", "dev", "lab-p0"]);
@@ -222,7 +248,9 @@ fn remove_dirs(owner: impl Fn(u32) -> bool) {
 
 /// Runs the whole lab and compares tracer's report with nginx's logs.
 pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let started = Instant::now();
     clean_leftovers();
     let dir = lab_dir();

@@ -19,7 +19,13 @@ pub struct Nginx {
 impl Nginx {
     /// Writes the configuration for `routes` into `dir` and starts nginx in namespace `netns`.
     pub fn start(netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
-        for sub in ["tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"] {
+        for sub in [
+            "tmp/body",
+            "tmp/proxy",
+            "tmp/fastcgi",
+            "tmp/uwsgi",
+            "tmp/scgi",
+        ] {
             std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
         }
         let conf = dir.join("nginx.conf");
@@ -45,7 +51,11 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(10);
         let pid = self.dir.join("nginx.pid");
         while !pid.exists() {
-            assert!(Instant::now() < deadline, "nginx did not start: {}", self.error_log());
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                self.error_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // The pid file is written once the listening sockets are open; give workers a moment.
@@ -113,7 +123,11 @@ http {{
             .iter()
             .map(|u| format!("        server {u};\n"))
             .collect();
-        let keepalive = if route.keepalive { "        keepalive 16;\n" } else { "" };
+        let keepalive = if route.keepalive {
+            "        keepalive 16;\n"
+        } else {
+            ""
+        };
         let _ = write!(
             conf,
             "    upstream {name} {{\n{servers}{keepalive}    }}\n",
@@ -317,7 +331,9 @@ mod tests {
     #[test]
     fn other_connect_errors_map_by_errno() {
         assert_eq!(
-            cause_of("connect() to 10.0.0.1:80 failed (99: Cannot assign requested address) while connecting to upstream"),
+            cause_of(
+                "connect() to 10.0.0.1:80 failed (99: Cannot assign requested address) while connecting to upstream"
+            ),
             Some("no_ephemeral_port")
         );
         assert_eq!(
@@ -345,8 +361,14 @@ mod tests {
         assert_eq!(requests[0].status, 504);
         assert_eq!(requests[0].port, 8107);
         assert!((requests[0].duration - 1.002).abs() < 1e-9);
-        assert_eq!(requests[0].upstreams, vec!["10.88.0.2:9007".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            requests[0].upstreams,
+            vec!["10.88.0.2:9007".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(requests[1].upstreams.len(), 2);
-        assert_eq!(requests[2].upstreams, vec!["[fd00:88::2]:9003".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            requests[2].upstreams,
+            vec!["[fd00:88::2]:9003".parse::<SocketAddr>().unwrap()]
+        );
     }
 }

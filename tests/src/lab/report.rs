@@ -30,7 +30,11 @@ impl Cell {
     /// min/max of the two counts (1 when both are 0).
     pub fn agreement(&self) -> f64 {
         let (low, high) = (self.nginx.min(self.tracer), self.nginx.max(self.tracer));
-        if high == 0 { 1.0 } else { low as f64 / high as f64 }
+        if high == 0 {
+            1.0
+        } else {
+            low as f64 / high as f64
+        }
     }
 }
 
@@ -93,11 +97,17 @@ impl LabReport {
         let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
         for f in &logged {
             if let Some(cause) = f.cause {
-                counts.entry((f.upstream.clone(), cause.to_string())).or_default().0 += 1;
+                counts
+                    .entry((f.upstream.clone(), cause.to_string()))
+                    .or_default()
+                    .0 += 1;
             }
         }
         for f in &tracer {
-            counts.entry((f.upstream.clone(), f.cause.clone())).or_default().1 += 1;
+            counts
+                .entry((f.upstream.clone(), f.cause.clone()))
+                .or_default()
+                .1 += 1;
         }
         // Every upstream of the matrix has a row, so a healthy one shows its zeros, and an
         // expected cause that nobody reported shows as a missing row.
@@ -132,7 +142,10 @@ impl LabReport {
             unmapped: logged.into_iter().filter(|f| f.cause.is_none()).collect(),
             gateway_errors,
             unexplained,
-            requests: load.iter().map(|l| l.statuses.values().sum::<usize>() + l.errors).sum(),
+            requests: load
+                .iter()
+                .map(|l| l.statuses.values().sum::<usize>() + l.errors)
+                .sum(),
             load,
             load_time,
             total_time,
@@ -154,7 +167,9 @@ impl LabReport {
                     self.target * 100.0
                 ));
             }
-            if self.must_fail.contains(&(cell.upstream.clone(), cell.cause.clone()))
+            if self
+                .must_fail
+                .contains(&(cell.upstream.clone(), cell.cause.clone()))
                 && cell.nginx == 0
                 && cell.tracer == 0
             {
@@ -165,7 +180,10 @@ impl LabReport {
             }
         }
         for f in &self.unmapped {
-            problems.push(format!("nginx logged a failure tracer has no cause for: {} ({})", f.message, f.upstream));
+            problems.push(format!(
+                "nginx logged a failure tracer has no cause for: {} ({})",
+                f.message, f.upstream
+            ));
         }
         if !self.unexplained.is_empty() {
             problems.push(format!(
@@ -199,7 +217,11 @@ fn explain_gateway_errors(
     for request in &gateway {
         let start = request.end - request.duration - SLACK;
         let end = request.end + SLACK;
-        let upstreams: Vec<String> = request.upstreams.iter().map(SocketAddr::to_string).collect();
+        let upstreams: Vec<String> = request
+            .upstreams
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect();
         let found = tracer.iter().enumerate().find(|(i, f)| {
             !used.contains(i) && upstreams.contains(&f.upstream) && (start..=end).contains(&f.time)
         });
@@ -223,7 +245,11 @@ impl fmt::Display for LabReport {
             self.total_time.as_secs_f64()
         )?;
         writeln!(f)?;
-        writeln!(f, "{:<20} {:<24} {:>7} {:>7} {:>10}", "upstream", "cause", "nginx", "tracer", "agreement")?;
+        writeln!(
+            f,
+            "{:<20} {:<24} {:>7} {:>7} {:>10}",
+            "upstream", "cause", "nginx", "tracer", "agreement"
+        )?;
         for cell in &self.cells {
             writeln!(
                 f,
@@ -233,7 +259,11 @@ impl fmt::Display for LabReport {
                 cell.nginx,
                 cell.tracer,
                 cell.agreement() * 100.0,
-                if cell.agreement() < self.target { "  <-- below target" } else { "" }
+                if cell.agreement() < self.target {
+                    "  <-- below target"
+                } else {
+                    ""
+                }
             )?;
         }
         writeln!(f)?;
@@ -244,7 +274,11 @@ impl fmt::Display for LabReport {
                 .iter()
                 .map(|(code, n)| format!("{n}×{code}"))
                 .collect();
-            let errors = if load.errors > 0 { format!(", {} without a response", load.errors) } else { String::new() };
+            let errors = if load.errors > 0 {
+                format!(", {} without a response", load.errors)
+            } else {
+                String::new()
+            };
             writeln!(f, "  {:<24} {}{errors}", load.route, statuses.join(" "))?;
         }
         writeln!(f)?;

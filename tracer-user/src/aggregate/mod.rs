@@ -3,25 +3,23 @@
 //! The kernel counts every attempt where it is decided, so these totals stay exact whatever
 //! happens to events on the way (a full ring buffer, a slow reader).
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use tracer_common::Outcome;
+use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS};
 
-use crate::decode::Count;
+pub use crate::decode::Route;
+use crate::decode::{Count, LatencyCount};
 
-/// Who connects to what.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Route {
-    pub proxy: String,
-    pub cgroup_id: u64,
-    pub upstream: SocketAddr,
-}
+/// How many connect-latency buckets there are, the last one unbounded.
+pub const LATENCY_BUCKETS: usize = CONNECT_BUCKETS_NS.len() + 1;
 
 /// The totals for one route.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTotals {
     /// Count and summed duration per outcome.
     pub outcomes: BTreeMap<Outcome, (u64, Duration)>,
+    /// Successful connects per connect-time bucket (not cumulative).
+    pub connect_buckets: [u64; LATENCY_BUCKETS],
 }
 
 impl RouteTotals {
@@ -65,17 +63,26 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn from_counts(counts: impl IntoIterator<Item = Count>) -> Totals {
+    pub fn from_counts(
+        counts: impl IntoIterator<Item = Count>,
+        latency: impl IntoIterator<Item = LatencyCount>,
+    ) -> Totals {
         let mut totals = Totals::default();
+        for l in latency {
+            if let Some(slot) = totals
+                .routes
+                .entry(l.route)
+                .or_default()
+                .connect_buckets
+                .get_mut(l.bucket)
+            {
+                *slot += l.count;
+            }
+        }
         for c in counts {
-            let route = Route {
-                proxy: c.proxy,
-                cgroup_id: c.cgroup_id,
-                upstream: c.upstream,
-            };
             let entry = totals
                 .routes
-                .entry(route)
+                .entry(c.route)
                 .or_default()
                 .outcomes
                 .entry(c.outcome)
@@ -102,11 +109,17 @@ impl Totals {
 mod tests {
     use super::*;
 
-    fn count(upstream: &str, outcome: Outcome, n: u64) -> Count {
-        Count {
+    fn route(upstream: &str) -> Route {
+        Route {
             proxy: "nginx".into(),
             cgroup_id: 1,
             upstream: upstream.parse().unwrap(),
+        }
+    }
+
+    fn count(upstream: &str, outcome: Outcome, n: u64) -> Count {
+        Count {
+            route: route(upstream),
             outcome,
             count: n,
             total_time: Duration::from_millis(n),
@@ -115,13 +128,28 @@ mod tests {
 
     #[test]
     fn attempts_are_connect_outcomes_and_failures_include_response_phase() {
-        let totals = Totals::from_counts([
-            count("10.0.0.5:8000", Outcome::Connected, 90),
-            count("10.0.0.5:8000", Outcome::Refused, 10),
-            count("10.0.0.5:8000", Outcome::ResetMidResponse, 3),
-            count("10.0.0.5:8000", Outcome::RequestAbandoned, 2),
-            count("10.0.0.6:8000", Outcome::Connected, 50),
-        ]);
+        let latency = [
+            LatencyCount {
+                route: route("10.0.0.5:8000"),
+                bucket: 0,
+                count: 60,
+            },
+            LatencyCount {
+                route: route("10.0.0.5:8000"),
+                bucket: 3,
+                count: 30,
+            },
+        ];
+        let totals = Totals::from_counts(
+            [
+                count("10.0.0.5:8000", Outcome::Connected, 90),
+                count("10.0.0.5:8000", Outcome::Refused, 10),
+                count("10.0.0.5:8000", Outcome::ResetMidResponse, 3),
+                count("10.0.0.5:8000", Outcome::RequestAbandoned, 2),
+                count("10.0.0.6:8000", Outcome::Connected, 50),
+            ],
+            latency,
+        );
         let failing = totals.failing();
         assert_eq!(failing.len(), 1);
         let (route, t) = failing[0];
@@ -130,5 +158,8 @@ mod tests {
         assert_eq!(t.failures(), 13);
         assert_eq!(t.leading_cause(), Some(Outcome::Refused));
         assert_eq!(t.count(Outcome::Connected), 90);
+        assert_eq!(t.connect_buckets[0], 60);
+        assert_eq!(t.connect_buckets[3], 30);
+        assert_eq!(t.connect_buckets.iter().sum::<u64>(), 90);
     }
 }

@@ -9,17 +9,18 @@ pub mod btf;
 pub mod preflight;
 pub mod tracefs;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, TracePoint},
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    Config, CountKey, KernelOffsets, Stat, SyscallFields, Tally, counts::OVERFLOW_SLOTS,
+    Config, ConnTrack, CountKey, KernelOffsets, LatencyKey, Stat, SyscallFields, Tally,
+    counts::OVERFLOW_SLOTS,
 };
 
 use self::{
@@ -168,9 +169,61 @@ pub struct Capture {
     /// The tracefs used, if one was found or mounted.
     pub tracefs: Option<Tracefs>,
     events: Option<RingBuf<MapData>>,
+    /// The kernel's counters, shareable with other tasks (the metrics endpoint).
+    pub counters: Arc<Counters>,
+}
+
+/// The kernel's exact counters, read from its maps.
+pub struct Counters {
     counts: PerCpuHashMap<MapData, CountKey, Tally>,
+    latency: PerCpuHashMap<MapData, LatencyKey, u64>,
     overflow: PerCpuArray<MapData, Tally>,
     stats: PerCpuArray<MapData, u64>,
+    conns: BpfHashMap<MapData, u64, ConnTrack>,
+}
+
+impl Counters {
+    /// The exact counts per route × outcome, summed over CPUs.
+    pub fn counts(&self) -> Vec<(CountKey, Tally)> {
+        self.counts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum_tallies(per_cpu.iter())))
+            .collect()
+    }
+
+    /// Successful connects per route × connect-time bucket, summed over CPUs.
+    pub fn latency(&self) -> Vec<(LatencyKey, u64)> {
+        self.latency
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+            .collect()
+    }
+
+    /// Counts per outcome code that did not fit in the counts map.
+    pub fn overflow_counts(&self) -> Vec<(u8, Tally)> {
+        (0..OVERFLOW_SLOTS)
+            .filter_map(|slot| {
+                let per_cpu = self.overflow.get(&slot, 0).ok()?;
+                let tally = sum_tallies(per_cpu.iter());
+                (tally.count > 0).then_some((slot as u8, tally))
+            })
+            .collect()
+    }
+
+    /// A health counter, summed over CPUs.
+    pub fn stat(&self, which: Stat) -> u64 {
+        self.stats
+            .get(&(which as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// How many connections the kernel is following right now.
+    pub fn live_connections(&self) -> u64 {
+        self.conns.keys().filter(Result::is_ok).count() as u64
+    }
 }
 
 /// The offsets the programs need, from the running kernel's BTF.
@@ -255,33 +308,44 @@ impl Capture {
                 source,
             }
         })?;
-        let counts = PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?).map_err(|source| {
-            CaptureError::Map {
-                map: "COUNTS",
-                source,
-            }
-        })?;
-        let overflow =
-            PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?).map_err(|source| {
+        let counters = Counters {
+            counts: PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?).map_err(|source| {
                 CaptureError::Map {
-                    map: "OVERFLOW_COUNTS",
+                    map: "COUNTS",
                     source,
                 }
-            })?;
-        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
-            CaptureError::Map {
-                map: "STATS",
-                source,
-            }
-        })?;
+            })?,
+            latency: PerCpuHashMap::try_from(take_map(&mut ebpf, "CONNECT_LATENCY")?).map_err(
+                |source| CaptureError::Map {
+                    map: "CONNECT_LATENCY",
+                    source,
+                },
+            )?,
+            overflow: PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?).map_err(
+                |source| CaptureError::Map {
+                    map: "OVERFLOW_COUNTS",
+                    source,
+                },
+            )?,
+            stats: PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
+                CaptureError::Map {
+                    map: "STATS",
+                    source,
+                }
+            })?,
+            conns: BpfHashMap::try_from(take_map(&mut ebpf, "CONNS")?).map_err(|source| {
+                CaptureError::Map {
+                    map: "CONNS",
+                    source,
+                }
+            })?,
+        };
         Ok(Capture {
             _ebpf: ebpf,
             probes,
             tracefs,
             events: Some(events),
-            counts,
-            overflow,
-            stats,
+            counters: Arc::new(counters),
         })
     }
 
@@ -301,34 +365,6 @@ impl Capture {
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
         Ok(Events { ring })
-    }
-
-    /// The exact counts per proxy × upstream × outcome, summed over CPUs.
-    pub fn counts(&self) -> Vec<(CountKey, Tally)> {
-        self.counts
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, per_cpu)| (key, sum_tallies(per_cpu.iter())))
-            .collect()
-    }
-
-    /// Counts per outcome code that did not fit in the counts map.
-    pub fn overflow_counts(&self) -> Vec<(u8, Tally)> {
-        (0..OVERFLOW_SLOTS)
-            .filter_map(|slot| {
-                let per_cpu = self.overflow.get(&slot, 0).ok()?;
-                let tally = sum_tallies(per_cpu.iter());
-                (tally.count > 0).then_some((slot as u8, tally))
-            })
-            .collect()
-    }
-
-    /// A health counter, summed over CPUs.
-    pub fn stat(&self, which: Stat) -> u64 {
-        self.stats
-            .get(&(which as u32), 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
     }
 }
 

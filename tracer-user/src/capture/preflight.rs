@@ -16,8 +16,8 @@ const CAP_BPF: u32 = 39;
 pub enum PreflightError {
     #[error(
         "not privileged enough to load eBPF programs (effective capabilities {caps}): \
-         run tracer as root (sudo tracer …) or give it CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN \
-         (setcap cap_bpf,cap_perfmon,cap_sys_admin+ep tracer)"
+         run tracer as root (sudo tracer …) or give it CAP_BPF, CAP_PERFMON and \
+         CAP_DAC_READ_SEARCH (setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep tracer)"
     )]
     NotPrivileged { caps: String },
     #[error(

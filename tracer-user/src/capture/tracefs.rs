@@ -17,6 +17,11 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 #[derive(Debug, Error)]
 pub enum TracefsError {
     #[error(
+        "tracefs is mounted at {0} but this process cannot read it: run tracer as root or give \
+         it CAP_DAC_READ_SEARCH"
+    )]
+    Unreadable(String),
+    #[error(
         "tracefs is not mounted and mounting it at {TRACEFS} failed: {0}; \
          mount it yourself: mount -t tracefs nodev {TRACEFS}"
     )]
@@ -53,6 +58,9 @@ impl Tracefs {
                 mounted_now: false,
             });
         }
+        if let Some(mounted) = mount_points().into_iter().next() {
+            return Err(TracefsError::Unreadable(mounted));
+        }
         mount_tracefs(Path::new(TRACEFS)).map_err(TracefsError::Mount)?;
         Ok(Tracefs {
             path: PathBuf::from(TRACEFS),
@@ -88,6 +96,19 @@ impl Tracefs {
             fields: parse_format(&text),
         })
     }
+}
+
+/// Where tracefs is mounted, from /proc/self/mountinfo.
+pub fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "tracefs")
+                .then(|| left.split_whitespace().nth(4).map(str::to_string))?
+        })
+        .collect()
 }
 
 fn mount_tracefs(target: &Path) -> std::io::Result<()> {

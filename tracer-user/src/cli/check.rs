@@ -53,7 +53,7 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
         if privileged {
             "may load and attach eBPF programs".into()
         } else {
-            "run as root, or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN".into()
+            "run as root, or with CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH".into()
         },
     );
     match Btf::from_sys_fs() {

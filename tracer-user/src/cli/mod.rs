@@ -4,11 +4,14 @@ pub mod check;
 pub mod events;
 pub mod run;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{capture::Options, export::events::UpstreamMatch};
+use crate::{
+    capture::Options,
+    export::{events::UpstreamMatch, metrics::DEFAULT_MAX_UPSTREAMS},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +57,13 @@ impl CaptureArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub capture: CaptureArgs,
+    /// Where to serve /metrics (Prometheus) and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9502", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+    /// At most this many upstreams get series of their own; the others are counted under
+    /// upstream="other".
+    #[arg(long, default_value_t = DEFAULT_MAX_UPSTREAMS)]
+    pub max_upstreams: usize,
     /// How often to log a summary of failing upstreams.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub summary_every: Duration,

@@ -8,8 +8,10 @@ use std::{
 };
 
 use thiserror::Error;
+pub mod cgroup;
+
 use tracer_common::{
-    CountKey, Endpoint, FailureEvent, Outcome, Source,
+    CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, RouteKey, Source,
     conn::EndKind,
     net::{AF_INET, AF_INET6},
 };
@@ -196,13 +198,28 @@ impl Failure {
     }
 }
 
-/// One row of the kernel's exact counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Count {
-    /// The proxy's process name.
+/// Who connects to what: the proxy's process name and cgroup, and the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
     pub proxy: String,
     pub cgroup_id: u64,
     pub upstream: SocketAddr,
+}
+
+impl Route {
+    pub fn from_kernel(key: &RouteKey) -> Result<Route, DecodeError> {
+        Ok(Route {
+            proxy: comm(&key.comm),
+            cgroup_id: key.cgroup_id,
+            upstream: socket_addr(&key.upstream)?,
+        })
+    }
+}
+
+/// One row of the kernel's exact counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Count {
+    pub route: Route,
     pub outcome: Outcome,
     pub count: u64,
     pub total_time: Duration,
@@ -211,12 +228,29 @@ pub struct Count {
 impl Count {
     pub fn from_kernel(key: &CountKey, count: u64, sum_ns: u64) -> Result<Count, DecodeError> {
         Ok(Count {
-            proxy: comm(&key.comm),
-            cgroup_id: key.cgroup_id,
-            upstream: socket_addr(&key.upstream)?,
+            route: Route::from_kernel(&key.route)?,
             outcome: Outcome::from_u8(key.outcome).ok_or(DecodeError::Outcome(key.outcome))?,
             count,
             total_time: Duration::from_nanos(sum_ns),
+        })
+    }
+}
+
+/// One row of the kernel's connect-latency histogram: successful connects of a route in one
+/// bucket (`tracer_common::counts::CONNECT_BUCKETS_NS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyCount {
+    pub route: Route,
+    pub bucket: usize,
+    pub count: u64,
+}
+
+impl LatencyCount {
+    pub fn from_kernel(key: &LatencyKey, count: u64) -> Result<LatencyCount, DecodeError> {
+        Ok(LatencyCount {
+            route: Route::from_kernel(&key.route)?,
+            bucket: usize::from(key.bucket),
+            count,
         })
     }
 }

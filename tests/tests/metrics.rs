@@ -1,0 +1,284 @@
+//! `tracer run` as a Prometheus exporter: scraped by a real Prometheus server, checked by
+//! promtool, capped in cardinality, and refusing a bad --listen before attaching anything.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tracer_tests::{
+    http::{encode, free_port, get},
+    kernel_tests_enabled,
+    netns::Netns,
+    tracer_process::{Tracer, tracer_bin},
+    upstream::{Behaviour, Upstream},
+};
+
+/// `tracer run` on a free loopback port.
+fn agent(extra: &[&str]) -> (Tracer, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen = addr.to_string();
+    let mut args = vec!["run", "--listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    (Tracer::start(&args), addr)
+}
+
+fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {
+    ns.run(|| {
+        for _ in 0..n {
+            TcpStream::connect(upstream).expect_err("nothing listens");
+        }
+    });
+}
+
+/// The value of the sample `series` (name and labels as printed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A Prometheus server scraping `target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tracer\n    \
+                 static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (cargo xtask setup installs it)");
+        let prometheus = Prometheus { child, addr, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(get(addr, "/-/ready"), Ok((200, _))) {
+            assert!(Instant::now() < deadline, "prometheus did not get ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus
+    }
+
+    /// The value of an instant query with a single result, if it has one.
+    fn query(&self, promql: &str) -> Option<f64> {
+        let (status, body) = get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        )
+        .ok()?;
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = json["data"]["result"].as_array()?;
+        assert!(
+            result.len() <= 1,
+            "expected one series for {promql}: {body}"
+        );
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_sees_exactly_the_refusals_that_happened() {
+    if !kernel_tests_enabled("prometheus_sees_exactly_the_refusals_that_happened") {
+        return;
+    }
+    let (tracer, agent_addr) = agent(&[]);
+    let prometheus = Prometheus::start(agent_addr);
+    let ns = Netns::new("prom");
+    let upstream: SocketAddr = "127.77.40.1:8040".parse().unwrap();
+    let n = 25;
+    refuse(&ns, upstream, n);
+    let failures =
+        format!("sum(tracer_upstream_failures_total{{cause=\"refused\",upstream=\"{upstream}\"}})");
+    let attempts = format!("sum(tracer_upstream_connects_total{{upstream=\"{upstream}\"}})");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = prometheus.query(&failures);
+        if seen == Some(n as f64) {
+            break;
+        }
+        assert!(seen.is_none_or(|v| v < n as f64), "over-counted: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus saw {seen:?} refusals, expected {n}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(prometheus.query(&attempts), Some(n as f64));
+    assert_eq!(prometheus.query("up{job=\"tracer\"}"), Some(1.0));
+    tracer.stop();
+}
+
+#[test]
+fn a_real_scrape_passes_promtool_check_metrics() {
+    if !kernel_tests_enabled("a_real_scrape_passes_promtool_check_metrics") {
+        return;
+    }
+    let (tracer, agent_addr) = agent(&[]);
+    // Failures and successes, so every family, the histogram included, has series.
+    let ns = Netns::new("promtool");
+    let healthy = Upstream::start(
+        &ns,
+        "127.77.41.1:8041".parse().unwrap(),
+        Behaviour::Answer {
+            idle_close: Duration::from_millis(50),
+        },
+    );
+    refuse(&ns, "127.77.41.1:8042".parse().unwrap(), 3);
+    ns.run(|| {
+        for _ in 0..3 {
+            tracer_tests::client::request(healthy.addr).expect("answered");
+        }
+    });
+    let (status, scrape) = get(agent_addr, "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    let comm = tracer_tests::own_comm();
+    let connect = format!(
+        "tracer_upstream_connect_duration_seconds_count{{proxy=\"{comm}\",cgroup=\"/\",upstream=\"127.77.41.1:8041\"}}"
+    );
+    assert_eq!(sample(&scrape, &connect), Some(3.0), "{scrape}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), scrape.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}"
+    );
+    let (status, health) = get(agent_addr, "/healthz").unwrap();
+    assert_eq!((status, health.as_str()), (200, "ok\n"));
+    tracer.stop();
+}
+
+#[test]
+fn upstreams_past_the_cap_are_folded_into_other_and_still_counted() {
+    if !kernel_tests_enabled("upstreams_past_the_cap_are_folded_into_other_and_still_counted") {
+        return;
+    }
+    let (tracer, agent_addr) = agent(&["--max-upstreams", "3"]);
+    let ns = Netns::new("cap");
+    let per_upstream = 4;
+    for port in 8050..8056 {
+        refuse(
+            &ns,
+            format!("127.77.42.1:{port}").parse().unwrap(),
+            per_upstream,
+        );
+    }
+    let (_, scrape) = get(agent_addr, "/metrics").unwrap();
+    let comm = tracer_tests::own_comm();
+    let mine: Vec<&str> = scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("tracer_upstream_failures_total{")
+                && l.contains(&format!("proxy=\"{comm}\""))
+        })
+        .filter(|l| l.contains("cause=\"refused\""))
+        .collect();
+    let total: f64 = mine
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        total,
+        (6 * per_upstream) as f64,
+        "nothing lost by folding:\n{}",
+        mine.join("\n")
+    );
+    let own = mine
+        .iter()
+        .filter(|l| l.contains("upstream=\"127.77.42.1:"))
+        .count();
+    assert!(
+        own <= 3,
+        "at most 3 upstreams of their own:\n{}",
+        mine.join("\n")
+    );
+    assert!(
+        mine.iter().any(|l| l.contains("upstream=\"other\"")),
+        "{}",
+        mine.join("\n")
+    );
+    assert!(
+        sample(&scrape, "tracer_upstreams_folded").is_some_and(|v| v >= 3.0),
+        "{scrape}"
+    );
+    tracer.stop();
+}
+
+#[test]
+fn a_bad_listen_address_fails_before_any_probe_is_attached() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(tracer_bin())
+        .args(["run", "--listen", &addr])
+        .output()
+        .expect("tracer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pick one with --listen"), "{stderr}");
+    assert!(
+        !stderr.contains("probes attached"),
+        "nothing may be attached first: {stderr}"
+    );
+
+    let out = Command::new(tracer_bin())
+        .args(["run", "--listen", "localhost-ish"])
+        .output()
+        .expect("tracer");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+}
