@@ -21,16 +21,26 @@ fn lab_can_run_twice_in_a_row() {
     }
     // A small matrix, twice: the first run must leave nothing that breaks the second.
     let mut matrix = lab::Matrix::standard();
-    matrix.routes.retain(|r| r.name == "refused" || r.name == "healthy");
+    matrix
+        .routes
+        .retain(|r| r.name == "refused" || r.name == "healthy");
     for route in &mut matrix.routes {
         route.requests = 20;
     }
-    matrix.upstreams.retain(|u| [9001, 9008].contains(&u.addr.port()));
+    matrix
+        .upstreams
+        .retain(|u| [9001, 9008].contains(&u.addr.port()));
     for _ in 0..2 {
         let report = lab::run(&matrix, &lab::Options::default());
         assert!(report.passed(), "{report}");
     }
-    let leftovers = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let leftovers = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     let leftovers = String::from_utf8_lossy(&leftovers.stdout);
-    assert!(!leftovers.contains(&format!("lab-proxy-{}", std::process::id())), "{leftovers}");
+    assert!(
+        !leftovers.contains(&format!("lab-proxy-{}", std::process::id())),
+        "{leftovers}"
+    );
 }
