@@ -1,7 +1,7 @@
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
-use tracer_user::cli::{Cli, Command, check, events, run};
+use tracer_user::cli::{Cli, Command, check, events, run, top};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -18,6 +18,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Events(args) => events::events(args).await,
+        Command::Top(args) => top::top(args).await,
         Command::Check(args) => check::check(&args),
     };
     match result {

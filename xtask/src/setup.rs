@@ -25,6 +25,7 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("tmux", "tmux"),
 ];
 
 pub fn toolchain() -> anyhow::Result<()> {

@@ -132,6 +132,60 @@ pub fn explain(f: &Failure) -> String {
     }
 }
 
+/// One sentence about a route's failures over a window, for the live view's detail pane:
+/// "nginx (pid 812) → 10.0.0.5:8000: 312 connections refused in the last 60 s; nothing is
+/// listening on 10.0.0.5:8000".
+pub fn explain_route(
+    proxy: &str,
+    pid: Option<u32>,
+    upstream: &str,
+    cause: Outcome,
+    count: u64,
+    window: Duration,
+) -> String {
+    let who = match pid {
+        Some(pid) => format!("{proxy} (pid {pid}) → {upstream}"),
+        None => format!("{proxy} → {upstream}"),
+    };
+    let when = format!("in the last {} s", window.as_secs());
+    let host = upstream
+        .rsplit_once(':')
+        .map_or(upstream, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    let what = match cause {
+        Outcome::Refused => {
+            format!("{count} connections refused {when}; nothing is listening on {upstream}")
+        }
+        Outcome::ConnectTimeout => format!(
+            "{count} connects timed out {when}; SYNs go unanswered (a firewall dropping them, \
+             the host down, or its listen backlog full)"
+        ),
+        Outcome::Unreachable => format!("{count} connects failed {when}: no route to {host}"),
+        Outcome::NoEphemeralPort => format!(
+            "{count} connects failed {when}: the proxy has no local port left for this upstream"
+        ),
+        Outcome::ConnectError => format!("{count} connects failed {when}"),
+        Outcome::ResetBeforeResponse => format!(
+            "{count} connections reset by the upstream before any response {when} (a worker \
+             crashed, was killed or recycled)"
+        ),
+        Outcome::ResetMidResponse => {
+            format!("{count} connections reset by the upstream in the middle of a response {when}")
+        }
+        Outcome::ClosedBeforeResponse => {
+            format!("{count} connections closed by the upstream without a response {when}")
+        }
+        Outcome::ResponseTimeout => format!(
+            "{count} requests got no response before the proxy gave up {when} (a slow or stuck \
+             upstream)"
+        ),
+        Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => {
+            format!("{count} {} {when}", cause.name())
+        }
+    };
+    format!("{who}: {what}")
+}
+
 /// Where the failure was seen, in words.
 pub fn source_name(source: Source) -> &'static str {
     match source {
@@ -247,6 +301,33 @@ mod tests {
             },
         ));
         assert!(text.contains("(40 bytes received)"), "{text}");
+    }
+
+    #[test]
+    fn route_explanations_say_how_many_and_why() {
+        let text = explain_route(
+            "nginx",
+            Some(812),
+            "10.0.0.5:8000",
+            Outcome::Refused,
+            312,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            text,
+            "nginx (pid 812) → 10.0.0.5:8000: 312 connections refused in the last 60 s; \
+             nothing is listening on 10.0.0.5:8000"
+        );
+        let text = explain_route(
+            "haproxy",
+            None,
+            "[2001:db8::1]:443",
+            Outcome::Unreachable,
+            3,
+            Duration::from_secs(60),
+        );
+        assert!(text.ends_with("no route to 2001:db8::1"), "{text}");
+        assert!(text.starts_with("haproxy → [2001:db8::1]:443"), "{text}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod events;
 pub mod run;
+pub mod top;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -32,6 +33,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print one line per failed upstream attempt as it happens (text, or JSON with --json).
     Events(EventsArgs),
+    /// The live terminal view: failing upstreams, their causes and recent failures.
+    Top(TopArgs),
     /// Check that this host can run tracer: kernel, privileges, BTF, tracefs, every probe.
     Check(CaptureArgs),
 }
@@ -85,4 +88,17 @@ pub struct EventsArgs {
     /// Only failures toward this upstream: IP:PORT, [IPv6]:PORT, IP or :PORT (repeatable).
     #[arg(long = "upstream", value_name = "UPSTREAM")]
     pub upstreams: Vec<UpstreamMatch>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// Show what a running `tracer run` sees (its --listen address, e.g. http://127.0.0.1:9502)
+    /// instead of loading the probes here.
+    #[arg(long, value_name = "URL")]
+    pub connect: Option<String>,
+    /// How often the view refreshes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
 }

@@ -1,9 +1,11 @@
-//! `tracer run`: the agent. Serves Prometheus metrics on `--listen`, logs each failure at debug
-//! level and a summary of failing upstreams at a fixed interval.
+//! `tracer run`: the agent. Serves Prometheus metrics on `--listen`, and the JSON API the live
+//! view reads (`/api/snapshot`, `/api/events`); logs each failure at debug level and a summary of
+//! failing upstreams at a fixed interval.
 
 use std::{collections::BTreeMap, ops::ControlFlow, sync::Arc};
 
 use anyhow::Context as _;
+use tokio::{io::AsyncWriteExt as _, sync::broadcast};
 
 use super::RunArgs;
 use crate::{
@@ -11,27 +13,61 @@ use crate::{
     aggregate::Route,
     classify::explain,
     export::{
+        api::Snapshot,
+        events::json_line,
         http::{self, Handler, Response},
         metrics::Exporter,
     },
 };
+
+/// How many failures a slow `/api/events` client may fall behind before it misses some.
+const EVENT_BACKLOG: usize = 4096;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bind first: a bad address or a port in use fails before any probe is attached.
     let listener = http::bind(args.listen).await?;
     let mut agent = Agent::start(&args.capture.options()).context("starting tracer")?;
     let exporter = Arc::new(Exporter::new(agent.shared.clone(), args.max_upstreams));
-    let handler: Handler = Arc::new(move |path| match path {
-        "/metrics" => Response::Body {
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: exporter.render(),
-        },
-        "/healthz" => Response::Body {
-            content_type: "text/plain",
-            body: "ok\n".into(),
-        },
-        _ => Response::NotFound,
-    });
+    let (failures, _) = broadcast::channel::<Arc<String>>(EVENT_BACKLOG);
+    let handler: Handler = {
+        let shared = agent.shared.clone();
+        let failures = failures.clone();
+        Arc::new(move |path| match path {
+            "/metrics" => Response::Body {
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: exporter.render(),
+            },
+            "/healthz" => Response::Body {
+                content_type: "text/plain",
+                body: "ok\n".into(),
+            },
+            "/api/snapshot" => Response::Body {
+                content_type: "application/json",
+                body: serde_json::to_string(&Snapshot::capture(&shared)).unwrap_or_default(),
+            },
+            "/api/events" => {
+                let mut receiver = failures.subscribe();
+                Response::Stream {
+                    content_type: "application/x-ndjson",
+                    write: Box::new(move |mut stream| {
+                        Box::pin(async move {
+                            loop {
+                                let line = match receiver.recv().await {
+                                    Ok(line) => line,
+                                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                                    Err(broadcast::error::RecvError::Closed) => return,
+                                };
+                                if stream.write_all(line.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        })
+                    }),
+                }
+            }
+            _ => Response::NotFound,
+        })
+    };
     let server = tokio::spawn(http::serve(listener, handler));
     eprintln!("tracer: serving http://{}/metrics", args.listen);
 
@@ -40,7 +76,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let result = agent
         .run(Some(args.summary_every), |shared, happening| {
             match happening {
-                Happening::Failure(failure) => tracing::debug!("{}", explain(&failure)),
+                Happening::Failure(failure) => {
+                    tracing::debug!("{}", explain(&failure));
+                    if failures.receiver_count() > 0 {
+                        let _ = failures.send(Arc::new(format!("{}\n", json_line(&failure))));
+                    }
+                }
                 Happening::Tick => {
                     let totals = shared.totals();
                     for (route, t) in totals.failing() {

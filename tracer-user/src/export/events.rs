@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     classify::{errno_name, explain, source_name},
@@ -73,8 +73,8 @@ impl EventFilter {
     }
 }
 
-/// The JSON form of a failure (one object per line).
-#[derive(Debug, Serialize)]
+/// The JSON form of a failure (one object per line): `tracer events --json`, `/api/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub time: String,
     pub pid: u32,
@@ -83,9 +83,9 @@ pub struct EventRecord {
     pub cgroup_id: u64,
     pub upstream: String,
     pub local: Option<String>,
-    pub cause: &'static str,
+    pub cause: String,
     pub errno: i32,
-    pub errno_name: Option<&'static str>,
+    pub errno_name: Option<String>,
     pub connect_ms: Option<f64>,
     pub syn_retransmits: u16,
     pub retransmits: u16,
@@ -93,9 +93,9 @@ pub struct EventRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub waited_ms: f64,
-    pub ended_by: &'static str,
+    pub ended_by: String,
     pub reset_received: bool,
-    pub seen_at: &'static str,
+    pub seen_at: String,
     pub explanation: String,
 }
 
@@ -114,9 +114,9 @@ impl From<&Failure> for EventRecord {
             cgroup_id: f.proxy.cgroup_id,
             upstream: f.upstream.to_string(),
             local: f.local.map(|l| l.to_string()),
-            cause: f.cause.name(),
+            cause: f.cause.name().to_string(),
             errno: e.errno,
-            errno_name: errno_name(e.errno),
+            errno_name: errno_name(e.errno).map(str::to_string),
             connect_ms: e.connect_time.map(millis),
             syn_retransmits: e.syn_retransmits,
             retransmits: e.retransmits,
@@ -124,9 +124,9 @@ impl From<&Failure> for EventRecord {
             bytes_sent: e.bytes_sent,
             bytes_received: e.bytes_received,
             waited_ms: millis(e.waited),
-            ended_by: e.ended_by.name(),
+            ended_by: e.ended_by.name().to_string(),
             reset_received: e.reset_received,
-            seen_at: source_name(e.source),
+            seen_at: source_name(e.source).to_string(),
             explanation: explain(f),
         }
     }
@@ -145,7 +145,7 @@ pub fn text_line(f: &Failure) -> String {
         "{}  {}[{}]  {}  {}  waited={}ms",
         r.time, r.comm, r.pid, r.upstream, r.cause, r.waited_ms
     );
-    if let Some(name) = r.errno_name {
+    if let Some(name) = &r.errno_name {
         line.push_str(&format!(" errno={name}"));
     } else if r.errno != 0 {
         line.push_str(&format!(" errno={}", r.errno));

@@ -33,7 +33,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
 }
 
 /// Writes a streamed body to the client's connection until it is done or the client leaves.
-pub type StreamWriter = Box<dyn FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+pub type StreamWriter =
+    Box<dyn FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// What a handler answers.
 pub enum Response {
@@ -140,6 +141,64 @@ async fn write_simple(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Where `--connect` points: `http://host:port` (the path is ignored).
+pub async fn resolve(url: &str) -> Result<SocketAddr, String> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("cannot resolve {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to no address"))
+}
+
+/// GET `path` from the agent at `addr`: the body of a 200 response.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = request(addr, path).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or_default();
+        return Err(std::io::Error::other(format!("GET {path}: {status}")));
+    }
+    Ok(body.to_string())
+}
+
+/// Opens a streamed GET of `path` and returns the connection, positioned after the headers.
+pub async fn get_stream(
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<tokio::io::BufReader<TcpStream>> {
+    use tokio::io::AsyncBufReadExt as _;
+    let stream = request(addr, path).await?;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    if !line.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "GET {path}: {}",
+            line.trim()
+        )));
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
+            return Ok(reader);
+        }
+    }
+}
+
+async fn request(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other(format!("connecting to {addr} timed out")))??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    Ok(stream)
 }
 
 #[cfg(test)]

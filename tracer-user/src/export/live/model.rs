@@ -1,0 +1,726 @@
+//! The live view's state: the rows it shows, computed from successive snapshots of the kernel's
+//! cumulative counts and from the failure stream, and what each key does. No terminal here: the
+//! view renders this, the tests drive it.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::{Duration, SystemTime},
+};
+
+use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS};
+
+use crate::export::{
+    api::{Health, RouteSnapshot, Snapshot},
+    events::EventRecord,
+};
+
+/// The window the view's counts, causes and trends cover.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// The window attempts/s and failures/s are averaged over (steadier than per refresh).
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How many recent failures are kept.
+pub const RECENT_MAX: usize = 500;
+
+/// The failure causes, in the order `c` cycles through them.
+pub const CAUSES: [Outcome; 9] = [
+    Outcome::Refused,
+    Outcome::ConnectTimeout,
+    Outcome::Unreachable,
+    Outcome::ResetBeforeResponse,
+    Outcome::ResetMidResponse,
+    Outcome::ClosedBeforeResponse,
+    Outcome::ResponseTimeout,
+    Outcome::NoEphemeralPort,
+    Outcome::ConnectError,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    FailureRate,
+    FailureRatio,
+    AttemptRate,
+    Upstream,
+}
+
+impl SortKey {
+    pub fn next(self) -> SortKey {
+        match self {
+            SortKey::FailureRate => SortKey::FailureRatio,
+            SortKey::FailureRatio => SortKey::AttemptRate,
+            SortKey::AttemptRate => SortKey::Upstream,
+            SortKey::Upstream => SortKey::FailureRate,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SortKey::FailureRate => "failures/s",
+            SortKey::FailureRatio => "failure %",
+            SortKey::AttemptRate => "attempts/s",
+            SortKey::Upstream => "upstream",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Typing a filter; the text so far.
+    Filter(String),
+    Help,
+}
+
+/// A key press, as the view understands it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    Up,
+    Down,
+    Enter,
+    Esc,
+    Backspace,
+    Char(char),
+    CtrlC,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Quit,
+}
+
+/// A route: who connects to what.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteId {
+    pub proxy: String,
+    pub cgroup_id: u64,
+    pub upstream: String,
+}
+
+impl RouteId {
+    fn of(route: &RouteSnapshot) -> RouteId {
+        RouteId {
+            proxy: route.proxy.clone(),
+            cgroup_id: route.cgroup_id,
+            upstream: route.upstream.clone(),
+        }
+    }
+}
+
+/// One row of the table, and the detail pane's content for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteRow {
+    pub id: RouteId,
+    /// The process id of the last failure's proxy, when one was seen.
+    pub pid: Option<u32>,
+    pub attempts_per_s: f64,
+    pub failures_per_s: f64,
+    /// Per outcome, in the window and since tracer started.
+    pub window: BTreeMap<Outcome, u64>,
+    pub total: BTreeMap<Outcome, u64>,
+    /// The failure cause with the most failures in the window.
+    pub leading_cause: Option<Outcome>,
+    pub last_failure: Option<SystemTime>,
+    /// Failures per refresh over the window, oldest first.
+    pub trend: Vec<u64>,
+    pub connect_p50: Option<Duration>,
+    pub connect_p99: Option<Duration>,
+}
+
+impl RouteRow {
+    pub fn window_attempts(&self) -> u64 {
+        self.window
+            .iter()
+            .filter(|(o, _)| o.is_connect_outcome())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub fn window_failures(&self) -> u64 {
+        self.window
+            .iter()
+            .filter(|(o, _)| o.is_failure())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Failures over attempts in the window.
+    pub fn failure_ratio(&self) -> Option<f64> {
+        let attempts = self.window_attempts();
+        (attempts > 0).then(|| self.window_failures() as f64 / attempts as f64)
+    }
+
+    pub fn failing(&self) -> bool {
+        self.window_failures() > 0
+    }
+}
+
+/// The live view's whole state.
+pub struct App {
+    history: VecDeque<Snapshot>,
+    rows: Vec<RouteRow>,
+    recent: VecDeque<EventRecord>,
+    /// Events that came while paused, shown on resume.
+    held: VecDeque<EventRecord>,
+    last_failure: HashMap<RouteId, (SystemTime, u32)>,
+    pub health: Health,
+    pub now: SystemTime,
+    pub selected: usize,
+    pub sort: SortKey,
+    pub filter: String,
+    pub cause_filter: Option<Outcome>,
+    pub paused: bool,
+    pub mode: Mode,
+    /// Where the data comes from: "local" or the agent's URL.
+    pub source: String,
+    /// Failure events the view had to drop to keep up.
+    pub events_dropped: u64,
+    /// What went wrong getting data (an agent that stopped answering), shown in the header.
+    pub problem: Option<String>,
+}
+
+impl App {
+    pub fn new(source: &str) -> App {
+        App {
+            history: VecDeque::new(),
+            rows: Vec::new(),
+            recent: VecDeque::new(),
+            held: VecDeque::new(),
+            last_failure: HashMap::new(),
+            health: Health::default(),
+            now: SystemTime::now(),
+            selected: 0,
+            sort: SortKey::FailureRate,
+            filter: String::new(),
+            cause_filter: None,
+            paused: false,
+            mode: Mode::Normal,
+            source: source.to_string(),
+            events_dropped: 0,
+            problem: None,
+        }
+    }
+
+    /// A new snapshot of the cumulative counts.
+    pub fn on_snapshot(&mut self, snapshot: Snapshot) {
+        let time = |s: &Snapshot| Duration::from_millis(s.time_ms);
+        let newest = time(&snapshot);
+        // Keep one snapshot older than the window, so the window is covered whole.
+        while self.history.len() >= 2 && newest.saturating_sub(time(&self.history[1])) >= WINDOW {
+            self.history.pop_front();
+        }
+        self.history.push_back(snapshot);
+        if !self.paused {
+            self.refresh();
+        }
+    }
+
+    /// A failure from the stream.
+    pub fn on_event(&mut self, event: EventRecord) {
+        if self.paused {
+            self.held.push_front(event);
+            self.held.truncate(RECENT_MAX);
+            return;
+        }
+        self.record(event);
+    }
+
+    fn record(&mut self, event: EventRecord) {
+        let id = RouteId {
+            proxy: event.comm.clone(),
+            cgroup_id: event.cgroup_id,
+            upstream: event.upstream.clone(),
+        };
+        if let Ok(time) = humantime::parse_rfc3339(&event.time) {
+            if let Some(row) = self.rows.iter_mut().find(|r| r.id == id) {
+                row.last_failure = Some(time);
+                row.pid = Some(event.pid);
+            }
+            self.last_failure.insert(id, (time, event.pid));
+        }
+        self.recent.push_front(event);
+        self.recent.truncate(RECENT_MAX);
+    }
+
+    /// Recomputes the rows from the snapshots.
+    fn refresh(&mut self) {
+        let Some(latest) = self.history.back() else {
+            return;
+        };
+        self.now = SystemTime::UNIX_EPOCH + Duration::from_millis(latest.time_ms);
+        self.health = latest.health.clone();
+        let by_id: Vec<HashMap<RouteId, &RouteSnapshot>> = self
+            .history
+            .iter()
+            .map(|s| s.routes.iter().map(|r| (RouteId::of(r), r)).collect())
+            .collect();
+        // The rates compare with the newest snapshot at least RATE_WINDOW old (or the oldest).
+        let rate_base = self
+            .history
+            .iter()
+            .rposition(|s| {
+                latest.time_ms.saturating_sub(s.time_ms) >= RATE_WINDOW.as_millis() as u64
+            })
+            .unwrap_or(0);
+        let previous =
+            (self.history.len() > 1).then(|| (&self.history[rate_base], &by_id[rate_base]));
+        let oldest = (&self.history[0], &by_id[0]);
+        let mut rows = Vec::with_capacity(latest.routes.len());
+        for route in &latest.routes {
+            let id = RouteId::of(route);
+            let (attempts_per_s, failures_per_s) = match previous {
+                Some((snapshot, routes)) => {
+                    let seconds = latest.time_ms.saturating_sub(snapshot.time_ms) as f64 / 1000.0;
+                    let before = routes.get(&id);
+                    let attempts =
+                        route.attempts() - before.map_or(0, |b| b.attempts().min(route.attempts()));
+                    let failures =
+                        route.failures() - before.map_or(0, |b| b.failures().min(route.failures()));
+                    if seconds > 0.0 {
+                        (attempts as f64 / seconds, failures as f64 / seconds)
+                    } else {
+                        (0.0, 0.0)
+                    }
+                }
+                None => (0.0, 0.0),
+            };
+            let base = if self.history.len() > 1 {
+                oldest.1.get(&id).copied()
+            } else {
+                None
+            };
+            let window: BTreeMap<Outcome, u64> = Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        *o,
+                        route
+                            .count(*o)
+                            .saturating_sub(base.map_or(0, |b| b.count(*o))),
+                    )
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let total: BTreeMap<Outcome, u64> = Outcome::ALL
+                .iter()
+                .map(|o| (*o, route.count(*o)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let leading_cause = window
+                .iter()
+                .filter(|(o, _)| o.is_failure())
+                .max_by_key(|(_, n)| **n)
+                .map(|(o, _)| *o);
+            let trend = by_id
+                .windows(2)
+                .map(|pair| {
+                    let after = pair[1].get(&id).map_or(0, |r| r.failures());
+                    let before = pair[0].get(&id).map_or(0, |r| r.failures());
+                    after.saturating_sub(before)
+                })
+                .collect();
+            let mut buckets = route.connect_buckets.clone();
+            if let Some(base) = base {
+                for (slot, before) in buckets.iter_mut().zip(&base.connect_buckets) {
+                    *slot = slot.saturating_sub(*before);
+                }
+            }
+            if buckets.iter().all(|n| *n == 0) {
+                buckets = route.connect_buckets.clone();
+            }
+            let last = self.last_failure.get(&id);
+            rows.push(RouteRow {
+                pid: last.map(|(_, pid)| *pid),
+                last_failure: last.map(|(time, _)| *time),
+                id,
+                attempts_per_s,
+                failures_per_s,
+                window,
+                total,
+                leading_cause,
+                trend,
+                connect_p50: percentile(&buckets, 0.5),
+                connect_p99: percentile(&buckets, 0.99),
+            });
+        }
+        self.rows = rows;
+        self.sort_rows();
+        self.clamp_selection();
+    }
+
+    fn sort_rows(&mut self) {
+        let key = self.sort;
+        self.rows.sort_by(|a, b| {
+            let by = match key {
+                SortKey::FailureRate => b.failures_per_s.total_cmp(&a.failures_per_s),
+                SortKey::FailureRatio => b
+                    .failure_ratio()
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.failure_ratio().unwrap_or(0.0)),
+                SortKey::AttemptRate => b.attempts_per_s.total_cmp(&a.attempts_per_s),
+                SortKey::Upstream => a.id.upstream.cmp(&b.id.upstream),
+            };
+            // Ties: failing first, then by failures in the window, then by name.
+            by.then(b.window_failures().cmp(&a.window_failures()))
+                .then(a.id.cmp(&b.id))
+        });
+    }
+
+    fn matches(&self, proxy: &str, upstream: &str, has_cause: impl Fn(Outcome) -> bool) -> bool {
+        let text = self.filter.to_lowercase();
+        (text.is_empty()
+            || proxy.to_lowercase().contains(&text)
+            || upstream.to_lowercase().contains(&text))
+            && self.cause_filter.is_none_or(has_cause)
+    }
+
+    /// The rows shown, in order.
+    pub fn visible_rows(&self) -> Vec<&RouteRow> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                self.matches(&r.id.proxy, &r.id.upstream, |c| {
+                    r.window.contains_key(&c) || r.total.contains_key(&c)
+                })
+            })
+            .collect()
+    }
+
+    /// Every row, visible or not.
+    pub fn all_rows(&self) -> &[RouteRow] {
+        &self.rows
+    }
+
+    pub fn selected_row(&self) -> Option<&RouteRow> {
+        self.visible_rows().get(self.selected).copied()
+    }
+
+    /// The recent failures shown, newest first.
+    pub fn visible_recent(&self) -> impl Iterator<Item = &EventRecord> {
+        self.recent
+            .iter()
+            .filter(|e| self.matches(&e.comm, &e.upstream, |c| c.name() == e.cause))
+    }
+
+    fn clamp_selection(&mut self) {
+        let n = self.visible_rows().len();
+        self.selected = self.selected.min(n.saturating_sub(1));
+    }
+
+    pub fn on_key(&mut self, key: Key) -> Action {
+        match (&mut self.mode, key) {
+            (_, Key::CtrlC) => return Action::Quit,
+            (Mode::Filter(text), Key::Char(c)) => text.push(c),
+            (Mode::Filter(text), Key::Backspace) => {
+                text.pop();
+            }
+            (Mode::Filter(text), Key::Enter) => {
+                self.filter = std::mem::take(text);
+                self.mode = Mode::Normal;
+                self.selected = 0;
+            }
+            (Mode::Filter(_), Key::Esc) => self.mode = Mode::Normal,
+            (Mode::Filter(_), _) => {}
+            (Mode::Help, Key::Char('q')) => return Action::Quit,
+            (Mode::Help, _) => self.mode = Mode::Normal,
+            (Mode::Normal, Key::Char('q') | Key::Esc) => return Action::Quit,
+            (Mode::Normal, Key::Up | Key::Char('k')) => {
+                self.selected = self.selected.saturating_sub(1)
+            }
+            (Mode::Normal, Key::Down | Key::Char('j')) => self.selected += 1,
+            (Mode::Normal, Key::Char('s')) => {
+                self.sort = self.sort.next();
+                self.sort_rows();
+            }
+            (Mode::Normal, Key::Char('/')) => self.mode = Mode::Filter(self.filter.clone()),
+            (Mode::Normal, Key::Char('c')) => {
+                self.cause_filter = match self.cause_filter {
+                    None => Some(CAUSES[0]),
+                    Some(cause) => CAUSES
+                        .iter()
+                        .position(|c| *c == cause)
+                        .and_then(|i| CAUSES.get(i + 1))
+                        .copied(),
+                };
+                self.selected = 0;
+            }
+            (Mode::Normal, Key::Char('p')) => {
+                self.paused = !self.paused;
+                if !self.paused {
+                    while let Some(event) = self.held.pop_back() {
+                        self.record(event);
+                    }
+                    self.refresh();
+                }
+            }
+            (Mode::Normal, Key::Char('?')) => self.mode = Mode::Help,
+            (Mode::Normal, _) => {}
+        }
+        self.clamp_selection();
+        Action::Continue
+    }
+}
+
+/// A quantile of a connect-time histogram (per-bucket counts), as the bucket's upper bound.
+pub fn percentile(buckets: &[u64], q: f64) -> Option<Duration> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            let bound = CONNECT_BUCKETS_NS
+                .get(i)
+                .or(CONNECT_BUCKETS_NS.last())
+                .copied()
+                .unwrap_or(0);
+            return Some(Duration::from_nanos(bound));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn route(upstream: &str, outcomes: &[(Outcome, u64)]) -> RouteSnapshot {
+        RouteSnapshot {
+            proxy: "nginx".into(),
+            cgroup_id: 1,
+            upstream: upstream.into(),
+            outcomes: outcomes
+                .iter()
+                .map(|(o, n)| (o.name().to_string(), *n))
+                .collect(),
+            connect_buckets: vec![0; CONNECT_BUCKETS_NS.len() + 1],
+            connect_seconds: 0.0,
+        }
+    }
+
+    pub fn snapshot(at_s: u64, routes: Vec<RouteSnapshot>) -> Snapshot {
+        Snapshot {
+            time_ms: 1_763_769_600_000 + at_s * 1000,
+            routes,
+            health: Health {
+                probes_attached: 6,
+                probes_total: 6,
+                ..Health::default()
+            },
+        }
+    }
+
+    pub fn event(upstream: &str, cause: &str, pid: u32) -> EventRecord {
+        EventRecord {
+            time: "2025-11-22T00:00:10.000Z".into(),
+            pid,
+            tid: pid,
+            comm: "nginx".into(),
+            cgroup_id: 1,
+            upstream: upstream.into(),
+            local: None,
+            cause: cause.into(),
+            errno: 111,
+            errno_name: Some("ECONNREFUSED".into()),
+            connect_ms: None,
+            syn_retransmits: 0,
+            retransmits: 0,
+            requests: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            waited_ms: 0.1,
+            ended_by: "upstream_reset".into(),
+            reset_received: true,
+            seen_at: "socket_closed".into(),
+            explanation: String::new(),
+        }
+    }
+
+    /// nginx → 10.0.0.5 refused 10/s; → 10.0.0.6 healthy at 50/s.
+    pub fn busy_app() -> App {
+        let mut app = App::new("local");
+        for t in 0..=10u64 {
+            app.on_snapshot(snapshot(
+                t,
+                vec![
+                    route("10.0.0.6:8000", &[(Outcome::Connected, 50 * t)]),
+                    route(
+                        "10.0.0.5:8000",
+                        &[(Outcome::Refused, 10 * t), (Outcome::Connected, 5)],
+                    ),
+                ],
+            ));
+        }
+        app.on_event(event("10.0.0.5:8000", "refused", 812));
+        app
+    }
+
+    #[test]
+    fn rates_windows_and_trends_come_from_successive_snapshots() {
+        let app = busy_app();
+        let rows = app.visible_rows();
+        assert_eq!(rows.len(), 2);
+        let failing = rows[0];
+        assert_eq!(
+            failing.id.upstream, "10.0.0.5:8000",
+            "the failing upstream sorts first"
+        );
+        assert_eq!(failing.failures_per_s, 10.0);
+        assert_eq!(failing.window[&Outcome::Refused], 100);
+        assert_eq!(failing.total[&Outcome::Refused], 100);
+        assert_eq!(failing.leading_cause, Some(Outcome::Refused));
+        assert_eq!(failing.trend, vec![10; 10]);
+        assert_eq!(failing.pid, Some(812));
+        assert!(failing.last_failure.is_some());
+        let healthy = rows[1];
+        assert_eq!(healthy.attempts_per_s, 50.0);
+        assert!(!healthy.failing());
+        assert_eq!(healthy.failure_ratio(), Some(0.0));
+    }
+
+    #[test]
+    fn a_burst_shows_in_the_rates_for_ten_seconds() {
+        let mut app = App::new("local");
+        app.on_snapshot(snapshot(
+            0,
+            vec![route("10.0.0.5:8000", &[(Outcome::Refused, 0)])],
+        ));
+        app.on_snapshot(snapshot(
+            1,
+            vec![route("10.0.0.5:8000", &[(Outcome::Refused, 50)])],
+        ));
+        for t in 2..=5 {
+            app.on_snapshot(snapshot(
+                t,
+                vec![route("10.0.0.5:8000", &[(Outcome::Refused, 50)])],
+            ));
+        }
+        assert_eq!(
+            app.visible_rows()[0].failures_per_s,
+            10.0,
+            "50 over the 5 s seen so far"
+        );
+        for t in 6..=11 {
+            app.on_snapshot(snapshot(
+                t,
+                vec![route("10.0.0.5:8000", &[(Outcome::Refused, 50)])],
+            ));
+        }
+        assert_eq!(
+            app.visible_rows()[0].failures_per_s,
+            0.0,
+            "10 s later the burst is over"
+        );
+    }
+
+    #[test]
+    fn the_window_forgets_what_is_older_than_a_minute() {
+        let mut app = App::new("local");
+        app.on_snapshot(snapshot(
+            0,
+            vec![route("10.0.0.5:8000", &[(Outcome::Refused, 0)])],
+        ));
+        app.on_snapshot(snapshot(
+            10,
+            vec![route("10.0.0.5:8000", &[(Outcome::Refused, 30)])],
+        ));
+        for t in (20..=130).step_by(10) {
+            app.on_snapshot(snapshot(
+                t,
+                vec![route("10.0.0.5:8000", &[(Outcome::Refused, 30)])],
+            ));
+        }
+        let row = &app.visible_rows()[0];
+        assert!(
+            row.window.is_empty(),
+            "old refusals left the window: {:?}",
+            row.window
+        );
+        assert_eq!(row.total[&Outcome::Refused], 30);
+        assert_eq!(row.leading_cause, None);
+        assert!(!row.failing());
+    }
+
+    #[test]
+    fn keys_select_sort_filter_pause_and_quit() {
+        let mut app = busy_app();
+        assert_eq!(app.selected_row().unwrap().id.upstream, "10.0.0.5:8000");
+        app.on_key(Key::Down);
+        app.on_key(Key::Down);
+        assert_eq!(app.selected, 1, "selection stops at the last row");
+        app.on_key(Key::Char('s'));
+        assert_eq!(app.sort, SortKey::FailureRatio);
+        app.on_key(Key::Char('s'));
+        assert_eq!(app.sort, SortKey::AttemptRate);
+        assert_eq!(app.visible_rows()[0].id.upstream, "10.0.0.6:8000");
+
+        app.on_key(Key::Char('/'));
+        for c in "0.0.6".chars() {
+            app.on_key(Key::Char(c));
+        }
+        assert_eq!(app.mode, Mode::Filter("0.0.6".into()));
+        assert_eq!(
+            app.on_key(Key::Char('q')),
+            Action::Continue,
+            "q is text while filtering"
+        );
+        app.on_key(Key::Backspace);
+        app.on_key(Key::Enter);
+        assert_eq!(app.filter, "0.0.6");
+        assert_eq!(app.visible_rows().len(), 1);
+        app.on_key(Key::Char('/'));
+        app.on_key(Key::Backspace);
+        app.on_key(Key::Esc);
+        assert_eq!(app.filter, "0.0.6", "Esc leaves the filter as it was");
+
+        app.filter.clear();
+        app.on_key(Key::Char('c'));
+        assert_eq!(app.cause_filter, Some(Outcome::Refused));
+        assert_eq!(app.visible_rows().len(), 1);
+        assert_eq!(app.visible_recent().count(), 1);
+        app.on_key(Key::Char('c'));
+        assert_eq!(app.cause_filter, Some(Outcome::ConnectTimeout));
+        assert_eq!(app.visible_rows().len(), 0);
+        assert_eq!(app.visible_recent().count(), 0);
+        for _ in 0..CAUSES.len() - 1 {
+            app.on_key(Key::Char('c'));
+        }
+        assert_eq!(app.cause_filter, None, "c cycles back to every cause");
+
+        app.on_key(Key::Char('p'));
+        app.on_event(event("10.0.0.7:8000", "refused", 900));
+        assert_eq!(
+            app.visible_recent().count(),
+            1,
+            "nothing moves while paused"
+        );
+        app.on_key(Key::Char('p'));
+        assert_eq!(
+            app.visible_recent().count(),
+            2,
+            "held events show on resume"
+        );
+
+        app.on_key(Key::Char('?'));
+        assert_eq!(app.mode, Mode::Help);
+        assert_eq!(app.on_key(Key::Char('x')), Action::Continue);
+        assert_eq!(app.mode, Mode::Normal);
+        assert_eq!(app.on_key(Key::Char('q')), Action::Quit);
+        assert_eq!(app.on_key(Key::Esc), Action::Quit);
+        assert_eq!(app.on_key(Key::CtrlC), Action::Quit);
+    }
+
+    #[test]
+    fn percentiles_come_from_bucket_bounds() {
+        let mut buckets = vec![0u64; CONNECT_BUCKETS_NS.len() + 1];
+        assert_eq!(percentile(&buckets, 0.5), None);
+        buckets[0] = 98;
+        buckets[3] = 1;
+        buckets[CONNECT_BUCKETS_NS.len()] = 1;
+        assert_eq!(percentile(&buckets, 0.5), Some(Duration::from_micros(100)));
+        assert_eq!(percentile(&buckets, 0.99), Some(Duration::from_millis(1)));
+        assert_eq!(percentile(&buckets, 1.0), Some(Duration::from_secs(5)));
+    }
+}
