@@ -16,6 +16,9 @@ pub struct KernelOffsets {
     pub skc_rcv_saddr: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_num`: the bound local port, host order (set before listen() goes
+    /// CLOSE→LISTEN; zero again by the time a socket goes to CLOSE).
+    pub skc_num: u32,
     /// `struct inet_sock.inet_sport`: the local port, big-endian. (`skc_num` is already zero
     /// when the CLOSE transition is traced: the port was released just before.)
     pub inet_sport: u32,
@@ -38,6 +41,17 @@ pub struct KernelOffsets {
     pub fdtable_max_fds: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    /// `sock_common.skc_net.net` (the socket's `struct net *`) and `net.ns.inum`.
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
+    /// `task_struct` members for a dying listener's owner.
+    pub task_flags: u32,
+    pub task_exit_code: u32,
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    /// `task_struct.nsproxy` and `nsproxy.net_ns`: a task's network namespace.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 /// Offsets of the fields of the classic syscall tracepoints, from their tracefs format files.
@@ -52,12 +66,29 @@ pub struct SyscallFields {
     pub connect_ret: u32,
 }
 
+/// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
+/// [`OomFields::MISSING`] for a field this kernel's version lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomFields {
+    pub pid: u32,
+    /// A `__data_loc char[]`: a u32 whose low half is the string's offset in the record.
+    pub comm: u32,
+    pub anon_rss: u32,
+    pub total_vm: u32,
+}
+
+impl OomFields {
+    pub const MISSING: u32 = u32::MAX;
+}
+
 /// The global `CONFIG` of the kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub offsets: KernelOffsets,
     pub syscalls: SyscallFields,
+    pub oom: OomFields,
     /// A proxy that closes a connection sooner than this after starting to connect, or after
     /// sending its last request, abandoned it (its client left) rather than timed out.
     pub min_wait_ns: u64,
@@ -81,6 +112,7 @@ impl Config {
             skc_rcv_saddr: 0,
             skc_v6_daddr: 0,
             skc_v6_rcv_saddr: 0,
+            skc_num: 0,
             inet_sport: 0,
             sk_protocol: 0,
             sk_err: 0,
@@ -94,12 +126,26 @@ impl Config {
             fdtable_max_fds: 0,
             file_private_data: 0,
             socket_sk: 0,
+            skc_net: 0,
+            net_ns_inum: 0,
+            task_flags: 0,
+            task_exit_code: 0,
+            task_tgid: 0,
+            task_pid: 0,
+            task_nsproxy: 0,
+            nsproxy_net_ns: 0,
         },
         syscalls: SyscallFields {
             connect_fd: 0,
             connect_uservaddr: 0,
             connect_addrlen: 0,
             connect_ret: 0,
+        },
+        oom: OomFields {
+            pid: OomFields::MISSING,
+            comm: OomFields::MISSING,
+            anon_rss: OomFields::MISSING,
+            total_vm: OomFields::MISSING,
         },
         min_wait_ns: Config::DEFAULT_MIN_WAIT_NS,
         ready: 0,

@@ -56,6 +56,9 @@ pub struct Proxy {
     pub pid: u32,
     /// The process's name (its main thread's comm), NUL-padded.
     pub comm: [u8; 16],
+    /// The network namespace of the socket (its inode number), to tell loopbacks apart.
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// What ended the connection first.
@@ -398,6 +401,8 @@ mod tests {
             tgid: 812,
             pid: 812,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+            netns: 4026531840,
+            _pad: 0,
         };
         ConnTrack::connecting(
             proxy,

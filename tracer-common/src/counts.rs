@@ -82,6 +82,10 @@ pub const CONNS_MAX_ENTRIES: u32 = 65_536;
 pub const CONNECTS_MAX_ENTRIES: u32 = 16_384;
 /// Size of the failure-event ring buffer in bytes.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// Size of the lifecycle ring buffer (listeners, OOM kills, exits) in bytes.
+pub const LIFECYCLE_RING_BYTES: u32 = 1 << 16;
+/// Size of `LISTENER_OWNERS` (processes that own listeners, whose exits are reported).
+pub const LISTENER_OWNERS_MAX_ENTRIES: u32 = 16_384;
 /// Entries of `OVERFLOW_COUNTS`, indexed by outcome code.
 pub const OVERFLOW_SLOTS: u32 = 16;
 
@@ -105,11 +109,13 @@ pub enum Stat {
     ConnsClosed = 6,
     /// Connect latencies not recorded because `CONNECT_LATENCY` was full.
     LatencyOverflowed = 7,
+    /// Lifecycle records (listeners, OOM kills, exits) lost because their ring buffer was full.
+    LifecycleLost = 8,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 8;
-    pub const ALL: [Stat; 8] = [
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Stat; 9] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -118,6 +124,7 @@ impl Stat {
         Stat::ConnectsUntracked,
         Stat::ConnsClosed,
         Stat::LatencyOverflowed,
+        Stat::LifecycleLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -130,6 +137,7 @@ impl Stat {
             Stat::ConnectsUntracked => "connects_untracked",
             Stat::ConnsClosed => "connections_closed",
             Stat::LatencyOverflowed => "latency_overflowed",
+            Stat::LifecycleLost => "lifecycle_lost",
         }
     }
 }

@@ -1,6 +1,86 @@
-//! The record a failure sends to user space through the `EVENTS` ring buffer.
+//! The records the kernel sends to user space: failures through the `EVENTS` ring buffer, and the
+//! life of listeners and of their processes through the `LIFECYCLE` one (rare, and kept apart so
+//! that a storm of failures cannot crowd them out). Every record starts with its [`RecordKind`].
 
-use crate::conn::ConnTrack;
+use crate::{
+    conn::{ConnTrack, Proxy},
+    net::Endpoint,
+};
+
+/// What a record is, its first four bytes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Failure = 1,
+    Listener = 2,
+    Oom = 3,
+    Exit = 4,
+}
+
+impl RecordKind {
+    pub const fn from_u32(v: u32) -> Option<RecordKind> {
+        Some(match v {
+            1 => RecordKind::Failure,
+            2 => RecordKind::Listener,
+            3 => RecordKind::Oom,
+            4 => RecordKind::Exit,
+            _ => return None,
+        })
+    }
+}
+
+/// `task_struct.flags` bits (include/linux/sched.h).
+pub mod task_flags {
+    /// The task is exiting.
+    pub const PF_EXITING: u32 = 0x0000_0004;
+    /// Killed by a signal.
+    pub const PF_SIGNALED: u32 = 0x0000_0400;
+}
+
+/// A socket started or stopped listening (CLOSE→LISTEN, LISTEN→CLOSE), with the task in whose
+/// context it happened: for a listener closed by a dying process, the process and why it died.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerEvent {
+    pub kind: u32,
+    /// 1 when it started listening, 0 when it stopped.
+    pub opened: u32,
+    pub time_ns: u64,
+    /// The listening address (unspecified for a wildcard listener) and port.
+    pub local: Endpoint,
+    /// The task that made the change (its `netns` is the socket's).
+    pub task: Proxy,
+    /// The task's `flags` and `exit_code` (meaningful when it is exiting).
+    pub task_flags: u32,
+    pub exit_code: i32,
+}
+
+/// The kernel's OOM killer chose a victim (`oom:mark_victim`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OomEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub time_ns: u64,
+    /// Anonymous resident memory and total virtual memory, in kB (0 when not known).
+    pub anon_rss_kb: u64,
+    pub total_vm_kb: u64,
+    pub comm: [u8; 16],
+}
+
+/// The main thread of a process that owns (or owned) a listener exited
+/// (`sched:sched_process_exit`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub kind: u32,
+    /// `task_struct.exit_code`: `status << 8`, or the fatal signal (| 0x80 with a core dump).
+    pub exit_code: i32,
+    pub time_ns: u64,
+    pub task: Proxy,
+    pub task_flags: u32,
+    pub _pad: u32,
+}
 
 /// Where the failure was decided.
 #[repr(u8)]
@@ -16,6 +96,9 @@ pub enum Source {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailureEvent {
+    /// [`RecordKind::Failure`].
+    pub kind: u32,
+    pub _pad0: u32,
     /// The connection's record as it stood when it ended.
     pub conn: ConnTrack,
     /// When the socket closed or connect() returned (CLOCK_MONOTONIC ns).

@@ -20,10 +20,10 @@ pub mod event;
 pub mod net;
 pub mod outcome;
 
-pub use config::{Config, KernelOffsets, SyscallFields};
+pub use config::{Config, KernelOffsets, OomFields, SyscallFields};
 pub use conn::{ConnTrack, EndKind, Proxy, Verdict};
 pub use counts::{CountKey, LatencyKey, RouteKey, Stat, Tally};
-pub use event::{FailureEvent, Source};
+pub use event::{ExitEvent, FailureEvent, ListenerEvent, OomEvent, RecordKind, Source};
 pub use net::Endpoint;
 pub use outcome::Outcome;
 
@@ -47,5 +47,8 @@ impl_pod!(
     RouteKey,
     Tally,
     FailureEvent,
+    ListenerEvent,
+    OomEvent,
+    ExitEvent,
     conn::PendingConnect,
 );

@@ -13,6 +13,12 @@
 //! | `tcp_sendmsg_locked`  | tp_btf `tcp_sendmsg_locked`    | the proxy starts a request       |
 //! | `sys_enter_connect`   | `syscalls:sys_enter_connect`   | where connect() goes             |
 //! | `sys_exit_connect`    | `syscalls:sys_exit_connect`    | connect() failing before a SYN   |
+//! | `sched_process_exit`  | tp_btf `sched_process_exit`    | a listener owner's death         |
+//! | `mark_victim`         | `oom:mark_victim`              | the OOM killer's victim          |
+//!
+//! `inet_sock_set_state` also reports listeners opening and closing (CLOSE↔LISTEN) to the
+//! `LIFECYCLE` ring buffer, with the task that closed them: a dying process closes its
+//! listeners itself, so its exit code and flags say why the listener went away.
 #![no_std]
 #![no_main]
 #![allow(
@@ -23,22 +29,25 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Config, ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Proxy, RouteKey,
-    Source, Stat, Tally,
+    Config, ConnTrack, CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent,
+    OomEvent, OomFields, Outcome, Proxy, RecordKind, RouteKey, Source, Stat, Tally,
     conn::{CloseFacts, PendingConnect, tcp_state},
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-        LATENCY_MAX_ENTRIES, OVERFLOW_SLOTS, connect_bucket,
+        LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
+        connect_bucket,
     },
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
@@ -85,6 +94,16 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
+/// Listeners opening and closing, OOM kills, listener owners' exits: rare, and kept apart.
+#[map]
+static LIFECYCLE: RingBuf = RingBuf::with_byte_size(LIFECYCLE_RING_BYTES, 0);
+
+/// Processes (tgid) that own a listener: their exits are reported. User space adds the ones
+/// that were listening before tracer started.
+#[map]
+static LISTENER_OWNERS: HashMap<u32, u32> =
+    HashMap::with_max_entries(LISTENER_OWNERS_MAX_ENTRIES, 0);
+
 // ---------------------------------------------------------------------------------------------
 // Programs
 
@@ -126,6 +145,19 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let _ = process_exited(task);
+    0
+}
+
+#[tracepoint(category = "oom", name = "mark_victim")]
+pub fn mark_victim(ctx: TracePointContext) -> u32 {
+    let _ = oom_victim_chosen(&ctx);
+    0
+}
+
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let _ = connect_called(&ctx);
@@ -148,6 +180,14 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
         // Inside connect(), in the proxy's own context.
         return start_tracking(sk);
+    }
+    // A listener opens (CLOSE→LISTEN) or closes (LISTEN→CLOSE). Not LISTEN→SYN_RECV: that is
+    // the clone a listener makes for each connection it accepts.
+    if old == tcp_state::CLOSE && new == tcp_state::LISTEN {
+        return listener_changed(sk, true);
+    }
+    if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        return listener_changed(sk, false);
     }
     let Some(conn) = tracked(sk) else {
         return Ok(());
@@ -189,7 +229,7 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let key = sk as u64;
-    let conn = ConnTrack::connecting(current_proxy(), upstream, local, now());
+    let conn = ConnTrack::connecting(current_proxy(netns_of(sk)), upstream, local, now());
     match CONNS.insert(&key, &conn, 0) {
         Ok(()) => stat(Stat::ConnsTracked),
         Err(_) => stat(Stat::ConnsUntracked),
@@ -317,7 +357,7 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let now = now();
     let conn = ConnTrack::connecting(
-        current_proxy(),
+        current_proxy(current_netns()),
         pending.upstream,
         Endpoint::default(),
         pending.start_ns,
@@ -358,6 +398,115 @@ fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Listeners and the processes that own them
+
+fn listener_changed(sk: *const u8, opened: bool) -> Result<(), i64> {
+    let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family = read_kernel::<u16>(sk, config!(offsets.skc_family))?;
+    // Going CLOSE→LISTEN the bound port is in skc_num; going to CLOSE only inet_sport keeps it.
+    let port = if opened {
+        read_kernel::<u16>(sk, config!(offsets.skc_num))?
+    } else {
+        local_port(sk)
+    };
+    let local = match family {
+        AF_INET => Endpoint::v4(read_kernel(sk, config!(offsets.skc_rcv_saddr))?, port),
+        AF_INET6 => Endpoint::v6(read_kernel(sk, config!(offsets.skc_v6_rcv_saddr))?, port),
+        _ => return Ok(()),
+    };
+    let task = current_task();
+    let proxy = current_proxy(netns_of(sk));
+    if opened {
+        let _ = LISTENER_OWNERS.insert(&proxy.tgid, &1, 0);
+    }
+    let Some(mut entry) = LIFECYCLE.reserve::<ListenerEvent>(0) else {
+        stat(Stat::LifecycleLost);
+        return Ok(());
+    };
+    entry.write(ListenerEvent {
+        kind: RecordKind::Listener as u32,
+        opened: u32::from(opened),
+        time_ns: now(),
+        local,
+        task: proxy,
+        task_flags: read_kernel::<u32>(task, config!(offsets.task_flags)).unwrap_or(0),
+        exit_code: read_kernel::<i32>(task, config!(offsets.task_exit_code)).unwrap_or(0),
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+fn process_exited(task: *const u8) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let tgid = read_kernel::<u32>(task, config!(offsets.task_tgid))?;
+    if LISTENER_OWNERS.get_ptr(&tgid).is_none() {
+        return Ok(());
+    }
+    // The process is gone when its main thread exits.
+    if read_kernel::<u32>(task, config!(offsets.task_pid))? != tgid {
+        return Ok(());
+    }
+    let _ = LISTENER_OWNERS.remove(&tgid);
+    let Some(mut entry) = LIFECYCLE.reserve::<ExitEvent>(0) else {
+        stat(Stat::LifecycleLost);
+        return Ok(());
+    };
+    entry.write(ExitEvent {
+        kind: RecordKind::Exit as u32,
+        exit_code: read_kernel::<i32>(task, config!(offsets.task_exit_code)).unwrap_or(0),
+        time_ns: now(),
+        // This tracepoint runs in the exiting task itself.
+        task: current_proxy(current_netns()),
+        task_flags: read_kernel::<u32>(task, config!(offsets.task_flags)).unwrap_or(0),
+        _pad: 0,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+fn oom_victim_chosen(ctx: &TracePointContext) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let optional_u64 = |offset: u32| {
+        if offset == OomFields::MISSING {
+            0
+        } else {
+            read_field::<u64>(ctx, offset).unwrap_or(0)
+        }
+    };
+    let pid: i32 = read_field(ctx, config!(oom.pid))?;
+    let mut comm = [0u8; 16];
+    let comm_field = config!(oom.comm);
+    if comm_field != OomFields::MISSING {
+        // A __data_loc field: the string's offset in the record is the low 16 bits.
+        let location: u32 = read_field(ctx, comm_field)?;
+        let at = (ctx.as_ptr() as *const u8).wrapping_add((location & 0xffff) as usize);
+        // SAFETY: bpf_probe_read_kernel_str copes with any address.
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(at, &mut comm) };
+    }
+    let Some(mut entry) = LIFECYCLE.reserve::<OomEvent>(0) else {
+        stat(Stat::LifecycleLost);
+        return Ok(());
+    };
+    entry.write(OomEvent {
+        kind: RecordKind::Oom as u32,
+        pid: pid as u32,
+        time_ns: now(),
+        anon_rss_kb: optional_u64(config!(oom.anon_rss)),
+        total_vm_kb: optional_u64(config!(oom.total_vm)),
+        comm,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Counting and reporting
 
 /// What a failure report adds to the connection's record.
@@ -377,6 +526,8 @@ fn report(conn: &ConnTrack, report: &Report) {
         return;
     };
     entry.write(FailureEvent {
+        kind: RecordKind::Failure as u32,
+        _pad0: 0,
         conn: *conn,
         close_ns: report.close_ns,
         waited_ns: report.waited_ns,
@@ -510,8 +661,25 @@ fn read_kernel<T>(base: *const u8, offset: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).map_err(i64::from) }
 }
 
-/// The process behind the current thread: its main thread's name, pid, tid and cgroup.
-fn current_proxy() -> Proxy {
+/// The network namespace of a socket (its inode number).
+fn netns_of(sk: *const u8) -> u32 {
+    read_kernel::<*const u8>(sk, config!(offsets.skc_net))
+        .and_then(|net| read_kernel::<u32>(net, config!(offsets.net_ns_inum)))
+        .unwrap_or(0)
+}
+
+/// The network namespace of the current task (`task->nsproxy->net_ns`), for where no socket is
+/// at hand; 0 when not known (a task past exit_task_namespaces has no nsproxy).
+fn current_netns() -> u32 {
+    read_kernel::<*const u8>(current_task(), config!(offsets.task_nsproxy))
+        .and_then(|nsproxy| read_kernel::<*const u8>(nsproxy, config!(offsets.nsproxy_net_ns)))
+        .and_then(|net| read_kernel::<u32>(net, config!(offsets.net_ns_inum)))
+        .unwrap_or(0)
+}
+
+/// The process behind the current thread: its main thread's name, pid, tid and cgroup, with the
+/// network namespace `netns` of the socket concerned.
+fn current_proxy(netns: u32) -> Proxy {
     let pid_tgid = bpf_get_current_pid_tgid();
     let task = current_task();
     let comm = read_kernel::<*const u8>(task, config!(offsets.task_group_leader))
@@ -524,6 +692,8 @@ fn current_proxy() -> Proxy {
         tgid: (pid_tgid >> 32) as u32,
         pid: pid_tgid as u32,
         comm,
+        netns,
+        _pad: 0,
     }
 }
 
