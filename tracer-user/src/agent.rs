@@ -1,12 +1,12 @@
-//! The agent's loop: capture → decode → the caller's handler (which classifies, aggregates and
-//! exports), until SIGINT or SIGTERM. Dropping the agent detaches every probe.
+//! The agent's loop: capture → decode → classify (root causes) → the caller's handler (which
+//! aggregates and exports), until SIGINT or SIGTERM. Dropping the agent detaches every probe.
 //!
 //! What other tasks (the metrics endpoint, the live view) need is in [`Shared`].
 
 use std::{
     ops::ControlFlow,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -17,15 +17,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracer_common::{Outcome, Stat};
 
 use crate::{
-    aggregate::Totals,
-    capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus},
-    decode::{self, Clock, Count, Failure, LatencyCount},
+    aggregate::{ListenerTotals, Totals},
+    capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
+    classify::{Classified, Listeners, Notice},
+    decode::{self, Clock, Count, ExistingListenerInfo, Failure, LatencyCount, Lifecycle, Record},
 };
 
 /// What a handler is given.
 pub enum Happening {
-    /// A failed upstream attempt.
-    Failure(Failure),
+    /// A failed upstream attempt, with its root cause when one is known.
+    Failure(Classified),
+    /// A listener went away or came back.
+    Notice(Notice),
     /// The periodic tick asked for.
     Tick,
 }
@@ -38,6 +41,8 @@ pub struct Shared {
     /// Failure records read from the ring buffer, and those that could not be decoded.
     pub events_received: AtomicU64,
     pub events_undecodable: AtomicU64,
+    /// What became of listeners so far.
+    pub listeners: Mutex<ListenerTotals>,
 }
 
 impl Shared {
@@ -62,6 +67,13 @@ impl Shared {
         totals
     }
 
+    pub fn listener_totals(&self) -> ListenerTotals {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn stat(&self, which: Stat) -> u64 {
         self.counters.stat(which)
     }
@@ -73,16 +85,25 @@ impl Shared {
 
 pub struct Agent {
     capture: Capture,
-    events: Events,
+    failures: Events,
+    lifecycle: Events,
     clock: Clock,
+    listeners: Listeners,
     pub shared: Arc<Shared>,
 }
 
 impl Agent {
-    /// Loads and attaches the probes, and says so on stderr.
+    /// Loads and attaches the probes, takes stock of the listeners already there, and says so
+    /// on stderr.
     pub fn start(options: &Options) -> Result<Agent, CaptureError> {
         let mut capture = Capture::start(options)?;
-        let events = capture.take_events()?;
+        let (failures, lifecycle) = capture.take_events()?;
+        let started = SystemTime::now();
+        // Listeners that were there before the probes: their owners' exits are reported too.
+        let existing = procfs::listeners();
+        capture.watch_listener_owners(existing.iter().flat_map(|l| l.pids.iter().copied()));
+        let mut listeners = Listeners::new(started);
+        listeners.seed(existing.iter().map(ExistingListenerInfo::from));
         if let Some(tracefs) = capture.tracefs.as_ref().filter(|t| t.mounted_now) {
             eprintln!(
                 "tracer: tracefs was not mounted; mounted it at {}",
@@ -90,21 +111,26 @@ impl Agent {
             );
         }
         eprintln!(
-            "tracer: {}/{} probes attached; watching outbound TCP connections (Ctrl-C to stop)",
+            "tracer: {}/{} probes attached; watching outbound TCP connections and {} listeners \
+             (Ctrl-C to stop)",
             capture.attached(),
-            capture.probes.len()
+            capture.probes.len(),
+            existing.len()
         );
         let shared = Arc::new(Shared {
             counters: capture.counters.clone(),
             probes: capture.probes.clone(),
-            started: SystemTime::now(),
+            started,
             events_received: AtomicU64::new(0),
             events_undecodable: AtomicU64::new(0),
+            listeners: Mutex::new(ListenerTotals::default()),
         });
         Ok(Agent {
             capture,
-            events,
+            failures,
+            lifecycle,
             clock: Clock::new(),
+            listeners,
             shared,
         })
     }
@@ -114,8 +140,8 @@ impl Agent {
         self.shared.totals()
     }
 
-    /// Runs until a signal (or the handler says stop), handing every failure and every tick
-    /// to `handle`.
+    /// Runs until a signal (or the handler says stop), handing every failure, every notice and
+    /// every tick to `handle`.
     pub async fn run(
         &mut self,
         tick_every: Option<Duration>,
@@ -125,12 +151,11 @@ impl Agent {
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         let mut ticker = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
         ticker.tick().await;
-        let mut batch = Vec::new();
+        let mut records = Vec::new();
         loop {
             tokio::select! {
-                read = self.events.next_batch(|bytes| batch.push(decode::failure_event(bytes))) => {
-                    read.context("reading the event ring buffer")?;
-                }
+                ready = self.failures.ready() => ready.context("reading the event ring buffer")?,
+                ready = self.lifecycle.ready() => ready.context("reading the lifecycle ring buffer")?,
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = ticker.tick(), if tick_every.is_some() => {
@@ -139,28 +164,61 @@ impl Agent {
                     }
                 }
             }
-            for record in batch.drain(..) {
-                self.shared.events_received.fetch_add(1, Ordering::Relaxed);
-                let failure = record.and_then(|event| Failure::from_event(&event, &self.clock));
-                match failure {
-                    Ok(failure) => {
-                        if handle(&self.shared, Happening::Failure(failure)).is_break() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        let before = self
-                            .shared
-                            .events_undecodable
-                            .fetch_add(1, Ordering::Relaxed);
-                        if before == 0 {
-                            tracing::warn!("undecodable failure record: {e}");
-                        }
-                    }
+            // Lifecycle first: a death is known before the refusals it causes are classified.
+            self.lifecycle
+                .drain(|bytes| records.push(decode::record(bytes)));
+            self.failures
+                .drain(|bytes| records.push(decode::record(bytes)));
+            for record in records.drain(..) {
+                if self.handle_record(record, &mut handle).is_break() {
+                    return Ok(());
                 }
             }
         }
         Ok(())
+    }
+
+    fn handle_record(
+        &mut self,
+        record: Result<Record, decode::DecodeError>,
+        handle: &mut impl FnMut(&Shared, Happening) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        let happening = match record {
+            Ok(Record::Failure(event)) => {
+                self.shared.events_received.fetch_add(1, Ordering::Relaxed);
+                Failure::from_event(&event, &self.clock).map(|failure| {
+                    let root_cause = self.listeners.root_cause(&failure);
+                    Some(Happening::Failure(Classified {
+                        failure,
+                        root_cause,
+                    }))
+                })
+            }
+            Ok(record) => Lifecycle::from_record(&record, &self.clock).map(|lifecycle| {
+                let notice = lifecycle.and_then(|l| self.listeners.on_lifecycle(&l))?;
+                self.shared
+                    .listeners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(&notice);
+                Some(Happening::Notice(notice))
+            }),
+            Err(e) => Err(e),
+        };
+        match happening {
+            Ok(Some(happening)) => handle(&self.shared, happening),
+            Ok(None) => ControlFlow::Continue(()),
+            Err(e) => {
+                let before = self
+                    .shared
+                    .events_undecodable
+                    .fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::warn!("undecodable record: {e}");
+                }
+                ControlFlow::Continue(())
+            }
+        }
     }
 }
 

@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, time::Duration};
 use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS};
 
 pub use crate::decode::Route;
-use crate::decode::{Count, LatencyCount};
+use crate::{
+    classify::Notice,
+    decode::{Count, LatencyCount},
+};
 
 /// How many connect-latency buckets there are, the last one unbounded.
 pub const LATENCY_BUCKETS: usize = CONNECT_BUCKETS_NS.len() + 1;
@@ -102,6 +105,43 @@ impl Totals {
             .collect();
         failing.sort_by(|a, b| b.1.failures().cmp(&a.1.failures()).then(a.0.cmp(b.0)));
         failing
+    }
+}
+
+/// What became of listeners: deaths by reason, and returns, per listener and process name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerTotals {
+    /// (listener, process name, reason) → count; reason: oom_killed, crashed, exited, or
+    /// closed (by a process that lived on).
+    pub deaths: BTreeMap<(String, String, &'static str), u64>,
+    /// (listener, process name) → times it listened again after a gap.
+    pub restarts: BTreeMap<(String, String), u64>,
+}
+
+impl ListenerTotals {
+    pub fn record(&mut self, notice: &Notice) {
+        match notice {
+            Notice::ListenerGone {
+                listener,
+                process,
+                death,
+                ..
+            } => {
+                let reason = death.as_ref().map_or("closed", |d| d.reason());
+                *self
+                    .deaths
+                    .entry((listener.to_string(), process.comm.clone(), reason))
+                    .or_default() += 1;
+            }
+            Notice::ListenerBack {
+                listener, process, ..
+            } => {
+                *self
+                    .restarts
+                    .entry((listener.to_string(), process.comm.clone()))
+                    .or_default() += 1;
+            }
+        }
     }
 }
 

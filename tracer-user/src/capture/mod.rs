@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod preflight;
+pub mod procfs;
 pub mod tracefs;
 
 use std::{sync::Arc, time::Duration};
@@ -19,7 +20,7 @@ use aya::{
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    Config, ConnTrack, CountKey, KernelOffsets, LatencyKey, Stat, SyscallFields, Tally,
+    Config, ConnTrack, CountKey, KernelOffsets, LatencyKey, OomFields, Stat, SyscallFields, Tally,
     counts::OVERFLOW_SLOTS,
 };
 
@@ -63,7 +64,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 6] = [
+pub const PROBES: [Probe; 8] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Btf("inet_sock_set_state"),
@@ -100,6 +101,18 @@ pub const PROBES: [Probe; 6] = [
         hook: Hook::Tracepoint("syscalls", "sys_exit_connect"),
         required: false,
         purpose: "connect() failing before any SYN: no route, no local port left",
+    },
+    Probe {
+        program: "sched_process_exit",
+        hook: Hook::Btf("sched_process_exit"),
+        required: false,
+        purpose: "the death of processes that listen: exit code, fatal signal",
+    },
+    Probe {
+        program: "mark_victim",
+        hook: Hook::Tracepoint("oom", "mark_victim"),
+        required: false,
+        purpose: "processes the kernel's OOM killer chose (root cause upstream_oom_killed)",
     },
 ];
 
@@ -169,6 +182,9 @@ pub struct Capture {
     /// The tracefs used, if one was found or mounted.
     pub tracefs: Option<Tracefs>,
     events: Option<RingBuf<MapData>>,
+    lifecycle: Option<RingBuf<MapData>>,
+    /// Processes whose exits the kernel reports (listener owners).
+    listener_owners: BpfHashMap<MapData, u32, u32>,
     /// The kernel's counters, shareable with other tasks (the metrics endpoint).
     pub counters: Arc<Counters>,
 }
@@ -232,6 +248,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     Ok(KernelOffsets {
         skc_family: sock("__sk_common.skc_family")?,
         skc_dport: sock("__sk_common.skc_dport")?,
+        skc_num: sock("__sk_common.skc_num")?,
 
         skc_daddr: sock("__sk_common.skc_daddr")?,
         skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
@@ -250,6 +267,27 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         fdtable_max_fds: btf.member_offset("fdtable", "max_fds")?,
         file_private_data: btf.member_offset("file", "private_data")?,
         socket_sk: btf.member_offset("socket", "sk")?,
+        skc_net: sock("__sk_common.skc_net.net")?,
+        net_ns_inum: btf.member_offset("net", "ns.inum")?,
+        task_flags: btf.member_offset("task_struct", "flags")?,
+        task_exit_code: btf.member_offset("task_struct", "exit_code")?,
+        task_tgid: btf.member_offset("task_struct", "tgid")?,
+        task_pid: btf.member_offset("task_struct", "pid")?,
+        task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
+        nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
+    })
+}
+
+/// The `oom:mark_victim` tracepoint's field offsets; only `pid` is needed, the rest is evidence.
+pub fn oom_fields(tracefs: &Tracefs) -> Result<OomFields, TracefsError> {
+    let format = tracefs.format("oom", "mark_victim")?;
+    let optional =
+        |field: &str, size: u32| format.offset(field, size).unwrap_or(OomFields::MISSING);
+    Ok(OomFields {
+        pid: format.offset("pid", 4)?,
+        comm: optional("comm", 4),
+        anon_rss: optional("anon_rss", 8),
+        total_vm: optional("total_vm", 8),
     })
 }
 
@@ -282,16 +320,25 @@ impl Capture {
         };
         // Classic tracepoints need tracefs; without it only the connect() probes are lost.
         let tracefs = Tracefs::find_or_mount();
-        let syscalls = match &tracefs {
-            Ok(tracefs) => syscall_fields(tracefs).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let formats = match &tracefs {
+            Ok(tracefs) => Formats {
+                syscalls: syscall_fields(tracefs).map_err(|e| e.to_string()),
+                oom: oom_fields(tracefs).map_err(|e| e.to_string()),
+            },
+            Err(e) => Formats {
+                syscalls: Err(e.to_string()),
+                oom: Err(e.to_string()),
+            },
         };
-        if let Ok(fields) = &syscalls {
+        if let Ok(fields) = &formats.syscalls {
             config.syscalls = *fields;
+        }
+        if let Ok(fields) = &formats.oom {
+            config.oom = *fields;
         }
         let tracefs = tracefs.ok();
 
-        let (mut ebpf, mut probes) = load_and_attach(&config, &aya_btf, &syscalls)?;
+        let (mut ebpf, mut probes) = load_and_attach(&config, &aya_btf, &formats)?;
         let sends_attached = probes
             .iter()
             .any(|p| p.probe.program == "tcp_sendmsg_locked" && p.attached());
@@ -299,54 +346,38 @@ impl Capture {
             // The programs were told requests are visible; they are not. Load them again.
             drop(ebpf);
             config.sends_tracked = 0;
-            (ebpf, probes) = load_and_attach(&config, &aya_btf, &syscalls)?;
+            (ebpf, probes) = load_and_attach(&config, &aya_btf, &formats)?;
         }
 
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(|source| {
-            CaptureError::Map {
-                map: "EVENTS",
-                source,
-            }
-        })?;
+        let events = take(&mut ebpf, "EVENTS")?;
+        let lifecycle = take(&mut ebpf, "LIFECYCLE")?;
+        let listener_owners = take(&mut ebpf, "LISTENER_OWNERS")?;
         let counters = Counters {
-            counts: PerCpuHashMap::try_from(take_map(&mut ebpf, "COUNTS")?).map_err(|source| {
-                CaptureError::Map {
-                    map: "COUNTS",
-                    source,
-                }
-            })?,
-            latency: PerCpuHashMap::try_from(take_map(&mut ebpf, "CONNECT_LATENCY")?).map_err(
-                |source| CaptureError::Map {
-                    map: "CONNECT_LATENCY",
-                    source,
-                },
-            )?,
-            overflow: PerCpuArray::try_from(take_map(&mut ebpf, "OVERFLOW_COUNTS")?).map_err(
-                |source| CaptureError::Map {
-                    map: "OVERFLOW_COUNTS",
-                    source,
-                },
-            )?,
-            stats: PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
-                CaptureError::Map {
-                    map: "STATS",
-                    source,
-                }
-            })?,
-            conns: BpfHashMap::try_from(take_map(&mut ebpf, "CONNS")?).map_err(|source| {
-                CaptureError::Map {
-                    map: "CONNS",
-                    source,
-                }
-            })?,
+            counts: take(&mut ebpf, "COUNTS")?,
+            latency: take(&mut ebpf, "CONNECT_LATENCY")?,
+            overflow: take(&mut ebpf, "OVERFLOW_COUNTS")?,
+            stats: take(&mut ebpf, "STATS")?,
+            conns: take(&mut ebpf, "CONNS")?,
         };
         Ok(Capture {
             _ebpf: ebpf,
             probes,
             tracefs,
             events: Some(events),
+            lifecycle: Some(lifecycle),
+            listener_owners,
             counters: Arc::new(counters),
         })
+    }
+
+    /// Tells the kernel to report the exits of these processes (listeners that were there before
+    /// tracer started).
+    pub fn watch_listener_owners(&mut self, pids: impl IntoIterator<Item = u32>) {
+        for pid in pids {
+            if let Err(e) = self.listener_owners.insert(pid, 1, 0) {
+                tracing::debug!("cannot watch pid {pid}: {e}");
+            }
+        }
     }
 
     /// How many probes are attached.
@@ -354,17 +385,18 @@ impl Capture {
         self.probes.iter().filter(|p| p.attached()).count()
     }
 
-    /// The failure records, to be read asynchronously. Can be taken once.
-    pub fn take_events(&mut self) -> Result<Events, CaptureError> {
-        let ring = self
+    /// The failure records and the lifecycle records, to be read asynchronously. Can be taken
+    /// once.
+    pub fn take_events(&mut self) -> Result<(Events, Events), CaptureError> {
+        let failures = self
             .events
             .take()
             .ok_or(CaptureError::NoMap("EVENTS (already taken)"))?;
-        // SAFETY: the RingBuf owns its map's file descriptor for as long as it lives, and it
-        // lives inside the AsyncFd, so the descriptor stays open and the same.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(std::io::Error::from)?;
-        Ok(Events { ring })
+        let lifecycle = self
+            .lifecycle
+            .take()
+            .ok_or(CaptureError::NoMap("LIFECYCLE (already taken)"))?;
+        Ok((Events::new(failures)?, Events::new(lifecycle)?))
     }
 }
 
@@ -375,21 +407,32 @@ fn sum_tallies<'a>(tallies: impl Iterator<Item = &'a Tally>) -> Tally {
     })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
-    ebpf.take_map(name).ok_or(CaptureError::NoMap(name))
+/// Takes map `name` out of the object as the typed map `T`.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CaptureError::NoMap(name))?;
+    T::try_from(map).map_err(|source| CaptureError::Map { map: name, source })
+}
+
+/// What the classic tracepoints' format files gave (or why not).
+struct Formats {
+    syscalls: Result<SyscallFields, String>,
+    oom: Result<OomFields, String>,
 }
 
 fn load_and_attach(
     config: &Config,
     aya_btf: &aya::Btf,
-    syscalls: &Result<SyscallFields, String>,
+    formats: &Formats,
 ) -> Result<(Ebpf, Vec<ProbeStatus>), CaptureError> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .load(PROGRAMS)?;
     let mut probes = Vec::with_capacity(PROBES.len());
     for probe in &PROBES {
-        let state = match attach(&mut ebpf, probe, aya_btf, syscalls) {
+        let state = match attach(&mut ebpf, probe, aya_btf, formats) {
             Ok(()) => ProbeState::Attached,
             Err(reason) if probe.required => {
                 return Err(CaptureError::RequiredProbe {
@@ -415,7 +458,7 @@ fn attach(
     ebpf: &mut Ebpf,
     probe: &Probe,
     aya_btf: &aya::Btf,
-    syscalls: &Result<SyscallFields, String>,
+    formats: &Formats,
 ) -> Result<(), String> {
     let program = ebpf
         .program_mut(probe.program)
@@ -431,7 +474,11 @@ fn attach(
                 .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
         }
         Hook::Tracepoint(category, name) => {
-            if let Err(reason) = syscalls {
+            let fields = match category {
+                "oom" => formats.oom.as_ref().map(drop),
+                _ => formats.syscalls.as_ref().map(drop),
+            };
+            if let Err(reason) = fields {
                 return Err(reason.clone());
             }
             let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
@@ -458,20 +505,33 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The failure records the kernel sends, read as they come.
+/// Records from one of the kernel's ring buffers, read as they come.
 pub struct Events {
     ring: AsyncFd<RingBuf<MapData>>,
 }
 
 impl Events {
-    /// Waits for records, then hands each one that is there to `each` as raw bytes.
-    pub async fn next_batch(&mut self, mut each: impl FnMut(&[u8])) -> std::io::Result<()> {
+    fn new(ring: RingBuf<MapData>) -> std::io::Result<Events> {
+        // SAFETY: the RingBuf owns its map's file descriptor for as long as it lives, and it
+        // lives inside the AsyncFd, so the descriptor stays open and the same.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Events { ring })
+    }
+
+    /// Waits until records may be there. Read them with [`Events::drain`] afterwards: the kernel
+    /// wakes the reader again only once it has caught up.
+    pub async fn ready(&mut self) -> std::io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands every record that is there to `each`, as raw bytes, without waiting.
+    pub fn drain(&mut self, mut each: impl FnMut(&[u8])) {
+        let ring = self.ring.get_mut();
         while let Some(record) = ring.next() {
             each(&record);
         }
-        guard.clear_ready();
-        Ok(())
     }
 }

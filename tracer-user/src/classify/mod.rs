@@ -1,13 +1,38 @@
-//! Classify: a decoded failure's cause, put in the user's words with its evidence.
+//! Classify: a decoded failure's cause, put in the user's words with its evidence, and its root
+//! cause when the upstream runs on this host ([`root_cause`]).
 //!
 //! The cause itself is decided in the kernel, by `tracer_common::conn` (so that the kernel can
 //! count it exactly); this stage explains it: one sentence a person on call can act on.
+
+pub mod root_cause;
 
 use std::time::Duration;
 
 use tracer_common::{Outcome, Source, conn::EndKind};
 
+pub use self::root_cause::{Listeners, Notice, RootCause};
 use crate::decode::Failure;
+
+/// A failure with its root cause, when one is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classified {
+    pub failure: Failure,
+    pub root_cause: Option<RootCause>,
+}
+
+impl Classified {
+    /// The failure's explanation, followed by its root cause's.
+    pub fn explain(&self) -> String {
+        match &self.root_cause {
+            Some(root) => format!(
+                "{}. {}",
+                explain(&self.failure),
+                root.explain(&self.failure)
+            ),
+            None => explain(&self.failure),
+        }
+    }
+}
 
 /// The symbolic name of an errno, as in errno.h.
 pub fn errno_name(errno: i32) -> Option<&'static str> {
@@ -209,6 +234,7 @@ mod tests {
                 pid: 812,
                 tid: 812,
                 cgroup_id: 1,
+                netns: 4026531840,
             },
             upstream: "10.0.0.5:8000".parse::<SocketAddr>().unwrap(),
             local: None,

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use super::EventsArgs;
 use crate::{
     agent::{Agent, Happening},
-    export::events::{EventFilter, json_line, text_line},
+    export::events::{EventFilter, json_line, notice_json_line, notice_text_line, text_line},
 };
 
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
@@ -21,16 +21,22 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let mut broken_pipe = false;
     agent
         .run(None, |_, happening| {
-            let Happening::Failure(failure) = happening else {
-                return ControlFlow::Continue(());
-            };
-            if !filter.matches(&failure) {
-                return ControlFlow::Continue(());
-            }
-            let line = if args.json {
-                json_line(&failure)
-            } else {
-                text_line(&failure)
+            let line = match happening {
+                Happening::Failure(failure) if filter.matches(&failure.failure) => {
+                    if args.json {
+                        json_line(&failure)
+                    } else {
+                        text_line(&failure)
+                    }
+                }
+                Happening::Notice(notice) if filter.matches_notice(&notice) => {
+                    if args.json {
+                        notice_json_line(&notice)
+                    } else {
+                        notice_text_line(&notice)
+                    }
+                }
+                _ => return ControlFlow::Continue(()),
             };
             let mut out = stdout.lock();
             // Each line goes out at once, also into a pipe.

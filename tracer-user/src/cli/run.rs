@@ -11,10 +11,9 @@ use super::RunArgs;
 use crate::{
     agent::{Agent, Happening},
     aggregate::Route,
-    classify::explain,
     export::{
         api::Snapshot,
-        events::json_line,
+        events::{json_line, notice_json_line},
         http::{self, Handler, Response},
         metrics::Exporter,
     },
@@ -77,9 +76,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .run(Some(args.summary_every), |shared, happening| {
             match happening {
                 Happening::Failure(failure) => {
-                    tracing::debug!("{}", explain(&failure));
+                    tracing::debug!("{}", failure.explain());
                     if failures.receiver_count() > 0 {
                         let _ = failures.send(Arc::new(format!("{}\n", json_line(&failure))));
+                    }
+                }
+                Happening::Notice(notice) => {
+                    tracing::info!("{}", notice.explain());
+                    if failures.receiver_count() > 0 {
+                        let _ = failures.send(Arc::new(format!("{}\n", notice_json_line(&notice))));
                     }
                 }
                 Happening::Tick => {

@@ -73,7 +73,7 @@ impl Source {
                         Happening::Tick if stopping.load(Ordering::Relaxed) => {
                             ControlFlow::Break(())
                         }
-                        Happening::Tick => ControlFlow::Continue(()),
+                        Happening::Tick | Happening::Notice(_) => ControlFlow::Continue(()),
                     },
                 )
                 .await

@@ -11,8 +11,10 @@ use thiserror::Error;
 pub mod cgroup;
 
 use tracer_common::{
-    CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, RouteKey, Source,
+    CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent, OomEvent, Outcome,
+    Proxy, RecordKind, RouteKey, Source,
     conn::EndKind,
+    event::task_flags::PF_EXITING,
     net::{AF_INET, AF_INET6},
 };
 
@@ -24,20 +26,58 @@ pub enum DecodeError {
     Outcome(u8),
     #[error("unknown address family {0}")]
     Family(u16),
+    #[error("unknown record kind {0}")]
+    Kind(u32),
 }
 
-/// A failure record from the ring buffer.
-pub fn failure_event(bytes: &[u8]) -> Result<FailureEvent, DecodeError> {
-    let expected = size_of::<FailureEvent>();
+/// A record from one of the kernel's ring buffers, by its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    Failure(FailureEvent),
+    Listener(ListenerEvent),
+    Oom(OomEvent),
+    Exit(ExitEvent),
+}
+
+/// A record from a ring buffer.
+pub fn record(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let kind = bytes
+        .get(..4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(DecodeError::Size {
+            got: bytes.len(),
+            expected: 4,
+        })?;
+    Ok(
+        match RecordKind::from_u32(kind).ok_or(DecodeError::Kind(kind))? {
+            RecordKind::Failure => Record::Failure(plain(bytes)?),
+            RecordKind::Listener => Record::Listener(plain(bytes)?),
+            RecordKind::Oom => Record::Oom(plain(bytes)?),
+            RecordKind::Exit => Record::Exit(plain(bytes)?),
+        },
+    )
+}
+
+/// A `#[repr(C)]` plain-data record (any bit pattern valid) from the start of `bytes`.
+fn plain<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
     if bytes.len() < expected {
         return Err(DecodeError::Size {
             got: bytes.len(),
             expected,
         });
     }
-    // SAFETY: FailureEvent is repr(C) plain data (any bit pattern is valid) and the slice is long
-    // enough; read_unaligned copes with the ring buffer's 8-byte alignment or less.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FailureEvent>()) })
+    // SAFETY: only used with tracer_common's repr(C) records made of integers and byte arrays;
+    // the slice is long enough; read_unaligned copes with any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A failure record from the ring buffer.
+pub fn failure_event(bytes: &[u8]) -> Result<FailureEvent, DecodeError> {
+    match record(bytes)? {
+        Record::Failure(event) => Ok(event),
+        _ => Err(DecodeError::Kind(RecordKind::Failure as u32)),
+    }
 }
 
 /// An endpoint as a socket address. IPv4-mapped IPv6 addresses stay IPv6 (the socket was).
@@ -108,13 +148,28 @@ impl Default for Clock {
     }
 }
 
-/// The process that made the connection: the proxy.
+/// The process that made the connection: the proxy (or, in lifecycle records, the process a
+/// listener belongs to).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProxyProcess {
     pub comm: String,
     pub pid: u32,
     pub tid: u32,
     pub cgroup_id: u64,
+    /// The network namespace of the socket concerned (its inode number; 0 when not known).
+    pub netns: u32,
+}
+
+impl ProxyProcess {
+    pub fn from_kernel(proxy: &Proxy) -> ProxyProcess {
+        ProxyProcess {
+            comm: comm(&proxy.comm),
+            pid: proxy.tgid,
+            tid: proxy.pid,
+            cgroup_id: proxy.cgroup_id,
+            netns: proxy.netns,
+        }
+    }
 }
 
 impl fmt::Display for ProxyProcess {
@@ -166,12 +221,7 @@ impl Failure {
             .filter(|addr| addr.port() != 0 || !addr.ip().is_unspecified());
         Ok(Failure {
             time: clock.wall(event.close_ns),
-            proxy: ProxyProcess {
-                comm: comm(&conn.proxy.comm),
-                pid: conn.proxy.tgid,
-                tid: conn.proxy.pid,
-                cgroup_id: conn.proxy.cgroup_id,
-            },
+            proxy: ProxyProcess::from_kernel(&conn.proxy),
             upstream: socket_addr(&conn.upstream)?,
             local,
             cause,
@@ -195,6 +245,118 @@ impl Failure {
                 },
             },
         })
+    }
+}
+
+/// How a process ended, from its `exit_code` and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// exit(code).
+    Exited(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl Ending {
+    /// From `task_struct.exit_code`. (The flags do not decide: when one thread calls exit(),
+    /// the others are killed with PF_SIGNALED set, yet carry the group's exit code.)
+    pub fn of(exit_code: i32) -> Ending {
+        match exit_code & 0x7f {
+            0 => Ending::Exited((exit_code >> 8) & 0xff),
+            signal => Ending::Signal(signal),
+        }
+    }
+}
+
+/// A socket started or stopped listening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerChange {
+    pub opened: bool,
+    pub time: SystemTime,
+    /// The listening address (unspecified IP for a wildcard listener).
+    pub local: SocketAddr,
+    /// The task in whose context it happened.
+    pub task: ProxyProcess,
+    /// When the task was dying as it closed the listener: how it ended.
+    pub dying: Option<Ending>,
+}
+
+/// The OOM killer chose a victim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OomKill {
+    pub time: SystemTime,
+    pub pid: u32,
+    pub comm: String,
+    pub anon_rss_kb: u64,
+    pub total_vm_kb: u64,
+}
+
+/// A process that owned a listener exited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub time: SystemTime,
+    pub process: ProxyProcess,
+    pub ending: Ending,
+}
+
+/// A listener that was there before tracer started (from the /proc scan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingListenerInfo {
+    pub local: SocketAddr,
+    pub netns: u32,
+    /// The first process holding it (lowest pid).
+    pub owner: ProxyProcess,
+}
+
+impl From<&crate::capture::procfs::ExistingListener> for ExistingListenerInfo {
+    fn from(l: &crate::capture::procfs::ExistingListener) -> Self {
+        ExistingListenerInfo {
+            local: l.local,
+            netns: l.netns,
+            owner: ProxyProcess {
+                comm: l.comm.clone(),
+                pid: l.pids.first().copied().unwrap_or(0),
+                tid: l.pids.first().copied().unwrap_or(0),
+                cgroup_id: 0,
+                netns: l.netns,
+            },
+        }
+    }
+}
+
+/// What the lifecycle ring buffer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    Listener(ListenerChange),
+    Oom(OomKill),
+    Exit(ProcessExit),
+}
+
+impl Lifecycle {
+    pub fn from_record(record: &Record, clock: &Clock) -> Result<Option<Lifecycle>, DecodeError> {
+        Ok(Some(match record {
+            Record::Listener(l) => Lifecycle::Listener(ListenerChange {
+                opened: l.opened != 0,
+                time: clock.wall(l.time_ns),
+                local: socket_addr(&l.local)?,
+                task: ProxyProcess::from_kernel(&l.task),
+                dying: (l.opened == 0 && l.task_flags & PF_EXITING != 0)
+                    .then(|| Ending::of(l.exit_code)),
+            }),
+            Record::Oom(o) => Lifecycle::Oom(OomKill {
+                time: clock.wall(o.time_ns),
+                pid: o.pid,
+                comm: comm(&o.comm),
+                anon_rss_kb: o.anon_rss_kb,
+                total_vm_kb: o.total_vm_kb,
+            }),
+            Record::Exit(e) => Lifecycle::Exit(ProcessExit {
+                time: clock.wall(e.time_ns),
+                process: ProxyProcess::from_kernel(&e.task),
+                ending: Ending::of(e.exit_code),
+            }),
+            Record::Failure(_) => return Ok(None),
+        }))
     }
 }
 
@@ -268,6 +430,8 @@ mod tests {
                 tgid: 812,
                 pid: 813,
                 comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+                netns: 4026531840,
+                _pad: 0,
             },
             Endpoint::v4([10, 0, 0, 5], 8000),
             Endpoint::v4([10, 0, 0, 1], 40_000),
@@ -276,6 +440,8 @@ mod tests {
         conn.on_reset_received(5_000_200_000);
         conn.end = EndKind::PeerReset as u8;
         FailureEvent {
+            kind: RecordKind::Failure as u32,
+            _pad0: 0,
             conn,
             close_ns: 5_000_200_000,
             waited_ns: 200_000,
@@ -351,6 +517,28 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(mapped.to_string(), "[::ffff:10.0.0.5]:80");
+    }
+
+    #[test]
+    fn exit_codes_say_how_a_process_ended() {
+        assert_eq!(Ending::of(9), Ending::Signal(9));
+        assert_eq!(Ending::of(11 | 0x80), Ending::Signal(11), "core dumped");
+        assert_eq!(Ending::of(3 << 8), Ending::Exited(3));
+        assert_eq!(
+            Ending::of(0),
+            Ending::Exited(0),
+            "a thread zapped by exit() in another"
+        );
+    }
+
+    #[test]
+    fn records_are_told_apart_by_their_kind() {
+        let bytes = as_bytes(&refused_event());
+        assert!(matches!(record(&bytes), Ok(Record::Failure(_))));
+        let mut other = bytes.clone();
+        other[..4].copy_from_slice(&77u32.to_ne_bytes());
+        assert_eq!(record(&other), Err(DecodeError::Kind(77)));
+        assert!(matches!(record(&bytes[..2]), Err(DecodeError::Size { .. })));
     }
 
     #[test]

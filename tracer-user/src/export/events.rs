@@ -9,7 +9,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    classify::{errno_name, explain, source_name},
+    classify::{Classified, Notice, errno_name, explain, source_name},
     decode::Failure,
 };
 
@@ -71,11 +71,37 @@ impl EventFilter {
             && (self.pids.is_empty() || self.pids.contains(&f.proxy.pid))
             && (self.upstreams.is_empty() || self.upstreams.iter().any(|u| u.matches(&f.upstream)))
     }
+
+    /// Notices are about upstreams: only `--upstream` selects them (a wildcard listener is
+    /// selected by its port).
+    pub fn matches_notice(&self, notice: &Notice) -> bool {
+        let listener = match notice {
+            Notice::ListenerGone { listener, .. } | Notice::ListenerBack { listener, .. } => {
+                listener
+            }
+        };
+        self.upstreams.is_empty()
+            || self.upstreams.iter().any(|u| match u {
+                UpstreamMatch::Addr(addr) => {
+                    addr.port() == listener.port()
+                        && (addr.ip() == listener.ip() || listener.ip().is_unspecified())
+                }
+                UpstreamMatch::Ip(ip) => *ip == listener.ip() || listener.ip().is_unspecified(),
+                UpstreamMatch::Port(port) => *port == listener.port(),
+            })
+    }
+}
+
+fn failure_type() -> String {
+    "failure".to_string()
 }
 
 /// The JSON form of a failure (one object per line): `tracer events --json`, `/api/events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
+    /// Always `failure` (listener notices are `listener_gone` and `listener_back`).
+    #[serde(rename = "type", default = "failure_type")]
+    pub kind: String,
     pub time: String,
     pub pid: u32,
     pub tid: u32,
@@ -97,16 +123,32 @@ pub struct EventRecord {
     pub reset_received: bool,
     pub seen_at: String,
     pub explanation: String,
+    /// Why, beyond the cause, when the upstream runs on this host: `upstream_oom_killed`,
+    /// `upstream_crashed`, `upstream_exited`, `upstream_restarting`, `nothing_listened`,
+    /// `listener_wrong_address`, `listener_other_netns`.
+    #[serde(default)]
+    pub root_cause: Option<String>,
+    /// The upstream's process behind the root cause.
+    #[serde(default)]
+    pub root_cause_pid: Option<u32>,
+    #[serde(default)]
+    pub root_cause_comm: Option<String>,
+    /// The root cause in one sentence, with its evidence.
+    #[serde(default)]
+    pub root_cause_detail: Option<String>,
 }
 
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
 }
 
-impl From<&Failure> for EventRecord {
-    fn from(f: &Failure) -> Self {
+impl From<&Classified> for EventRecord {
+    fn from(c: &Classified) -> Self {
+        let f = &c.failure;
         let e = &f.evidence;
+        let root = c.root_cause.as_ref();
         EventRecord {
+            kind: failure_type(),
             time: humantime::format_rfc3339_millis(f.time).to_string(),
             pid: f.proxy.pid,
             tid: f.proxy.tid,
@@ -128,19 +170,92 @@ impl From<&Failure> for EventRecord {
             reset_received: e.reset_received,
             seen_at: source_name(e.source).to_string(),
             explanation: explain(f),
+            root_cause: root.map(|r| r.name().to_string()),
+            root_cause_pid: root.and_then(|r| r.process()).map(|p| p.pid),
+            root_cause_comm: root.and_then(|r| r.process()).map(|p| p.comm.clone()),
+            root_cause_detail: root.map(|r| r.explain(f)),
+        }
+    }
+}
+
+/// The JSON form of a listener notice.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NoticeRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    pub listener: String,
+    pub pid: u32,
+    pub comm: String,
+    /// How it went away: oom_killed, crashed, exited, closed.
+    pub reason: Option<&'static str>,
+    /// How long it was gone, and how many connections to it failed meanwhile.
+    pub gap_ms: Option<f64>,
+    pub failed_meanwhile: Option<u64>,
+    pub explanation: String,
+}
+
+impl From<&Notice> for NoticeRecord {
+    fn from(notice: &Notice) -> Self {
+        match notice {
+            Notice::ListenerGone {
+                listener,
+                process,
+                at,
+                death,
+            } => NoticeRecord {
+                kind: "listener_gone",
+                time: humantime::format_rfc3339_millis(*at).to_string(),
+                listener: listener.to_string(),
+                pid: process.pid,
+                comm: process.comm.clone(),
+                reason: Some(death.as_ref().map_or("closed", |d| d.reason())),
+                gap_ms: None,
+                failed_meanwhile: None,
+                explanation: notice.explain(),
+            },
+            Notice::ListenerBack {
+                listener,
+                process,
+                at,
+                gap,
+                failed_meanwhile,
+            } => NoticeRecord {
+                kind: "listener_back",
+                time: humantime::format_rfc3339_millis(*at).to_string(),
+                listener: listener.to_string(),
+                pid: process.pid,
+                comm: process.comm.clone(),
+                reason: None,
+                gap_ms: Some(millis(*gap)),
+                failed_meanwhile: Some(*failed_meanwhile),
+                explanation: notice.explain(),
+            },
         }
     }
 }
 
 /// One JSON line.
-pub fn json_line(f: &Failure) -> String {
-    serde_json::to_string(&EventRecord::from(f))
+pub fn json_line(c: &Classified) -> String {
+    serde_json::to_string(&EventRecord::from(c))
         .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// One text line: time, proxy, upstream, cause, evidence.
-pub fn text_line(f: &Failure) -> String {
-    let r = EventRecord::from(f);
+/// One JSON line for a listener notice.
+pub fn notice_json_line(notice: &Notice) -> String {
+    serde_json::to_string(&NoticeRecord::from(notice))
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// One text line for a listener notice.
+pub fn notice_text_line(notice: &Notice) -> String {
+    let r = NoticeRecord::from(notice);
+    format!("{}  {}  {}", r.time, r.kind, r.explanation)
+}
+
+/// One text line: time, proxy, upstream, cause, evidence, root cause.
+pub fn text_line(c: &Classified) -> String {
+    let r = EventRecord::from(c);
     let mut line = format!(
         "{}  {}[{}]  {}  {}  waited={}ms",
         r.time, r.comm, r.pid, r.upstream, r.cause, r.waited_ms
@@ -163,6 +278,12 @@ pub fn text_line(f: &Failure) -> String {
         ));
     }
     line.push_str(&format!(" ended_by={}", r.ended_by));
+    if let Some(root) = &r.root_cause {
+        line.push_str(&format!(" root_cause={root}"));
+        if let (Some(comm), Some(pid)) = (&r.root_cause_comm, r.root_cause_pid) {
+            line.push_str(&format!("({comm}[{pid}])"));
+        }
+    }
     line
 }
 
@@ -175,6 +296,13 @@ mod tests {
     use super::*;
     use crate::decode::{Evidence, ProxyProcess};
 
+    fn classified() -> Classified {
+        Classified {
+            failure: failure(),
+            root_cause: None,
+        }
+    }
+
     fn failure() -> Failure {
         Failure {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_763_769_600_123),
@@ -183,6 +311,7 @@ mod tests {
                 pid: 812,
                 tid: 813,
                 cgroup_id: 1,
+                netns: 4026531840,
             },
             upstream: "10.0.0.5:8000".parse().unwrap(),
             local: Some("10.0.0.1:40000".parse().unwrap()),
@@ -205,7 +334,9 @@ mod tests {
 
     #[test]
     fn json_has_the_documented_fields() {
-        let value: serde_json::Value = serde_json::from_str(&json_line(&failure())).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json_line(&classified())).unwrap();
+        assert_eq!(value["type"], "failure");
+        assert_eq!(value["root_cause"], serde_json::Value::Null);
         assert_eq!(value["time"], "2025-11-22T00:00:00.123Z");
         assert_eq!(value["pid"], 812);
         assert_eq!(value["comm"], "nginx");
@@ -225,7 +356,7 @@ mod tests {
     #[test]
     fn text_line_reads_left_to_right() {
         assert_eq!(
-            text_line(&failure()),
+            text_line(&classified()),
             "2025-11-22T00:00:00.123Z  nginx[812]  10.0.0.5:8000  refused  waited=0.25ms \
              errno=ECONNREFUSED ended_by=upstream_reset"
         );

@@ -237,6 +237,37 @@ impl Exporter {
             MetricType::COUNTER,
             state.evicted as f64,
         ));
+        let listeners = shared.listener_totals();
+        let mut deaths = family(
+            "tracer_listener_deaths_total",
+            "Listeners gone, by how: their process oom_killed, crashed, exited, or closed (it lived on).",
+            MetricType::COUNTER,
+        );
+        for ((upstream, comm, reason), n) in &listeners.deaths {
+            deaths.mut_metric().push(counter(
+                &[("upstream", upstream), ("comm", comm), ("reason", reason)],
+                *n as f64,
+            ));
+        }
+        families.push(deaths);
+        let mut restarts = family(
+            "tracer_listener_restarts_total",
+            "Listeners that listened again after a gap.",
+            MetricType::COUNTER,
+        );
+        for ((upstream, comm), n) in &listeners.restarts {
+            restarts.mut_metric().push(counter(
+                &[("upstream", upstream), ("comm", comm)],
+                *n as f64,
+            ));
+        }
+        families.push(restarts);
+        families.push(single(
+            "tracer_lifecycle_events_lost_total",
+            "Listener and process-death records the kernel dropped (their ring buffer was full).",
+            MetricType::COUNTER,
+            shared.stat(Stat::LifecycleLost) as f64,
+        ));
         let mut full = family(
             "tracer_map_full_total",
             "Kernel map inserts that failed because the map was full.",

@@ -124,6 +124,8 @@ pub struct RouteRow {
     pub trend: Vec<u64>,
     pub connect_p50: Option<Duration>,
     pub connect_p99: Option<Duration>,
+    /// The root cause of the last failure that had one, in one sentence.
+    pub root_cause: Option<String>,
 }
 
 impl RouteRow {
@@ -162,6 +164,7 @@ pub struct App {
     /// Events that came while paused, shown on resume.
     held: VecDeque<EventRecord>,
     last_failure: HashMap<RouteId, (SystemTime, u32)>,
+    root_causes: HashMap<RouteId, String>,
     pub health: Health,
     pub now: SystemTime,
     pub selected: usize,
@@ -186,6 +189,7 @@ impl App {
             recent: VecDeque::new(),
             held: VecDeque::new(),
             last_failure: HashMap::new(),
+            root_causes: HashMap::new(),
             health: Health::default(),
             now: SystemTime::now(),
             selected: 0,
@@ -234,6 +238,12 @@ impl App {
             if let Some(row) = self.rows.iter_mut().find(|r| r.id == id) {
                 row.last_failure = Some(time);
                 row.pid = Some(event.pid);
+                if event.root_cause_detail.is_some() {
+                    row.root_cause = event.root_cause_detail.clone();
+                }
+            }
+            if let Some(detail) = &event.root_cause_detail {
+                self.root_causes.insert(id.clone(), detail.clone());
             }
             self.last_failure.insert(id, (time, event.pid));
         }
@@ -328,7 +338,9 @@ impl App {
                 buckets = route.connect_buckets.clone();
             }
             let last = self.last_failure.get(&id);
+            let root_cause = self.root_causes.get(&id).cloned();
             rows.push(RouteRow {
+                root_cause,
                 pid: last.map(|(_, pid)| *pid),
                 last_failure: last.map(|(time, _)| *time),
                 id,
@@ -514,6 +526,7 @@ pub(crate) mod tests {
 
     pub fn event(upstream: &str, cause: &str, pid: u32) -> EventRecord {
         EventRecord {
+            kind: "failure".into(),
             time: "2025-11-22T00:00:10.000Z".into(),
             pid,
             tid: pid,
@@ -535,6 +548,10 @@ pub(crate) mod tests {
             reset_received: true,
             seen_at: "socket_closed".into(),
             explanation: String::new(),
+            root_cause: None,
+            root_cause_pid: None,
+            root_cause_comm: None,
+            root_cause_detail: None,
         }
     }
 

@@ -314,6 +314,18 @@ fn render_detail(frame: &mut Frame, app: &App, area: Rect) {
             .fg(row.leading_cause.map_or(Color::Green, cause_color))
             .add_modifier(Modifier::BOLD),
     ));
+    if let Some(root_cause) = &row.root_cause {
+        lines.push(Line::styled(
+            format!("root cause: {root_cause}"),
+            Style::new().add_modifier(Modifier::BOLD),
+        ));
+    }
+    if let Some(root_cause) = &row.root_cause {
+        lines.push(Line::styled(
+            format!("root cause: {root_cause}"),
+            Style::new().add_modifier(Modifier::BOLD),
+        ));
+    }
     lines.push(Line::raw(format!(
         "attempts: {} in 60 s ({}/s), failures {}",
         row.window_attempts(),
@@ -504,6 +516,21 @@ mod tests {
         assert!(screen.contains("recent failures"), "{screen}");
         assert!(
             screen.contains("nginx[812] 10.0.0.5:8000 refused"),
+            "{screen}"
+        );
+    }
+
+    #[test]
+    fn the_detail_pane_gives_the_root_cause() {
+        let mut app = busy_app();
+        let mut event = crate::export::live::model::tests::event("10.0.0.5:8000", "refused", 812);
+        event.root_cause = Some("upstream_oom_killed".into());
+        event.root_cause_detail =
+            Some("gunicorn (pid 1234, listening on 10.0.0.5:8000) was OOM-killed".into());
+        app.on_event(event);
+        let screen = text(&draw(&app, 160, 34));
+        assert!(
+            screen.contains("root cause: gunicorn (pid 1234, listening on"),
             "{screen}"
         );
     }

@@ -1,0 +1,231 @@
+//! Listeners that existed before tracer started, from /proc: the kernel programs only see
+//! sockets that start listening while they are attached.
+//!
+//! `/proc/<pid>/net/tcp{,6}` lists the sockets of that process's network namespace (read once per
+//! namespace); `/proc/<pid>/fd` says which processes hold each listening socket.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+/// A socket that was listening when tracer started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingListener {
+    pub local: SocketAddr,
+    /// The network namespace's inode number.
+    pub netns: u32,
+    /// Every process holding it (a master and its workers), lowest pid first.
+    pub pids: Vec<u32>,
+    /// The name of the first of them.
+    pub comm: String,
+}
+
+/// TCP state LISTEN in /proc/net/tcp.
+const LISTEN: &str = "0A";
+
+/// Every listening TCP socket on this host, in every network namespace a process is in.
+pub fn listeners() -> Vec<ExistingListener> {
+    listeners_in(Path::new("/proc"))
+}
+
+pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
+    let pids: Vec<u32> = std::fs::read_dir(proc)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    // One task per network namespace is enough to read its socket table. Threads count: a
+    // thread can be in another namespace than its process (setns).
+    let mut namespaces: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    for pid in &pids {
+        let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
+        for task in tasks.into_iter().flatten().filter_map(Result::ok) {
+            if let Some(netns) = netns_of(&task.path()) {
+                namespaces.entry(netns).or_insert(task.path());
+            }
+        }
+    }
+    let mut by_inode: HashMap<u64, (SocketAddr, u32)> = HashMap::new();
+    for (netns, task) in &namespaces {
+        for table in ["tcp", "tcp6"] {
+            let Ok(text) = std::fs::read_to_string(task.join("net").join(table)) else {
+                continue;
+            };
+            for (inode, local) in listening_sockets(&text) {
+                by_inode.insert(inode, (local, *netns));
+            }
+        }
+    }
+    let mut owners: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for pid in &pids {
+        let Ok(fds) = std::fs::read_dir(proc.join(pid.to_string()).join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            if let Some(inode) = inode.filter(|i| by_inode.contains_key(i)) {
+                owners.entry(inode).or_default().push(*pid);
+            }
+        }
+    }
+    owners
+        .into_iter()
+        .filter_map(|(inode, mut pids)| {
+            let (local, netns) = by_inode.get(&inode)?;
+            pids.sort_unstable();
+            pids.dedup();
+            let comm = std::fs::read_to_string(proc.join(pids[0].to_string()).join("comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default();
+            Some(ExistingListener {
+                local: *local,
+                netns: *netns,
+                pids,
+                comm,
+            })
+        })
+        .collect()
+}
+
+/// The network namespace (inode number) of a process or task directory.
+fn netns_of(task: &Path) -> Option<u32> {
+    let link = std::fs::read_link(task.join("ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The listening sockets of a /proc/net/tcp or tcp6 table: (inode, local address).
+pub fn listening_sockets(table: &str) -> Vec<(u64, SocketAddr)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+            if fields.get(3) != Some(&LISTEN) {
+                return None;
+            }
+            let local = parse_address(fields.get(1)?)?;
+            let inode = fields.get(9)?.parse().ok()?;
+            Some((inode, local))
+        })
+        .collect()
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit word is printed as
+/// the kernel holds it, in host byte order.
+fn parse_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(
+            u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_le_bytes(),
+        )
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 31338 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 100 0 0 10 0
+";
+
+    #[test]
+    fn finds_listening_sockets_only() {
+        let sockets = listening_sockets(TCP);
+        assert_eq!(
+            sockets,
+            vec![
+                (31337, "127.0.0.1:8080".parse().unwrap()),
+                (4242, "0.0.0.0:22".parse().unwrap())
+            ]
+        );
+        assert_eq!(
+            listening_sockets(TCP6),
+            vec![(999, "[::1]:443".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn finds_a_thread_listening_in_another_namespace() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to make a network namespace");
+            return;
+        }
+        // A thread of this process, in a namespace of its own, listening there.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            // A child of this thread starts in its namespace.
+            let _ = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0");
+            tx.send(listener.as_ref().ok().and_then(|l| l.local_addr().ok()))
+                .unwrap();
+            let _ = done_rx.recv();
+            drop(listener);
+        });
+        let Some(addr) = rx.recv().unwrap() else {
+            eprintln!("skipped: no loopback in the new namespace");
+            return;
+        };
+        let found = listeners();
+        done_tx.send(()).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|l| l.local == addr && l.pids.contains(&std::process::id())),
+            "{addr} not in {found:?}"
+        );
+    }
+
+    #[test]
+    fn finds_this_process_listening() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let found = listeners();
+        let mine = found
+            .iter()
+            .find(|l| l.local == addr)
+            .unwrap_or_else(|| panic!("{addr} not found among {found:?}"));
+        assert!(mine.pids.contains(&std::process::id()));
+        assert!(mine.netns > 0);
+    }
+}
