@@ -7,6 +7,7 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod privileges;
+pub mod process;
 pub mod tracer_process;
 pub mod upstream;
 

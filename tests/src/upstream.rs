@@ -46,19 +46,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Listens on `addr` inside `ns` and serves every connection with `behaviour`.
+    /// Listens on `addr` inside `ns` and serves every connection with `behaviour`, from a
+    /// thread that stays in the namespace, as a server process would.
     pub fn start(ns: &Netns, addr: SocketAddr, behaviour: Behaviour) -> Upstream {
-        let listener = ns.run(|| {
-            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            listener
-                .set_nonblocking(true)
-                .expect("nonblocking listener");
-            listener
-        });
         let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let netns = ns.name.clone();
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
+                crate::netns::enter(&netns);
+                let listener =
+                    TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+                listener
+                    .set_nonblocking(true)
+                    .expect("nonblocking listener");
+                ready_tx.send(()).expect("the test waits");
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
@@ -73,6 +76,7 @@ impl Upstream {
                 }
             })
         };
+        ready.recv().expect("the upstream listens");
         Upstream {
             addr,
             stop,
@@ -121,6 +125,15 @@ pub fn reset(stream: TcpStream) {
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     drop(stream);
+}
+
+/// Serves every connection of a blocking `listener` with `behaviour`, forever.
+pub fn serve_listener(listener: TcpListener, behaviour: Behaviour) {
+    let never = Arc::new(AtomicBool::new(false));
+    for stream in listener.incoming().flatten() {
+        let never = never.clone();
+        std::thread::spawn(move || serve(stream, behaviour, &never));
+    }
 }
 
 fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {

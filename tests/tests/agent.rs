@@ -27,14 +27,8 @@ fn check_lists_every_probe_as_attached() {
         "tracer check failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for probe in [
-        "tp_btf:inet_sock_set_state",
-        "tp_btf:tcp_receive_reset",
-        "tp_btf:tcp_retransmit_skb",
-        "tp_btf:tcp_sendmsg_locked",
-        "syscalls:sys_enter_connect",
-        "syscalls:sys_exit_connect",
-    ] {
+    for probe in &tracer_user::capture::PROBES {
+        let probe = probe.tracepoint();
         let line = stdout
             .lines()
             .find(|l| l.contains(&format!("probe {probe} ")))
@@ -44,7 +38,11 @@ fn check_lists_every_probe_as_attached() {
             "{line}"
         );
     }
-    assert!(stdout.contains("6/6 attached"), "{stdout}");
+    let all = tracer_user::capture::PROBES.len();
+    assert!(
+        stdout.contains(&format!("{all}/{all} attached")),
+        "{stdout}"
+    );
 }
 
 /// The ids of the BPF programs process `pid` holds (from its file descriptors' fdinfo).

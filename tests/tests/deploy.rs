@@ -60,7 +60,8 @@ fn systemd_units_capabilities_are_enough_without_root() {
         ok,
         "tracer check as nobody with the unit's capabilities failed:\n{text}"
     );
-    assert!(text.contains("6/6 attached"), "{text}");
+    let all = tracer_user::capture::PROBES.len();
+    assert!(text.contains(&format!("{all}/{all} attached")), "{text}");
     // Each one is needed, and its absence is explained.
     let without = |cap: u32| -> Vec<u32> { caps.iter().copied().filter(|c| *c != cap).collect() };
     let (ok, text) = check_as_nobody(&without(capability("CAP_BPF").unwrap()));
@@ -73,10 +74,15 @@ fn systemd_units_capabilities_are_enough_without_root() {
         row.starts_with("FAIL") && row.contains("CAP_BPF, CAP_PERFMON"),
         "{text}"
     );
-    // Without reading tracefs, the connect() probes are lost and tracer says why.
+    // Without reading tracefs, the classic tracepoints are lost and tracer says why.
     let (ok, text) = check_as_nobody(&without(capability("CAP_DAC_READ_SEARCH").unwrap()));
     assert!(ok, "the other probes still attach:\n{text}");
-    assert!(text.contains("4/6 attached"), "{text}");
+    let classic = tracer_user::capture::PROBES
+        .iter()
+        .filter(|p| matches!(p.hook, tracer_user::capture::Hook::Tracepoint(..)))
+        .count();
+    let attached = format!("{}/{all} attached", all - classic);
+    assert!(text.contains(&attached), "{attached}: {text}");
     assert!(
         text.contains("cannot read it: run tracer as root or give it CAP_DAC_READ_SEARCH"),
         "{text}"

@@ -23,6 +23,7 @@ use std::{
 use self::{nginx::Nginx, report::LabReport};
 use crate::{
     netns::{self, Netns},
+    process::{MemoryCgroup, UpstreamProcess},
     tracer_process::Tracer,
     upstream::{Behaviour, Upstream},
 };
@@ -39,6 +40,11 @@ pub struct UpstreamSpec {
     pub expected: Option<&'static str>,
     /// Whether the lab must produce at least one such failure (races may produce none).
     pub must_fail: bool,
+    /// A process of its own (`upstream-process`) that dies this way (`oom` in a memory-limited
+    /// cgroup, `segv`) soon after tracer starts, instead of a server thread.
+    pub dies: Option<&'static str>,
+    /// The root cause tracer must give its failures.
+    pub root_cause: Option<&'static str>,
 }
 
 /// An nginx `server` + `upstream` pair, and the load sent through it.
@@ -77,6 +83,8 @@ impl Matrix {
                 syns_dropped: false,
                 expected,
                 must_fail: expected.is_some(),
+                dies: None,
+                root_cause: None,
             }
         };
         let idle = |secs| Behaviour::Answer {
@@ -84,7 +92,11 @@ impl Matrix {
         };
         let upstreams = vec![
             up(9000, Some(idle(60)), None),
-            up(9001, None, Some("refused")),
+            // Nothing ever listens there, while the host listens on other ports.
+            UpstreamSpec {
+                root_cause: Some("nothing_listened"),
+                ..up(9001, None, Some("refused"))
+            },
             UpstreamSpec {
                 syns_dropped: true,
                 ..up(9002, None, Some("connect_timeout"))
@@ -120,6 +132,18 @@ impl Matrix {
                     Some("closed_before_response"),
                 )
             },
+            // Upstreams whose process dies before nginx sends them anything: OOM-killed in a
+            // memory-limited cgroup, crashed with SIGSEGV.
+            UpstreamSpec {
+                dies: Some("oom"),
+                root_cause: Some("upstream_oom_killed"),
+                ..up(9010, None, Some("refused"))
+            },
+            UpstreamSpec {
+                dies: Some("segv"),
+                root_cause: Some("upstream_crashed"),
+                ..up(9011, None, Some("refused"))
+            },
         ];
         let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
             name,
@@ -151,6 +175,8 @@ impl Matrix {
             // nginx tries the next server when one fails: client 200s, failed attempts logged.
             route("retry", 8109, &[9001, 9008], false, 100, 4),
             route("keepalive_race", 8110, &[9009], true, 400, 8),
+            route("oom_killed", 8111, &[9010], false, 100, 4),
+            route("crashed", 8112, &[9011], false, 100, 4),
         ];
         Matrix { upstreams, routes }
     }
@@ -267,6 +293,30 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         })
         .collect();
     let tracer = Tracer::events(&["--comm", "nginx"]);
+    // Upstreams that die: started once tracer watches, dead before nginx sends them anything.
+    let memory = MemoryCgroup::new("lab-oom", 64 << 20);
+    let mut dying: Vec<UpstreamProcess> = matrix
+        .upstreams
+        .iter()
+        .filter_map(|spec| {
+            let action = spec.dies?;
+            let addr = spec.addr.to_string();
+            Some(UpstreamProcess::start_with(
+                &topology.upstream,
+                &addr,
+                action,
+                200,
+                |pid| {
+                    if action == "oom" {
+                        memory.add(pid);
+                    }
+                },
+            ))
+        })
+        .collect();
+    for process in &mut dying {
+        process.wait();
+    }
     let mut nginx = Nginx::start(&topology.proxy.name, &dir, &matrix.routes);
 
     let load_started = Instant::now();

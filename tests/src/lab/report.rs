@@ -24,6 +24,8 @@ pub struct Cell {
     pub cause: String,
     pub nginx: usize,
     pub tracer: usize,
+    /// The root causes tracer gave these failures, and how many of each.
+    pub root_causes: BTreeMap<String, usize>,
 }
 
 impl Cell {
@@ -44,6 +46,8 @@ pub struct LabReport {
     pub cells: Vec<Cell>,
     /// The (upstream, cause) cells that must not stay empty.
     pub must_fail: Vec<(String, String)>,
+    /// The root cause tracer must give every failure of these upstreams.
+    pub root_causes: Vec<(String, String)>,
     /// error.log lines naming an upstream that no tracer cause matches.
     pub unmapped: Vec<LoggedFailure>,
     /// Responses 502/504 in the access log, and those no tracer failure explains.
@@ -59,6 +63,7 @@ pub struct LabReport {
 struct TracerFailure {
     upstream: String,
     cause: String,
+    root_cause: Option<String>,
     time: f64,
 }
 
@@ -70,6 +75,7 @@ fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
             Some(TracerFailure {
                 upstream: e["upstream"].as_str()?.to_string(),
                 cause: e["cause"].as_str()?.to_string(),
+                root_cause: e["root_cause"].as_str().map(str::to_string),
                 time: time
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()?
@@ -95,6 +101,7 @@ impl LabReport {
         let tracer = tracer_failures(events);
 
         let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+        let mut roots: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
         for f in &logged {
             if let Some(cause) = f.cause {
                 counts
@@ -104,10 +111,15 @@ impl LabReport {
             }
         }
         for f in &tracer {
-            counts
-                .entry((f.upstream.clone(), f.cause.clone()))
-                .or_default()
-                .1 += 1;
+            let key = (f.upstream.clone(), f.cause.clone());
+            counts.entry(key.clone()).or_default().1 += 1;
+            if let Some(root) = &f.root_cause {
+                *roots
+                    .entry(key)
+                    .or_default()
+                    .entry(root.clone())
+                    .or_default() += 1;
+            }
         }
         // Every upstream of the matrix has a row, so a healthy one shows its zeros, and an
         // expected cause that nobody reported shows as a missing row.
@@ -121,6 +133,9 @@ impl LabReport {
         let cells = counts
             .into_iter()
             .map(|((upstream, cause), (nginx, tracer))| Cell {
+                root_causes: roots
+                    .remove(&(upstream.clone(), cause.clone()))
+                    .unwrap_or_default(),
                 upstream,
                 cause,
                 nginx,
@@ -138,6 +153,11 @@ impl LabReport {
                 .iter()
                 .filter(|u| u.must_fail)
                 .filter_map(|u| Some((u.addr.to_string(), u.expected?.to_string())))
+                .collect(),
+            root_causes: matrix
+                .upstreams
+                .iter()
+                .filter_map(|u| Some((u.addr.to_string(), u.root_cause?.to_string())))
                 .collect(),
             unmapped: logged.into_iter().filter(|f| f.cause.is_none()).collect(),
             gateway_errors,
@@ -177,6 +197,24 @@ impl LabReport {
                     "{} {}: the lab produced no such failure at all",
                     cell.upstream, cell.cause
                 ));
+            }
+        }
+        for (upstream, root) in &self.root_causes {
+            for cell in self
+                .cells
+                .iter()
+                .filter(|c| c.upstream == *upstream && c.tracer > 0)
+            {
+                let named = cell.root_causes.get(root).copied().unwrap_or(0);
+                let share = named as f64 / cell.tracer as f64;
+                if share < self.target {
+                    problems.push(format!(
+                        "{upstream} {}: root cause {root} on {named} of {} failures ({:.1}%)",
+                        cell.cause,
+                        cell.tracer,
+                        share * 100.0
+                    ));
+                }
             }
         }
         for f in &self.unmapped {
@@ -247,18 +285,24 @@ impl fmt::Display for LabReport {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<20} {:<24} {:>7} {:>7} {:>10}",
+            "{:<20} {:<24} {:>7} {:>7} {:>10}  root cause (tracer)",
             "upstream", "cause", "nginx", "tracer", "agreement"
         )?;
         for cell in &self.cells {
+            let roots: Vec<String> = cell
+                .root_causes
+                .iter()
+                .map(|(root, n)| format!("{root} ×{n}"))
+                .collect();
             writeln!(
                 f,
-                "{:<20} {:<24} {:>7} {:>7} {:>9.1}%{}",
+                "{:<20} {:<24} {:>7} {:>7} {:>9.1}%  {}{}",
                 cell.upstream,
                 cell.cause,
                 cell.nginx,
                 cell.tracer,
                 cell.agreement() * 100.0,
+                roots.join(", "),
                 if cell.agreement() < self.target {
                     "  <-- below target"
                 } else {

@@ -1,0 +1,130 @@
+//! Upstreams that are processes of their own (the `upstream-process` binary), run inside a test
+//! namespace and, for OOM tests, inside a memory-limited cgroup.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use crate::netns::Netns;
+
+/// The `upstream-process` binary, built with this crate: next to the running executable (a bin)
+/// or one directory up (a test, in `deps/`).
+pub fn upstream_process_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("this executable");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("upstream-process"))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no upstream-process binary near {} (cargo builds it with the tests)",
+                exe.display()
+            )
+        })
+}
+
+/// A running upstream process; killed on drop.
+pub struct UpstreamProcess {
+    pub child: Child,
+}
+
+impl UpstreamProcess {
+    /// Starts `upstream-process ADDR ACTION AFTER_MS` inside `ns` and waits until it listens.
+    pub fn start(ns: &Netns, addr: &str, action: &str, after_ms: u64) -> UpstreamProcess {
+        Self::start_with(ns, addr, action, after_ms, |_| {})
+    }
+
+    /// Like [`UpstreamProcess::start`], calling `placed(pid)` before it starts its action (to
+    /// put it in a cgroup).
+    pub fn start_with(
+        ns: &Netns,
+        addr: &str,
+        action: &str,
+        after_ms: u64,
+        placed: impl FnOnce(u32),
+    ) -> UpstreamProcess {
+        let netns = File::open(format!("/run/netns/{}", ns.name)).expect("the namespace");
+        let fd = netns.as_raw_fd();
+        let mut command = Command::new(upstream_process_bin());
+        command
+            .args([addr, action, &after_ms.to_string()])
+            .stdout(Stdio::piped());
+        // SAFETY: setns and prctl are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("starting upstream-process");
+        drop(netns);
+        placed(child.id());
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading upstream-process");
+        assert_eq!(line.trim(), "listening", "upstream-process did not start");
+        UpstreamProcess { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for it to end; its raw wait status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("waiting for upstream-process")
+    }
+}
+
+impl Drop for UpstreamProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A memory cgroup with a limit, removed on drop (cgroup v1's memory controller, or v2).
+pub struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(tag: &str, limit_bytes: u64) -> MemoryCgroup {
+        let name = format!("tracer-test-{tag}-{}", std::process::id());
+        let v1 = PathBuf::from("/sys/fs/cgroup/memory");
+        let (dir, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(&name), "memory.limit_in_bytes")
+        } else {
+            (PathBuf::from("/sys/fs/cgroup").join(&name), "memory.max")
+        };
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        std::fs::write(dir.join(limit_file), limit_bytes.to_string())
+            .unwrap_or_else(|e| panic!("limiting {}: {e}", dir.display()));
+        MemoryCgroup { dir }
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

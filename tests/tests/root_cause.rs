@@ -1,0 +1,259 @@
+//! Root causes on the real kernel: an upstream process OOM-killed in a memory-limited cgroup,
+//! crashed with SIGSEGV, killed with SIGKILL, restarting after 2 s; and refusals with no death
+//! behind them (wrong interface, wrong port, another network namespace). tracer must name the
+//! process and what happened to it on the refusals that follow.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_tests::{
+    kernel_tests_enabled,
+    netns::Netns,
+    process::{MemoryCgroup, UpstreamProcess},
+    tracer_process::Tracer,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_millis(500);
+/// How upstream-process shows in the kernel (comm is 15 bytes at most).
+const COMM: &str = "upstream-proces";
+
+fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {
+    ns.run(|| {
+        for _ in 0..n {
+            let error = TcpStream::connect(upstream).expect_err("nobody listens");
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+    });
+}
+
+fn failures<'a>(events: &'a [Value], upstream: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "failure" && e["upstream"] == upstream)
+        .collect()
+}
+
+fn notices<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// `n` refusals toward `upstream`, each with `root_cause` naming process `pid`.
+#[track_caller]
+fn assert_root_cause(events: &[Value], upstream: &str, root_cause: &str, pid: u32, n: usize) {
+    let refused = failures(events, upstream);
+    assert_eq!(refused.len(), n, "{events:#?}");
+    for (i, event) in refused.iter().enumerate() {
+        assert_eq!(event["cause"], "refused", "{event}");
+        assert_eq!(event["root_cause"], root_cause, "{event}");
+        assert_eq!(event["root_cause_pid"], pid, "{event}");
+        assert_eq!(event["root_cause_comm"], COMM, "{event}");
+        let detail = event["root_cause_detail"].as_str().unwrap();
+        let count = if i == 0 {
+            "1 connection".to_string()
+        } else {
+            format!("{} connections", i + 1)
+        };
+        assert!(
+            detail.contains(&format!("since then {count} from")),
+            "{detail}"
+        );
+        assert!(
+            detail.contains(&format!("(pid {pid}, listening on {upstream})")),
+            "{detail}"
+        );
+    }
+}
+
+#[test]
+fn oom_killed_upstream_is_the_root_cause_of_the_refusals() {
+    if !kernel_tests_enabled("oom_killed_upstream_is_the_root_cause_of_the_refusals") {
+        return;
+    }
+    let ns = Netns::new("oom");
+    let addr: SocketAddr = "127.77.60.1:8060".parse().unwrap();
+    let tracer = Tracer::events(&["--upstream", "127.77.60.1:8060"]);
+    let cgroup = MemoryCgroup::new("oom", 64 << 20);
+    let mut upstream =
+        UpstreamProcess::start_with(&ns, "127.77.60.1:8060", "oom", 300, |pid| cgroup.add(pid));
+    let pid = upstream.pid();
+    let status = upstream.wait();
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the kernel OOM-killed it: {status:?}"
+    );
+    refuse(&ns, addr, 3);
+    let events = tracer.collect(4, WAIT, SETTLE);
+    let gone = notices(&events, "listener_gone");
+    assert_eq!(gone.len(), 1, "{events:#?}");
+    assert_eq!(gone[0]["reason"], "oom_killed");
+    assert_eq!(gone[0]["pid"], pid);
+    assert!(
+        gone[0]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("was OOM-killed (anon-rss")
+    );
+    assert_root_cause(&events, "127.77.60.1:8060", "upstream_oom_killed", pid, 3);
+    let detail = failures(&events, "127.77.60.1:8060")[0]["root_cause_detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        detail.contains("was OOM-killed at") && detail.contains("anon-rss"),
+        "{detail}"
+    );
+    tracer.stop();
+}
+
+#[test]
+fn upstream_crashing_with_sigsegv_is_the_root_cause() {
+    if !kernel_tests_enabled("upstream_crashing_with_sigsegv_is_the_root_cause") {
+        return;
+    }
+    let ns = Netns::new("segv");
+    let addr: SocketAddr = "127.77.61.1:8061".parse().unwrap();
+    let tracer = Tracer::events(&["--upstream", "127.77.61.1:8061"]);
+    let mut upstream = UpstreamProcess::start(&ns, "127.77.61.1:8061", "segv", 200);
+    let pid = upstream.pid();
+    upstream.wait();
+    refuse(&ns, addr, 2);
+    let events = tracer.collect(3, WAIT, SETTLE);
+    assert_eq!(notices(&events, "listener_gone")[0]["reason"], "crashed");
+    assert_root_cause(&events, "127.77.61.1:8061", "upstream_crashed", pid, 2);
+    let detail = failures(&events, "127.77.61.1:8061")[0]["root_cause_detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("(SIGSEGV)"), "{detail}");
+    tracer.stop();
+}
+
+#[test]
+fn upstream_killed_with_sigkill_is_the_root_cause() {
+    if !kernel_tests_enabled("upstream_killed_with_sigkill_is_the_root_cause") {
+        return;
+    }
+    let ns = Netns::new("kill");
+    let addr: SocketAddr = "127.77.62.1:8062".parse().unwrap();
+    let tracer = Tracer::events(&["--upstream", "127.77.62.1:8062"]);
+    let mut upstream = UpstreamProcess::start(&ns, "127.77.62.1:8062", "", 0);
+    let pid = upstream.pid();
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    upstream.wait();
+    refuse(&ns, addr, 2);
+    let events = tracer.collect(3, WAIT, SETTLE);
+    assert_root_cause(&events, "127.77.62.1:8062", "upstream_crashed", pid, 2);
+    let detail = failures(&events, "127.77.62.1:8062")[0]["root_cause_detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("(SIGKILL)"), "{detail}");
+    tracer.stop();
+}
+
+#[test]
+fn upstream_restarting_after_two_seconds_has_its_gap_measured() {
+    if !kernel_tests_enabled("upstream_restarting_after_two_seconds_has_its_gap_measured") {
+        return;
+    }
+    let ns = Netns::new("restart");
+    let addr: SocketAddr = "127.77.63.1:8063".parse().unwrap();
+    let tracer = Tracer::events(&["--upstream", "127.77.63.1:8063"]);
+    let mut first = UpstreamProcess::start(&ns, "127.77.63.1:8063", "exit", 200);
+    let pid = first.pid();
+    // Reaped: its listener was closed as it exited.
+    first.wait();
+    let gone_at = Instant::now();
+    refuse(&ns, addr, 4);
+    // The new instance comes up 2 s after the old one went.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(gone_at.elapsed()));
+    let second = UpstreamProcess::start(&ns, "127.77.63.1:8063", "", 0);
+    let events = tracer.collect(6, WAIT, SETTLE);
+    assert_root_cause(&events, "127.77.63.1:8063", "upstream_exited", pid, 4);
+    let back = notices(&events, "listener_back");
+    assert_eq!(back.len(), 1, "{events:#?}");
+    assert_eq!(back[0]["pid"], second.pid());
+    assert_eq!(back[0]["failed_meanwhile"], 4);
+    let gap = back[0]["gap_ms"].as_f64().unwrap();
+    assert!((1900.0..3000.0).contains(&gap), "gap {gap} ms");
+    tracer.stop();
+}
+
+#[test]
+fn upstream_listening_on_the_wrong_interface_is_explained() {
+    if !kernel_tests_enabled("upstream_listening_on_the_wrong_interface_is_explained") {
+        return;
+    }
+    let ns = Netns::new("wrongif");
+    let tracer = Tracer::events(&["--upstream", ":8064"]);
+    // The upstream binds 127.0.0.1, the proxy connects to another address of the host.
+    let _listener = ns.run(|| TcpListener::bind("127.0.0.1:8064").unwrap());
+    refuse(&ns, "127.77.64.1:8064".parse().unwrap(), 2);
+    let events = tracer.collect(2, WAIT, SETTLE);
+    let refused = failures(&events, "127.77.64.1:8064");
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    for event in refused {
+        assert_eq!(event["root_cause"], "listener_wrong_address", "{event}");
+        let detail = event["root_cause_detail"].as_str().unwrap();
+        assert!(
+            detail.contains("listens on 127.0.0.1:8064, bound to 127.0.0.1 but"),
+            "{detail}"
+        );
+        assert!(detail.contains("connects to 127.77.64.1"), "{detail}");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_on_a_port_nothing_listens_on_is_explained() {
+    if !kernel_tests_enabled("upstream_on_a_port_nothing_listens_on_is_explained") {
+        return;
+    }
+    let ns = Netns::new("wrongport");
+    let tracer = Tracer::events(&["--upstream", "127.77.65.1"]);
+    let _listener = ns.run(|| TcpListener::bind("127.77.65.1:8065").unwrap());
+    refuse(&ns, "127.77.65.1:8066".parse().unwrap(), 2);
+    let events = tracer.collect(2, WAIT, SETTLE);
+    let refused = failures(&events, "127.77.65.1:8066");
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    for event in refused {
+        assert_eq!(event["root_cause"], "nothing_listened", "{event}");
+        let detail = event["root_cause_detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("nothing has listened on 127.77.65.1:8066 since tracer started"),
+            "{detail}"
+        );
+    }
+    tracer.stop();
+}
+
+#[test]
+fn upstream_listening_only_in_another_namespace_is_explained() {
+    if !kernel_tests_enabled("upstream_listening_only_in_another_namespace_is_explained") {
+        return;
+    }
+    let proxy_host = Netns::new("otherns-a");
+    let upstream_host = Netns::new("otherns-b");
+    let tracer = Tracer::events(&["--upstream", "127.0.0.1:8067"]);
+    let _listener = upstream_host.run(|| TcpListener::bind("127.0.0.1:8067").unwrap());
+    refuse(&proxy_host, "127.0.0.1:8067".parse().unwrap(), 2);
+    let events = tracer.collect(2, WAIT, SETTLE);
+    let refused = failures(&events, "127.0.0.1:8067");
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    for event in refused {
+        assert_eq!(event["root_cause"], "listener_other_netns", "{event}");
+        let detail = event["root_cause_detail"].as_str().unwrap();
+        assert!(
+            detail.contains("listens on 127.0.0.1:8067 only in another network namespace"),
+            "{detail}"
+        );
+    }
+    tracer.stop();
+}
