@@ -2,12 +2,12 @@
 //! programs behind, and clear errors for bad input.
 
 use std::{
-    collections::BTreeSet,
     process::Command,
     time::{Duration, Instant},
 };
 
 use tracer_tests::{
+    bpf::{program_loaded, programs_held_by},
     kernel_tests_enabled,
     tracer_process::{Tracer, tracer_bin},
 };
@@ -43,36 +43,6 @@ fn check_lists_every_probe_as_attached() {
         stdout.contains(&format!("{all}/{all} attached")),
         "{stdout}"
     );
-}
-
-/// The ids of the BPF programs process `pid` holds (from its file descriptors' fdinfo).
-fn programs_held_by(pid: u32) -> BTreeSet<u32> {
-    let mut ids = BTreeSet::new();
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return ids;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        if let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
-            .and_then(|v| v.trim().parse().ok())
-        {
-            ids.insert(id);
-        }
-    }
-    ids
-}
-
-/// Whether the kernel still has program `id` loaded.
-fn program_loaded(id: u32) -> bool {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
-    out.status.success()
 }
 
 fn stops_and_leaves_nothing_loaded(signal: i32) {
@@ -155,4 +125,40 @@ fn a_bad_flag_is_a_clear_error() {
         .output()
         .expect("tracer");
     assert_eq!(out.status.code(), Some(2));
+    for (probe, says) in [
+        ("inet_sock_set_state", "is required"),
+        ("tcp_nonsense", "these can be skipped: tcp_receive_reset"),
+    ] {
+        let out = Command::new(tracer_bin())
+            .args(["run", "--skip-probe", probe])
+            .output()
+            .expect("tracer");
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
+#[test]
+fn a_skipped_probe_is_reported_and_its_pair_skipped_too() {
+    if !kernel_tests_enabled("a_skipped_probe_is_reported_and_its_pair_skipped_too") {
+        return;
+    }
+    let out = Command::new(tracer_bin())
+        .args(["check", "--skip-probe", "syscalls:sys_exit_connect"])
+        .output()
+        .expect("tracer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for probe in ["sys_enter_connect", "sys_exit_connect"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(&format!("probe syscalls:{probe} ")))
+            .unwrap_or_else(|| panic!("{probe} listed:\n{stdout}"));
+        assert!(
+            line.starts_with("warn") && line.contains("skipped (--skip-probe)"),
+            "{line}"
+        );
+    }
+    assert!(stdout.contains("6/8 attached"), "{stdout}");
 }

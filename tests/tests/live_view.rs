@@ -2,13 +2,17 @@
 //! the terminal is given back and the programs detached on `q` and on SIGTERM.
 
 use std::{
-    collections::BTreeSet,
     net::{SocketAddr, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
 
-use tracer_tests::{kernel_tests_enabled, netns::Netns, tracer_process::tracer_bin};
+use tracer_tests::{
+    bpf::{program_loaded, programs_held_by},
+    kernel_tests_enabled,
+    netns::Netns,
+    tracer_process::tracer_bin,
+};
 
 /// A tmux session running `tracer top` under a shell that reports its exit.
 struct Session {
@@ -100,27 +104,6 @@ impl Drop for Session {
             .args(["kill-session", "-t", &self.name])
             .status();
     }
-}
-
-fn programs_held_by(pid: u32) -> BTreeSet<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .collect()
-}
-
-fn program_loaded(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {

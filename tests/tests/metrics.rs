@@ -250,6 +250,69 @@ fn upstreams_past_the_cap_are_folded_into_other_and_still_counted() {
     tracer.stop();
 }
 
+/// Pins the calling thread to one CPU (the event budget is per CPU).
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity(0) is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU 0"
+        );
+    }
+}
+
+#[test]
+fn a_storm_is_counted_exactly_and_sampled_to_the_event_rate() {
+    if !kernel_tests_enabled("a_storm_is_counted_exactly_and_sampled_to_the_event_rate") {
+        return;
+    }
+    let (tracer, agent_addr) = agent(&["--event-rate", "5"]);
+    let upstream = "127.77.43.1:8060";
+    let events = Tracer::events(&["--upstream", upstream, "--event-rate", "5"]);
+    let ns = Netns::new("storm");
+    let n = 300;
+    let started = Instant::now();
+    ns.run(|| {
+        pin_to_one_cpu();
+        for _ in 0..n {
+            TcpStream::connect(upstream).expect_err("nothing listens");
+        }
+    });
+    let took = started.elapsed();
+    // The budget is 5 per second per upstream, cause and CPU: the storm spans at most two
+    // one-second windows of one CPU (twice that if the kernel handled some RSTs elsewhere).
+    let windows = took.as_secs() + 2;
+    let bound = 5 * windows as usize * 2;
+    let shown = events.collect(n, Duration::from_secs(3), Duration::from_millis(500));
+    let shown = shown
+        .iter()
+        .filter(|e| e["upstream"] == upstream && e["cause"] == "refused")
+        .count();
+    assert!(
+        (5..=bound).contains(&shown),
+        "{shown} refusals shown one by one, expected 5 to {bound} (storm took {took:?})"
+    );
+    // The counts are exact all the same, and the agent says how many it did not show.
+    let comm = tracer_tests::own_comm();
+    let series = format!(
+        "tracer_upstream_failures_total{{proxy=\"{comm}\",cgroup=\"/\",upstream=\"{upstream}\",cause=\"refused\"}}"
+    );
+    let (_, scrape) = get(agent_addr, "/metrics").unwrap();
+    assert_eq!(sample(&scrape, &series), Some(n as f64), "{scrape}");
+    let sampled_out = sample(&scrape, "tracer_events_sampled_out_total").unwrap_or(0.0);
+    assert!(
+        sampled_out >= (n - bound) as f64,
+        "{sampled_out} events sampled out, expected at least {}",
+        n - bound
+    );
+    events.stop();
+    let stderr = tracer.stop();
+    assert!(stderr.contains("over --event-rate"), "{stderr}");
+}
+
 #[test]
 fn a_bad_listen_address_fails_before_any_probe_is_attached() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -96,12 +96,23 @@ pub struct Config {
     pub ready: u32,
     /// Non-zero when the `tcp_sendmsg_locked` probe is attached, so requests are seen.
     pub sends_tracked: u32,
+    /// At most this many failure events per second per route, cause and CPU reach user space
+    /// (0: no limit); the counts are exact regardless.
+    pub events_per_second: u32,
+    pub _pad: u32,
 }
 
 impl Config {
     /// The default for [`Config::min_wait_ns`]: 50 ms. Real connect and read timeouts are longer;
     /// clients that hang up and parallel connects that lose are usually faster.
     pub const DEFAULT_MIN_WAIT_NS: u64 = 50_000_000;
+
+    /// The default for [`Config::events_per_second`].
+    pub const DEFAULT_EVENTS_PER_SECOND: u32 = 1000;
+
+    /// How many leading bytes of a `struct sock` the programs read in one go; every
+    /// `sock_common` field they use must lie within them.
+    pub const SOCK_COMMON_BLOCK: u32 = 128;
 
     /// What the object file holds before user space overrides it: not ready.
     pub const UNSET: Config = Config {
@@ -150,5 +161,7 @@ impl Config {
         min_wait_ns: Config::DEFAULT_MIN_WAIT_NS,
         ready: 0,
         sends_tracked: 0,
+        events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
+        _pad: 0,
     };
 }

@@ -354,11 +354,14 @@ pub const fn connect_errno_outcome(errno: i32) -> Option<Outcome> {
 /// connect() can fail before the socket ever reaches SYN_SENT (no route: EHOSTUNREACH) or go
 /// SYN_SENT→CLOSE inside the call without sending a SYN (no local port: EADDRNOTAVAIL). Those
 /// failures are decided at the syscall's exit from its return value; everything that happens
-/// after a SYN left is decided by [`ConnTrack`].
+/// after a SYN left is decided by [`ConnTrack`]. The destination is read from the caller's
+/// memory at exit, and only for such failures, to keep every connect() cheap.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingConnect {
-    pub upstream: Endpoint,
+    /// The caller's `struct sockaddr *` and its length.
+    pub uservaddr: u64,
+    pub addrlen: u64,
     pub start_ns: u64,
     /// The socket, once it went CLOSE→SYN_SENT inside this call (0 before).
     pub sk: u64,
@@ -709,7 +712,8 @@ mod tests {
     #[test]
     fn connect_failing_before_any_syn_is_decided_by_its_return_value() {
         let pending = |sk, closed_in_call| PendingConnect {
-            upstream: Endpoint::v4([10, 9, 9, 9], 80),
+            uservaddr: 0x7ffd_0000_1000,
+            addrlen: 16,
             start_ns: 0,
             sk,
             closed_in_call,

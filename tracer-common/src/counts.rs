@@ -62,13 +62,38 @@ pub fn connect_bucket(ns: u64) -> u8 {
     bucket as u8
 }
 
-/// The value of `COUNTS`: how many, and the sum of their durations (connect time for
-/// `connected`, waited time for failures) in nanoseconds.
+/// The value of `COUNTS` (one per CPU): how many, and the sum of their durations (connect time
+/// for `connected`, waited time for failures) in nanoseconds; and this CPU's event budget for
+/// the key: events sent in the current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
     pub count: u64,
     pub sum_ns: u64,
+    pub window_start_ns: u64,
+    pub window_events: u64,
+}
+
+impl Tally {
+    /// Counts one more of this key (exactly), and says whether an event may go to user space
+    /// for it: at most `per_second` per key and CPU (0: no limit). Counts never depend on it.
+    pub fn add(&mut self, ns: u64, now_ns: u64, per_second: u32) -> bool {
+        self.count += 1;
+        self.sum_ns += ns;
+        if per_second == 0 {
+            return true;
+        }
+        if now_ns.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
+            self.window_start_ns = now_ns;
+            self.window_events = 0;
+        }
+        if self.window_events < u64::from(per_second) {
+            self.window_events += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Size of `COUNTS`. When it is full, new keys are counted per outcome only, in
@@ -111,11 +136,14 @@ pub enum Stat {
     LatencyOverflowed = 7,
     /// Lifecycle records (listeners, OOM kills, exits) lost because their ring buffer was full.
     LifecycleLost = 8,
+    /// Failure events not sent because their key was over its events-per-second budget (they
+    /// are counted all the same).
+    EventsSampledOut = 9,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 9;
-    pub const ALL: [Stat; 9] = [
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Stat; 10] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -125,6 +153,7 @@ impl Stat {
         Stat::ConnsClosed,
         Stat::LatencyOverflowed,
         Stat::LifecycleLost,
+        Stat::EventsSampledOut,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -138,6 +167,7 @@ impl Stat {
             Stat::ConnsClosed => "connections_closed",
             Stat::LatencyOverflowed => "latency_overflowed",
             Stat::LifecycleLost => "lifecycle_lost",
+            Stat::EventsSampledOut => "events_sampled_out",
         }
     }
 }
@@ -145,6 +175,21 @@ impl Stat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_exact_and_events_are_limited_per_second() {
+        let mut tally = Tally::default();
+        let sent = (0..5)
+            .filter(|i| tally.add(10, 1_000_000_000 + i * 1_000, 3))
+            .count();
+        assert_eq!((tally.count, tally.sum_ns, sent), (5, 50, 3));
+        // A new second: a new budget.
+        assert!(tally.add(10, 2_000_000_001, 3));
+        assert_eq!(tally.count, 6);
+        // No limit.
+        let mut free = Tally::default();
+        assert!((0..10).all(|_| free.add(0, 5, 0)));
+    }
 
     #[test]
     fn connect_times_fall_in_the_first_bucket_they_fit() {

@@ -1,5 +1,9 @@
 //! tracer's kernel programs: record the fate of every outbound TCP connection.
 //!
+//! Socket and task events use raw tracepoints: the kernel's own arguments (the `struct sock *`,
+//! the `struct task_struct *`), read at offsets from BTF that user space passes in, without the
+//! cost of building a trace record and without the agent having to load vmlinux's BTF into aya.
+//!
 //! Each program is a thin adapter: it reads what its tracepoint offers, finds the connection's
 //! record (keyed by `struct sock *`) and calls the shared state machine in
 //! `tracer_common::conn`, which decides the outcome. Outcomes are counted exactly here, in
@@ -7,13 +11,13 @@
 //!
 //! | program               | tracepoint                     | records                          |
 //! |-----------------------|--------------------------------|----------------------------------|
-//! | `inet_sock_set_state` | tp_btf `inet_sock_set_state`   | start (process ctx), state, end  |
-//! | `tcp_receive_reset`   | tp_btf `tcp_receive_reset`     | the upstream's RST               |
-//! | `tcp_retransmit_skb`  | tp_btf `tcp_retransmit_skb`    | SYN and data retransmits         |
-//! | `tcp_sendmsg_locked`  | tp_btf `tcp_sendmsg_locked`    | the proxy starts a request       |
+//! | `inet_sock_set_state` | raw `inet_sock_set_state`      | start (process ctx), state, end  |
+//! | `tcp_receive_reset`   | raw `tcp_receive_reset`        | the upstream's RST               |
+//! | `tcp_retransmit_skb`  | raw `tcp_retransmit_skb`       | SYN and data retransmits         |
+//! | `tcp_sendmsg_locked`  | raw `tcp_sendmsg_locked`       | the proxy starts a request       |
 //! | `sys_enter_connect`   | `syscalls:sys_enter_connect`   | where connect() goes             |
 //! | `sys_exit_connect`    | `syscalls:sys_exit_connect`    | connect() failing before a SYN   |
-//! | `sched_process_exit`  | tp_btf `sched_process_exit`    | a listener owner's death         |
+//! | `sched_process_exit`  | raw `sched_process_exit`       | a listener owner's death         |
 //! | `mark_victim`         | `oom:mark_victim`              | the OOM killer's victim          |
 //!
 //! `inet_sock_set_state` also reports listeners opening and closing (CLOSE↔LISTEN) to the
@@ -30,15 +34,15 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     Config, ConnTrack, CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent,
@@ -77,6 +81,11 @@ static CONNECTS: HashMap<u64, PendingConnect> = HashMap::with_max_entries(CONNEC
 static COUNTS: PerCpuHashMap<CountKey, Tally> =
     PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
 
+/// Scratch space for the leading bytes of a `struct sock`, read in one go (too big for the stack).
+#[map]
+static SOCK_BLOCK: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Successful connects per route × connect-time bucket.
 #[map]
 static CONNECT_LATENCY: PerCpuHashMap<LatencyKey, u64> =
@@ -107,8 +116,8 @@ static LISTENER_OWNERS: HashMap<u32, u32> =
 // ---------------------------------------------------------------------------------------------
 // Programs
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
@@ -116,8 +125,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     if let Some(conn) = tracked(sk) {
         conn.on_reset_received(now());
@@ -125,8 +134,8 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     if let Some(conn) = tracked(sk) {
         conn.on_retransmit();
@@ -134,8 +143,8 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "tcp_sendmsg_locked")]
-pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
+pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     if let Some(conn) = tracked(sk) {
         // Fires before this send's first byte is queued: no answer to it can be counted yet.
@@ -145,8 +154,8 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "sched_process_exit")]
-pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let _ = process_exited(task);
     0
@@ -189,6 +198,20 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
     if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         return listener_changed(sk, false);
     }
+    // Only these transitions can matter to a tracked connection; every server-side socket
+    // (SYN_RECV, ESTABLISHED from SYN_RECV, FIN_WAIT2, TIME_WAIT) returns before any lookup.
+    let relevant = match new {
+        tcp_state::ESTABLISHED => old == tcp_state::SYN_SENT,
+        tcp_state::CLOSE
+        | tcp_state::CLOSE_WAIT
+        | tcp_state::FIN_WAIT1
+        | tcp_state::LAST_ACK
+        | tcp_state::CLOSING => true,
+        _ => false,
+    };
+    if !relevant {
+        return Ok(());
+    }
     let Some(conn) = tracked(sk) else {
         return Ok(());
     };
@@ -215,21 +238,30 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let family = read_kernel::<u16>(sk, config!(offsets.skc_family))?;
-    let dport = u16::from_be(read_kernel::<u16>(sk, config!(offsets.skc_dport))?);
+    // The sock_common fields in one read (user space checked they lie in the block).
+    let block = SOCK_BLOCK.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot; bpf_probe_read_kernel_buf copes with any address.
+    let common = unsafe {
+        bpf_probe_read_kernel_buf(sk, &mut *block).map_err(i64::from)?;
+        &*block
+    };
+    let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
+    let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
     let (upstream, local) = match family {
         AF_INET => (
-            Endpoint::v4(read_kernel(sk, config!(offsets.skc_daddr))?, dport),
-            Endpoint::v4(read_kernel(sk, config!(offsets.skc_rcv_saddr))?, 0),
+            Endpoint::v4(field(common, config!(offsets.skc_daddr))?, dport),
+            Endpoint::v4(field(common, config!(offsets.skc_rcv_saddr))?, 0),
         ),
         AF_INET6 => (
-            Endpoint::v6(read_kernel(sk, config!(offsets.skc_v6_daddr))?, dport),
-            Endpoint::v6(read_kernel(sk, config!(offsets.skc_v6_rcv_saddr))?, 0),
+            Endpoint::v6(field(common, config!(offsets.skc_v6_daddr))?, dport),
+            Endpoint::v6(field(common, config!(offsets.skc_v6_rcv_saddr))?, 0),
         ),
         _ => return Ok(()),
     };
+    let net = usize::from_ne_bytes(field(common, config!(offsets.skc_net))?) as *const u8;
+    let netns = read_kernel::<u32>(net, config!(offsets.net_ns_inum)).unwrap_or(0);
     let key = sk as u64;
-    let conn = ConnTrack::connecting(current_proxy(netns_of(sk)), upstream, local, now());
+    let conn = ConnTrack::connecting(current_proxy(netns), upstream, local, now());
     match CONNS.insert(&key, &conn, 0) {
         Ok(()) => stat(Stat::ConnsTracked),
         Err(_) => stat(Stat::ConnsUntracked),
@@ -240,6 +272,16 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         unsafe { (*pending).sk = key };
     }
     Ok(())
+}
+
+/// `N` bytes at `offset` in a block read from the kernel.
+#[inline(always)]
+fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
+    let offset = offset as usize;
+    let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    Ok(out)
 }
 
 fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) {
@@ -271,7 +313,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     let Some(outcome) = verdict.outcome else {
         return;
     };
-    count(
+    let send = count(
         &route_of(&conn.proxy, &conn.upstream),
         outcome,
         verdict.waited_ns,
@@ -281,6 +323,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         report(
             conn,
             &Report {
+                send,
                 close_ns: now,
                 waited_ns: verdict.waited_ns,
                 bytes_received: conn.data_received(old_state, bytes_received),
@@ -300,32 +343,15 @@ fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
     if config!(ready) == 0 {
         return Ok(());
     }
-    let fd: u64 = read_field(ctx, config!(syscalls.connect_fd))?;
-    let uservaddr: u64 = read_field(ctx, config!(syscalls.connect_uservaddr))?;
-    let addrlen: u64 = read_field(ctx, config!(syscalls.connect_addrlen))?;
-    let sockaddr = uservaddr as *const u8;
-    // SAFETY: bpf_probe_read_user copes with any user pointer.
-    let family: u16 = unsafe { bpf_probe_read_user(sockaddr.cast())? };
-    // struct sockaddr_in{,6}: port at 2 (big-endian), IPv4 address at 4, IPv6 address at 8.
-    let port = u16::from_be(unsafe { bpf_probe_read_user(sockaddr.add(2).cast())? });
-    let upstream = match family {
-        AF_INET if addrlen >= 16 => Endpoint::v4(
-            unsafe { bpf_probe_read_user(sockaddr.add(4).cast())? },
-            port,
-        ),
-        AF_INET6 if addrlen >= 28 => Endpoint::v6(
-            unsafe { bpf_probe_read_user(sockaddr.add(8).cast())? },
-            port,
-        ),
-        _ => return Ok(()),
-    };
+    // Only where the destination is: it is read at exit, and only if connect() failed early.
     let pending = PendingConnect {
-        upstream,
+        uservaddr: read_field(ctx, config!(syscalls.connect_uservaddr))?,
+        addrlen: read_field(ctx, config!(syscalls.connect_addrlen))?,
         start_ns: now(),
         sk: 0,
         closed_in_call: 0,
         _pad: [0; 3],
-        fd: fd as u32,
+        fd: read_field::<u64>(ctx, config!(syscalls.connect_fd))? as u32,
     };
     if CONNECTS
         .insert(&bpf_get_current_pid_tgid(), &pending, 0)
@@ -334,6 +360,29 @@ fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
         stat(Stat::ConnectsUntracked);
     }
     Ok(())
+}
+
+/// The destination of a connect() from the caller's `struct sockaddr`, if it is an IP one:
+/// written into `into`, and `false` for other families. (An out-parameter rather than an
+/// `Option<Endpoint>`: LLVM copies a `None`'s undefined payload, which the verifier rejects.)
+fn destination(uservaddr: u64, addrlen: u64, into: &mut Endpoint) -> Result<bool, i64> {
+    let sockaddr = uservaddr as *const u8;
+    // SAFETY: bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(sockaddr.cast())? };
+    // struct sockaddr_in{,6}: port at 2 (big-endian), IPv4 address at 4, IPv6 address at 8.
+    let port = u16::from_be(unsafe { bpf_probe_read_user(sockaddr.wrapping_add(2).cast())? });
+    *into = match family {
+        AF_INET if addrlen >= 16 => Endpoint::v4(
+            unsafe { bpf_probe_read_user(sockaddr.wrapping_add(4).cast())? },
+            port,
+        ),
+        AF_INET6 if addrlen >= 28 => Endpoint::v6(
+            unsafe { bpf_probe_read_user(sockaddr.wrapping_add(8).cast())? },
+            port,
+        ),
+        _ => return Ok(false),
+    };
+    Ok(true)
 }
 
 fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
@@ -355,18 +404,23 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
         // A UDP socket's connect() failing (no route for a DNS query…) is not our business.
         return Ok(());
     }
+    let mut upstream = Endpoint::default();
+    if !destination(pending.uservaddr, pending.addrlen, &mut upstream)? {
+        return Ok(());
+    }
     let now = now();
     let conn = ConnTrack::connecting(
         current_proxy(current_netns()),
-        pending.upstream,
+        upstream,
         Endpoint::default(),
         pending.start_ns,
     );
     let waited_ns = now.saturating_sub(pending.start_ns);
-    count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
+    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
     report(
         &conn,
         &Report {
+            send,
             close_ns: now,
             waited_ns,
             bytes_received: 0,
@@ -511,6 +565,8 @@ fn oom_victim_chosen(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// What a failure report adds to the connection's record.
 struct Report {
+    /// Whether its key's event budget lets it go to user space (counted either way).
+    send: bool,
     close_ns: u64,
     waited_ns: u64,
     bytes_received: u64,
@@ -521,6 +577,10 @@ struct Report {
 }
 
 fn report(conn: &ConnTrack, report: &Report) {
+    if !report.send {
+        stat(Stat::EventsSampledOut);
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
         stat(Stat::EventsLost);
         return;
@@ -538,7 +598,14 @@ fn report(conn: &ConnTrack, report: &Report) {
         source: report.source as u8,
         _pad: [0; 2],
     });
-    entry.submit(0);
+    // Wake the agent only when the buffer fills up: it also drains on a short timer, and a
+    // wakeup per event costs more than the event.
+    let filling = EVENTS.query(BPF_RB_AVAIL_DATA as u64) > u64::from(EVENTS_RING_BYTES / 8);
+    entry.submit(if filling {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
     stat(Stat::EventsSent);
 }
 
@@ -550,31 +617,34 @@ fn route_of(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
     }
 }
 
-fn count(route: &RouteKey, outcome: Outcome, ns: u64) {
+/// Counts one `outcome` on `route`, exactly; returns whether an event may go to user space for
+/// it (the events-per-second budget of this key on this CPU).
+fn count(route: &RouteKey, outcome: Outcome, ns: u64) -> bool {
     let key = CountKey {
         route: *route,
         outcome: outcome as u8,
         _pad: [0; 7],
     };
-    if add(&key, ns) {
-        return;
+    let now = now();
+    let per_second = config!(events_per_second);
+    if let Some(send) = add(&key, ns, now, per_second) {
+        return send;
     }
-    let first = Tally {
-        count: 1,
-        sum_ns: ns,
-    };
+    let mut first = Tally::default();
+    let send = first.add(ns, now, per_second);
     // Another CPU may create the key between the lookup and the insert: look again.
-    if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() || add(&key, ns) {
-        return;
+    if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() {
+        return send;
+    }
+    if let Some(send) = add(&key, ns, now, per_second) {
+        return send;
     }
     // COUNTS is full: keep the exact total per outcome.
     stat(Stat::CountsOverflowed);
-    if let Some(tally) = OVERFLOW_COUNTS.get_ptr_mut(outcome as u32) {
+    match OVERFLOW_COUNTS.get_ptr_mut(outcome as u32) {
         // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate while running.
-        unsafe {
-            (*tally).count += 1;
-            (*tally).sum_ns += ns;
-        }
+        Some(tally) => unsafe { (*tally).add(ns, now, per_second) },
+        None => false,
     }
 }
 
@@ -601,18 +671,11 @@ fn count_latency(route: &RouteKey, ns: u64) {
     }
 }
 
-fn add(key: &CountKey, ns: u64) -> bool {
-    match COUNTS.get_ptr_mut(key) {
-        Some(tally) => {
-            // SAFETY: this CPU's value of a per-CPU map entry.
-            unsafe {
-                (*tally).count += 1;
-                (*tally).sum_ns += ns;
-            }
-            true
-        }
-        None => false,
-    }
+/// Adds to an existing key; `None` when the key is not there.
+fn add(key: &CountKey, ns: u64, now: u64, per_second: u32) -> Option<bool> {
+    let tally = COUNTS.get_ptr_mut(key)?;
+    // SAFETY: this CPU's value of a per-CPU map entry.
+    Some(unsafe { (*tally).add(ns, now, per_second) })
 }
 
 fn stat(which: Stat) {

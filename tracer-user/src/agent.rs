@@ -83,6 +83,17 @@ impl Shared {
     }
 }
 
+/// Returns the heap's free memory to the system, after work that needed much of it for a
+/// moment (start-up, a scrape of thousands of series): freed memory otherwise stays in
+/// malloc's per-thread arenas and counts as the agent's RSS.
+pub fn give_memory_back() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// How often the agent collects failure records that did not wake it (at most this late).
+pub const COLLECT_EVERY: Duration = Duration::from_millis(100);
+
 pub struct Agent {
     capture: Capture,
     failures: Events,
@@ -125,6 +136,8 @@ impl Agent {
             events_undecodable: AtomicU64::new(0),
             listeners: Mutex::new(ListenerTotals::default()),
         });
+        // Start-up read the kernel's BTF and /proc.
+        give_memory_back();
         Ok(Agent {
             capture,
             failures,
@@ -151,11 +164,16 @@ impl Agent {
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         let mut ticker = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
         ticker.tick().await;
+        // The kernel wakes the agent only when the failure ring fills up (a wakeup per event
+        // costs more than the event); between those, this timer collects what is there.
+        let mut collect = tokio::time::interval(COLLECT_EVERY);
+        collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::new();
         loop {
             tokio::select! {
                 ready = self.failures.ready() => ready.context("reading the event ring buffer")?,
                 ready = self.lifecycle.ready() => ready.context("reading the lifecycle ring buffer")?,
+                _ = collect.tick() => {}
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = ticker.tick(), if tick_every.is_some() => {
@@ -230,8 +248,17 @@ impl Drop for Agent {
         } else {
             String::new()
         };
+        let sampled = self.shared.stat(Stat::EventsSampledOut);
+        let sampled = if sampled > 0 {
+            format!(
+                "; {sampled} failure events were over --event-rate and not shown one by one \
+                 (the counts have them)"
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "tracer: stopping; {} probes detached{lost}",
+            "tracer: stopping; {} probes detached{lost}{sampled}",
             self.capture.attached()
         );
     }

@@ -5,7 +5,7 @@
 //! at offsets computed here and passed in through their `CONFIG` global. The format is
 //! documented in the kernel's Documentation/bpf/btf.rst.
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use thiserror::Error;
 
@@ -26,6 +26,15 @@ pub enum BtfError {
     NoMember { strukt: String, member: String },
     #[error("{strukt}.{member} is a bit field; its byte offset cannot be used")]
     BitField { strukt: String, member: String },
+    #[error(
+        "struct sock's {member} lies at byte {offset}, beyond the first {block} bytes that \
+         tracer reads in one go; this kernel's layout is not supported yet"
+    )]
+    OutsideBlock {
+        member: &'static str,
+        offset: u32,
+        block: u32,
+    },
     #[error("{strukt}.{member} is not a struct or union, so it has no member {next}")]
     NotAggregate {
         strukt: String,
@@ -52,36 +61,32 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
+/// A struct or union member, decoded when asked for.
+#[derive(Debug, Clone, Copy)]
 struct Member {
-    name: String,
+    name_off: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield_size: u32,
 }
 
-#[derive(Debug, Clone)]
-enum Type {
-    /// struct or union
-    Aggregate {
-        members: Vec<Member>,
-    },
-    /// typedef, const, volatile, restrict, type tag: stands for `type_id`.
-    Alias {
-        type_id: u32,
-    },
-    Enum {
-        variants: Vec<(String, i64)>,
-    },
-    Other,
+/// The kernel's types: the raw BTF and where each type starts. Names are found by scanning and
+/// members decoded on demand (tracer asks a few dozen questions once, at start-up), so reading
+/// vmlinux's BTF costs little more memory than the file itself, and nothing once dropped.
+pub struct Btf {
+    data: Vec<u8>,
+    /// Where the type and string sections start in `data`.
+    types_at: usize,
+    strings_at: usize,
+    strings_len: usize,
+    /// The byte offset of every type in the type section, by id (id 0 is void).
+    type_offsets: Vec<u32>,
 }
 
-/// The kernel's types, by id, with the names of structs, enums and typedefs indexed.
-pub struct Btf {
-    types: Vec<Type>,
-    structs: HashMap<String, u32>,
-    enums: HashMap<String, u32>,
-    typedefs: HashMap<String, u32>,
+fn le_u32(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(BtfError::Malformed("truncated"))
 }
 
 impl Btf {
@@ -95,177 +100,159 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Btf::parse(&data)
+        Btf::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
-        let u16_at = |at: usize| -> Result<u16, BtfError> {
-            data.get(at..at + 2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .ok_or(BtfError::Malformed("truncated header"))
-        };
-        let u32_at = |at: usize| -> Result<u32, BtfError> {
-            data.get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or(BtfError::Malformed("truncated header"))
-        };
-        if u16_at(0)? != MAGIC {
+    pub fn parse(data: Vec<u8>) -> Result<Btf, BtfError> {
+        if data.get(0..2).map(|b| u16::from_le_bytes([b[0], b[1]])) != Some(MAGIC) {
             return Err(BtfError::Malformed("bad magic (or a big-endian BTF)"));
         }
-        let hdr_len = u32_at(4)? as usize;
-        let type_off = u32_at(8)? as usize;
-        let type_len = u32_at(12)? as usize;
-        let str_off = u32_at(16)? as usize;
-        let str_len = u32_at(20)? as usize;
-        let types_data = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?;
-        let name = |off: u32| -> String {
-            let rest = strings.get(off as usize..).unwrap_or_default();
-            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            String::from_utf8_lossy(&rest[..end]).into_owned()
-        };
-
+        let hdr_len = le_u32(&data, 4)? as usize;
+        let type_off = le_u32(&data, 8)? as usize;
+        let type_len = le_u32(&data, 12)? as usize;
+        let str_off = le_u32(&data, 16)? as usize;
+        let str_len = le_u32(&data, 20)? as usize;
+        let types_at = hdr_len + type_off;
+        let strings_at = hdr_len + str_off;
+        if data.len() < types_at + type_len || data.len() < strings_at + str_len {
+            return Err(BtfError::Malformed("sections out of bounds"));
+        }
         let mut btf = Btf {
-            // Type id 0 is void.
-            types: vec![Type::Other],
-            structs: HashMap::new(),
-            enums: HashMap::new(),
-            typedefs: HashMap::new(),
-        };
-        let word = |at: usize| -> Result<u32, BtfError> {
-            types_data
-                .get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or(BtfError::Malformed("truncated type"))
+            data,
+            types_at,
+            strings_at,
+            strings_len: str_len,
+            type_offsets: vec![0],
         };
         let mut at = 0;
-        while at < types_data.len() {
-            let name_off = word(at)?;
-            let info = word(at + 4)?;
-            let size_or_type = word(at + 8)?;
-            at += 12;
+        while at < type_len {
+            btf.type_offsets.push(at as u32);
+            let info = btf.word(at + 4)?;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let id = btf.types.len() as u32;
-            let ty = match kind {
-                KIND_INT => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    at += 12;
-                    Type::Other
-                }
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let offset = word(at + 8)?;
-                        let (bit_offset, bitfield_size) = if kind_flag {
-                            (offset & 0x00ff_ffff, offset >> 24)
-                        } else {
-                            (offset, 0)
-                        };
-                        members.push(Member {
-                            name: name(word(at)?),
-                            type_id: word(at + 4)?,
-                            bit_offset,
-                            bitfield_size,
-                        });
-                        at += 12;
-                    }
-                    if name_off != 0 && kind == KIND_STRUCT {
-                        btf.structs.entry(name(name_off)).or_insert(id);
-                    }
-                    Type::Aggregate { members }
-                }
-                KIND_ENUM => {
-                    let mut variants = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let value = word(at + 4)?;
-                        let value = if kind_flag {
-                            i64::from(value)
-                        } else {
-                            i64::from(value as i32)
-                        };
-                        variants.push((name(word(at)?), value));
-                        at += 8;
-                    }
-                    if name_off != 0 {
-                        btf.enums.entry(name(name_off)).or_insert(id);
-                    }
-                    Type::Enum { variants }
-                }
-                KIND_ENUM64 => {
-                    let mut variants = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let value = u64::from(word(at + 4)?) | (u64::from(word(at + 8)?) << 32);
-                        variants.push((name(word(at)?), value as i64));
-                        at += 12;
-                    }
-                    if name_off != 0 {
-                        btf.enums.entry(name(name_off)).or_insert(id);
-                    }
-                    Type::Enum { variants }
-                }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    if kind == KIND_TYPEDEF && name_off != 0 {
-                        btf.typedefs.entry(name(name_off)).or_insert(id);
-                    }
-                    Type::Alias {
-                        type_id: size_or_type,
-                    }
-                }
-                KIND_FUNC_PROTO => {
-                    at += 8 * vlen;
-                    Type::Other
-                }
-                KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_DATASEC => {
-                    at += 12 * vlen;
-                    Type::Other
-                }
-                // PTR, FWD, FUNC, FLOAT: nothing follows the common header.
-                _ => Type::Other,
-            };
-            btf.types.push(ty);
+            at += 12
+                + match kind {
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                    KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                    // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
+                    _ => 0,
+                };
         }
         Ok(btf)
     }
 
+    /// A u32 at `at` in the type section.
+    fn word(&self, at: usize) -> Result<u32, BtfError> {
+        le_u32(&self.data, self.types_at + at)
+    }
+
+    fn name(&self, offset: u32) -> Option<&str> {
+        let strings = self
+            .data
+            .get(self.strings_at..self.strings_at + self.strings_len)?;
+        let rest = strings.get(offset as usize..)?;
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).ok()
+    }
+
+    /// The first type of one of `kinds` named `name`.
+    fn find(&self, name: &str, kinds: &[u32]) -> Option<u32> {
+        (1..self.type_offsets.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|(kind, _, _, at)| {
+                kinds.contains(&kind)
+                    && self
+                        .word(at)
+                        .ok()
+                        .and_then(|off| self.name(off))
+                        .is_some_and(|n| n == name)
+            })
+        })
+    }
+
+    /// Kind, vlen and kind_flag of a type, and where its header starts in the type section.
+    fn header(&self, id: u32) -> Option<(u32, usize, bool, usize)> {
+        let at = *self.type_offsets.get(id as usize)? as usize;
+        let info = self.word(at + 4).ok()?;
+        Some((
+            (info >> 24) & 0x1f,
+            (info & 0xffff) as usize,
+            info >> 31 == 1,
+            at,
+        ))
+    }
+
+    /// The type behind typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.header(id) {
+                Some((
+                    KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG,
+                    _,
+                    _,
+                    at,
+                )) => match self.word(at + 8) {
+                    Ok(next) => id = next,
+                    Err(_) => return 0,
+                },
+                _ => return id,
+            }
+        }
+        0
+    }
+
+    /// The members of a struct or union, or `None` for another kind.
+    fn members(&self, id: u32) -> Option<Vec<Member>> {
+        let (kind, vlen, kind_flag, at) = self.header(id)?;
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return None;
+        }
+        (0..vlen)
+            .map(|i| {
+                let m = at + 12 + 12 * i;
+                let offset = self.word(m + 8).ok()?;
+                let (bit_offset, bitfield_size) = if kind_flag {
+                    (offset & 0x00ff_ffff, offset >> 24)
+                } else {
+                    (offset, 0)
+                };
+                Some(Member {
+                    name_off: self.word(m).ok()?,
+                    type_id: self.word(m + 4).ok()?,
+                    bit_offset,
+                    bitfield_size,
+                })
+            })
+            .collect()
+    }
+
     /// How many types the BTF holds.
     pub fn len(&self) -> usize {
-        self.types.len()
+        self.type_offsets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.types.len() <= 1
+        self.type_offsets.len() <= 1
     }
 
     /// Whether the kernel has the tracepoint `name` (it declares `btf_trace_<name>`).
     pub fn has_tracepoint(&self, name: &str) -> bool {
-        self.typedefs.contains_key(&format!("btf_trace_{name}"))
+        self.find(&format!("btf_trace_{name}"), &[KIND_TYPEDEF])
+            .is_some()
     }
 
     /// The byte offset of `path` (members separated by dots, e.g. `__sk_common.skc_family`)
     /// inside `struct strukt`. Members of anonymous structs and unions are found as the C
     /// compiler finds them.
     pub fn member_offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
-        let mut type_id = *self
-            .structs
-            .get(strukt)
+        let mut type_id = self
+            .find(strukt, &[KIND_STRUCT])
             .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))?;
         let mut bits = 0u32;
         let mut parent = strukt.to_string();
         for member in path.split('.') {
-            let Type::Aggregate { members } = self.resolve(type_id) else {
+            let Some(members) = self.members(self.resolve(type_id)) else {
                 return Err(BtfError::NotAggregate {
                     strukt: strukt.to_string(),
                     member: parent,
@@ -273,7 +260,7 @@ impl Btf {
                 });
             };
             let found = self
-                .find_member(members, member)
+                .find_member(&members, member)
                 .ok_or_else(|| BtfError::NoMember {
                     strukt: strukt.to_string(),
                     member: path.to_string(),
@@ -293,41 +280,39 @@ impl Btf {
 
     /// The value of `variant` of `enum name`.
     pub fn enum_value(&self, name: &str, variant: &str) -> Option<i64> {
-        let id = self.enums.get(name)?;
-        match &self.types[*id as usize] {
-            Type::Enum { variants } => variants.iter().find(|(n, _)| n == variant).map(|(_, v)| *v),
-            _ => None,
-        }
+        let (kind, vlen, kind_flag, at) =
+            self.header(self.find(name, &[KIND_ENUM, KIND_ENUM64])?)?;
+        let step = if kind == KIND_ENUM64 { 12 } else { 8 };
+        (0..vlen).find_map(|i| {
+            let v = at + 12 + step * i;
+            if self.name(self.word(v).ok()?)? != variant {
+                return None;
+            }
+            let low = self.word(v + 4).ok()?;
+            Some(match kind {
+                KIND_ENUM64 => (u64::from(low) | u64::from(self.word(v + 8).ok()?) << 32) as i64,
+                _ if kind_flag => i64::from(low),
+                _ => i64::from(low as i32),
+            })
+        })
     }
 
     /// `name` among `members`, or inside an anonymous struct or union member, with its offset
     /// made relative to `members`' aggregate.
     fn find_member(&self, members: &[Member], name: &str) -> Option<Member> {
-        if let Some(member) = members.iter().find(|m| m.name == name) {
-            return Some(member.clone());
+        if let Some(member) = members.iter().find(|m| self.name(m.name_off) == Some(name)) {
+            return Some(*member);
         }
         members
             .iter()
-            .filter(|m| m.name.is_empty())
-            .find_map(|anonymous| match self.resolve(anonymous.type_id) {
-                Type::Aggregate { members } => self.find_member(members, name).map(|mut inner| {
-                    inner.bit_offset += anonymous.bit_offset;
-                    inner
-                }),
-                _ => None,
+            .filter(|m| self.name(m.name_off).is_none_or(str::is_empty))
+            .find_map(|anonymous| {
+                let inner = self.members(self.resolve(anonymous.type_id))?;
+                self.find_member(&inner, name).map(|mut found| {
+                    found.bit_offset += anonymous.bit_offset;
+                    found
+                })
             })
-    }
-
-    /// The type behind typedefs and qualifiers.
-    fn resolve(&self, mut type_id: u32) -> &Type {
-        for _ in 0..32 {
-            match self.types.get(type_id as usize) {
-                Some(Type::Alias { type_id: next }) => type_id = *next,
-                Some(ty) => return ty,
-                None => return &Type::Other,
-            }
-        }
-        &Type::Other
     }
 }
 
@@ -427,7 +412,7 @@ mod tests {
 
     #[test]
     fn finds_members_directly_through_anonymous_unions_and_qualifiers() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.member_offset("outer", "x").unwrap(), 0);
         assert_eq!(btf.member_offset("outer", "y").unwrap(), 8);
         assert_eq!(btf.member_offset("outer", "in.b").unwrap(), 12);
@@ -437,7 +422,7 @@ mod tests {
 
     #[test]
     fn says_what_is_missing() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert!(matches!(
             btf.member_offset("outer", "bits"),
             Err(BtfError::BitField { .. })
@@ -455,14 +440,14 @@ mod tests {
             Err(BtfError::NotAggregate { .. })
         ));
         assert!(matches!(
-            Btf::parse(b"nonsense data here, not btf"),
+            Btf::parse(b"nonsense data here, not btf".to_vec()),
             Err(BtfError::Malformed(_))
         ));
     }
 
     #[test]
     fn reads_enums_and_tracepoints() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.enum_value("colour", "RED"), Some(1));
         assert_eq!(btf.enum_value("colour", "BLUE"), Some(-2));
         assert_eq!(btf.enum_value("colour", "GREEN"), None);

@@ -15,7 +15,7 @@ use std::{sync::Arc, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{RawTracePoint, TracePoint},
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -36,8 +36,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// Where a program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
-    /// A BTF-typed tracepoint (`tp_btf`): raw arguments such as the `struct sock *`.
-    Btf(&'static str),
+    /// A raw tracepoint: the kernel's own arguments, such as the `struct sock *`.
+    Raw(&'static str),
     /// A classic tracepoint, attached through tracefs.
     Tracepoint(&'static str, &'static str),
 }
@@ -58,7 +58,7 @@ impl Probe {
     /// `category:name` of the tracepoint.
     pub fn tracepoint(&self) -> String {
         match self.hook {
-            Hook::Btf(name) => format!("tp_btf:{name}"),
+            Hook::Raw(name) => format!("raw:{name}"),
             Hook::Tracepoint(category, name) => format!("{category}:{name}"),
         }
     }
@@ -67,25 +67,25 @@ impl Probe {
 pub const PROBES: [Probe; 8] = [
     Probe {
         program: "inet_sock_set_state",
-        hook: Hook::Btf("inet_sock_set_state"),
+        hook: Hook::Raw("inet_sock_set_state"),
         required: true,
         purpose: "every outbound TCP connection: who starts it, where to, how it ends",
     },
     Probe {
         program: "tcp_receive_reset",
-        hook: Hook::Btf("tcp_receive_reset"),
+        hook: Hook::Raw("tcp_receive_reset"),
         required: false,
         purpose: "RSTs from upstreams (without it resets are still known from the socket error)",
     },
     Probe {
         program: "tcp_retransmit_skb",
-        hook: Hook::Btf("tcp_retransmit_skb"),
+        hook: Hook::Raw("tcp_retransmit_skb"),
         required: false,
         purpose: "SYN and data retransmits, evidence for timeouts",
     },
     Probe {
         program: "tcp_sendmsg_locked",
-        hook: Hook::Btf("tcp_sendmsg_locked"),
+        hook: Hook::Raw("tcp_sendmsg_locked"),
         required: false,
         purpose: "requests the proxy sends (Linux 6.16+; without it, once connected only resets \
                   are told apart)",
@@ -104,7 +104,7 @@ pub const PROBES: [Probe; 8] = [
     },
     Probe {
         program: "sched_process_exit",
-        hook: Hook::Btf("sched_process_exit"),
+        hook: Hook::Raw("sched_process_exit"),
         required: false,
         purpose: "the death of processes that listen: exit code, fatal signal",
     },
@@ -115,6 +115,45 @@ pub const PROBES: [Probe; 8] = [
         purpose: "processes the kernel's OOM killer chose (root cause upstream_oom_killed)",
     },
 ];
+
+/// Probes that only work together: skipping one skips the other.
+const PAIRED: [(&str, &str); 1] = [("sys_enter_connect", "sys_exit_connect")];
+
+/// The probe a `--skip-probe` value names (its program name or its tracepoint); required
+/// probes cannot be skipped.
+pub fn skippable_probe(name: &str) -> Result<&'static str, String> {
+    let probe = PROBES
+        .iter()
+        .find(|p| p.program == name || p.tracepoint() == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = PROBES
+                .iter()
+                .filter(|p| !p.required)
+                .map(|p| p.program)
+                .collect();
+            format!(
+                "no probe {name}; these can be skipped: {}",
+                known.join(", ")
+            )
+        })?;
+    if probe.required {
+        return Err(format!(
+            "{} is required: tracer cannot work without it",
+            probe.program
+        ));
+    }
+    Ok(probe.program)
+}
+
+/// Whether `probe` is skipped, by name or through its pair.
+fn is_skipped(skip: &[&str], probe: &str) -> bool {
+    skip.iter().any(|s| {
+        *s == probe
+            || PAIRED
+                .iter()
+                .any(|(a, b)| (s == a && probe == *b) || (s == b && probe == *a))
+    })
+}
 
 /// What became of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,8 +181,6 @@ pub enum CaptureError {
     Preflight(#[from] PreflightError),
     #[error("reading the kernel's BTF: {0}")]
     Btf(#[from] BtfError),
-    #[error("reading the kernel's BTF through aya: {0}")]
-    AyaBtf(#[from] aya::BtfError),
     #[error("loading tracer's eBPF programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the {probe} probe, which tracer cannot work without, failed: {reason}")]
@@ -164,12 +201,18 @@ pub enum CaptureError {
 pub struct Options {
     /// See [`Config::min_wait_ns`].
     pub min_wait: Duration,
+    /// See [`Config::events_per_second`].
+    pub events_per_second: u32,
+    /// Programs not to attach (`--skip-probe`), checked with [`skippable_probe`].
+    pub skip_probes: Vec<&'static str>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             min_wait: Duration::from_nanos(Config::DEFAULT_MIN_WAIT_NS),
+            events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
+            skip_probes: Vec::new(),
         }
     }
 }
@@ -245,7 +288,7 @@ impl Counters {
 /// The offsets the programs need, from the running kernel's BTF.
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let sock = |member: &str| btf.member_offset("sock", member);
-    Ok(KernelOffsets {
+    let offsets = KernelOffsets {
         skc_family: sock("__sk_common.skc_family")?,
         skc_dport: sock("__sk_common.skc_dport")?,
         skc_num: sock("__sk_common.skc_num")?,
@@ -275,7 +318,27 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_pid: btf.member_offset("task_struct", "pid")?,
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
-    })
+    };
+    // The programs read these from one block of Config::SOCK_COMMON_BLOCK bytes.
+    let in_block = [
+        ("skc_family", offsets.skc_family, 2),
+        ("skc_dport", offsets.skc_dport, 2),
+        ("skc_daddr", offsets.skc_daddr, 4),
+        ("skc_rcv_saddr", offsets.skc_rcv_saddr, 4),
+        ("skc_v6_daddr", offsets.skc_v6_daddr, 16),
+        ("skc_v6_rcv_saddr", offsets.skc_v6_rcv_saddr, 16),
+        ("skc_net", offsets.skc_net, 8),
+    ];
+    for (member, offset, size) in in_block {
+        if offset + size > Config::SOCK_COMMON_BLOCK {
+            return Err(BtfError::OutsideBlock {
+                member,
+                offset,
+                block: Config::SOCK_COMMON_BLOCK,
+            });
+        }
+    }
+    Ok(offsets)
 }
 
 /// The `oom:mark_victim` tracepoint's field offsets; only `pid` is needed, the rest is evidence.
@@ -308,14 +371,23 @@ impl Capture {
     pub fn start(options: &Options) -> Result<Capture, CaptureError> {
         preflight::check()?;
         preflight::raise_memlock_limit();
-        let btf = Btf::from_sys_fs()?;
-        let aya_btf = aya::Btf::from_sys_fs()?;
+        // Everything the programs need from BTF, read with our own light reader and dropped.
+        let (offsets, sends_visible) = {
+            let btf = Btf::from_sys_fs()?;
+            (
+                kernel_offsets(&btf)?,
+                btf.has_tracepoint("tcp_sendmsg_locked"),
+            )
+        };
 
         let mut config = Config {
-            offsets: kernel_offsets(&btf)?,
+            offsets,
             min_wait_ns: u64::try_from(options.min_wait.as_nanos()).unwrap_or(u64::MAX),
             ready: 1,
-            sends_tracked: u32::from(btf.has_tracepoint("tcp_sendmsg_locked")),
+            sends_tracked: u32::from(
+                sends_visible && !is_skipped(&options.skip_probes, "tcp_sendmsg_locked"),
+            ),
+            events_per_second: options.events_per_second,
             ..Config::UNSET
         };
         // Classic tracepoints need tracefs; without it only the connect() probes are lost.
@@ -338,7 +410,7 @@ impl Capture {
         }
         let tracefs = tracefs.ok();
 
-        let (mut ebpf, mut probes) = load_and_attach(&config, &aya_btf, &formats)?;
+        let (mut ebpf, mut probes) = load_and_attach(&config, &formats, &options.skip_probes)?;
         let sends_attached = probes
             .iter()
             .any(|p| p.probe.program == "tcp_sendmsg_locked" && p.attached());
@@ -346,7 +418,7 @@ impl Capture {
             // The programs were told requests are visible; they are not. Load them again.
             drop(ebpf);
             config.sends_tracked = 0;
-            (ebpf, probes) = load_and_attach(&config, &aya_btf, &formats)?;
+            (ebpf, probes) = load_and_attach(&config, &formats, &options.skip_probes)?;
         }
 
         let events = take(&mut ebpf, "EVENTS")?;
@@ -404,6 +476,7 @@ fn sum_tallies<'a>(tallies: impl Iterator<Item = &'a Tally>) -> Tally {
     tallies.fold(Tally::default(), |sum, t| Tally {
         count: sum.count + t.count,
         sum_ns: sum.sum_ns + t.sum_ns,
+        ..Tally::default()
     })
 }
 
@@ -424,15 +497,26 @@ struct Formats {
 
 fn load_and_attach(
     config: &Config,
-    aya_btf: &aya::Btf,
     formats: &Formats,
+    skip: &[&str],
 ) -> Result<(Ebpf, Vec<ProbeStatus>), CaptureError> {
+    // No kernel BTF for aya: the programs make no CO-RE relocations (their offsets come in
+    // CONFIG), and parsing vmlinux's BTF again would double tracer's peak memory.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global("CONFIG", config, true)
         .load(PROGRAMS)?;
     let mut probes = Vec::with_capacity(PROBES.len());
     for probe in &PROBES {
-        let state = match attach(&mut ebpf, probe, aya_btf, formats) {
+        if is_skipped(skip, probe.program) {
+            let reason = "skipped (--skip-probe)".to_string();
+            probes.push(ProbeStatus {
+                probe,
+                state: ProbeState::Failed(reason),
+            });
+            continue;
+        }
+        let state = match attach(&mut ebpf, probe, formats) {
             Ok(()) => ProbeState::Attached,
             Err(reason) if probe.required => {
                 return Err(CaptureError::RequiredProbe {
@@ -454,23 +538,18 @@ fn load_and_attach(
     Ok((ebpf, probes))
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    probe: &Probe,
-    aya_btf: &aya::Btf,
-    formats: &Formats,
-) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, probe: &Probe, formats: &Formats) -> Result<(), String> {
     let program = ebpf
         .program_mut(probe.program)
         .ok_or_else(|| format!("no program {} in the object file", probe.program))?;
     match probe.hook {
-        Hook::Btf(name) => {
-            let program: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+        Hook::Raw(name) => {
+            let program: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             program
-                .load(name, aya_btf)
+                .load()
                 .map_err(|e| format!("loading: {}", error_chain(&e)))?;
             program
-                .attach()
+                .attach(name)
                 .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
         }
         Hook::Tracepoint(category, name) => {

@@ -15,29 +15,39 @@ use crate::capture::{
 struct Row {
     item: String,
     value: String,
-    ok: bool,
+    /// `ok`, `warn` (tracer runs without it, with less detail) or `FAIL`.
+    status: &'static str,
     note: String,
 }
 
-pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    let mut row = |item: &str, value: String, ok: bool, note: String| {
-        rows.push(Row {
+struct Rows(Vec<Row>);
+
+impl Rows {
+    fn row(&mut self, item: &str, value: String, ok: bool, note: String) {
+        self.row_with(item, value, if ok { "ok" } else { "FAIL" }, note);
+    }
+
+    fn row_with(&mut self, item: &str, value: String, status: &'static str, note: String) {
+        self.0.push(Row {
             item: item.to_string(),
             value,
-            ok,
+            status,
             note,
-        })
-    };
+        });
+    }
+}
+
+pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
+    let mut rows = Rows(Vec::new());
 
     match KernelVersion::current() {
-        Some((version, release)) => row(
+        Some((version, release)) => rows.row(
             "kernel",
             release,
             version >= KernelVersion::MINIMUM,
             format!("needs {} or newer", KernelVersion::MINIMUM),
         ),
-        None => row(
+        None => rows.row(
             "kernel",
             "unknown".into(),
             false,
@@ -46,7 +56,7 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
     }
     let caps = preflight::effective_capabilities();
     let privileged = preflight::privileged(caps);
-    row(
+    rows.row(
         "privileges",
         format!("CapEff {caps:#x}"),
         privileged,
@@ -58,32 +68,32 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
     );
     match Btf::from_sys_fs() {
         Ok(btf) => {
-            row(
+            rows.row(
                 VMLINUX,
                 format!("{} types", btf.len()),
                 true,
                 "BTF type information".into(),
             );
             match kernel_offsets(&btf) {
-                Ok(_) => row(
+                Ok(_) => rows.row(
                     "struct offsets",
                     "all found".into(),
                     true,
                     "sock, tcp_sock, task_struct, files".into(),
                 ),
-                Err(e) => row("struct offsets", "missing".into(), false, e.to_string()),
+                Err(e) => rows.row("struct offsets", "missing".into(), false, e.to_string()),
             }
         }
-        Err(e) => row(VMLINUX, "unreadable".into(), false, e.to_string()),
+        Err(e) => rows.row(VMLINUX, "unreadable".into(), false, e.to_string()),
     }
     match Tracefs::find() {
-        Some(path) => row(
+        Some(path) => rows.row(
             "tracefs",
             path.display().to_string(),
             true,
             "mounted".into(),
         ),
-        None => row(
+        None => rows.row(
             "tracefs",
             "not mounted".into(),
             true,
@@ -96,30 +106,34 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
         match Capture::start(&args.options()) {
             Ok(capture) => {
                 for status in &capture.probes {
-                    let (value, ok, note) = match &status.state {
+                    let (value, level, note) = match &status.state {
                         ProbeState::Attached => (
                             "attached".to_string(),
-                            true,
+                            "ok",
                             status.probe.purpose.to_string(),
                         ),
                         ProbeState::Failed(reason) => (
                             "NOT attached".to_string(),
-                            !status.probe.required,
+                            if status.probe.required {
+                                "FAIL"
+                            } else {
+                                "warn"
+                            },
                             format!("{reason}; lost: {}", status.probe.purpose),
                         ),
                     };
-                    failed_required |= !ok;
-                    row(
+                    failed_required |= level == "FAIL";
+                    rows.row_with(
                         &format!("probe {}", status.probe.tracepoint()),
                         value,
-                        ok,
+                        level,
                         note,
                     );
                 }
                 let attached = capture.attached();
                 let total = capture.probes.len();
                 drop(capture);
-                row(
+                rows.row(
                     "probes",
                     format!("{attached}/{total} attached"),
                     true,
@@ -128,23 +142,21 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 failed_required = true;
-                row("load and attach", "failed".into(), false, e.to_string());
+                rows.row("load and attach", "failed".into(), false, e.to_string());
             }
         }
     }
 
+    let rows = rows.0;
     let width = rows.iter().map(|r| r.item.len()).max().unwrap_or(0);
     let value_width = rows.iter().map(|r| r.value.len()).max().unwrap_or(0);
     for r in &rows {
         println!(
             "{:<4} {:<width$}  {:<value_width$}  {}",
-            if r.ok { "ok" } else { "FAIL" },
-            r.item,
-            r.value,
-            r.note
+            r.status, r.item, r.value, r.note
         );
     }
-    if rows.iter().any(|r| !r.ok) || failed_required {
+    if rows.iter().any(|r| r.status == "FAIL") || failed_required {
         bail!("this host cannot run tracer as it is; see the FAIL lines above");
     }
     Ok(())

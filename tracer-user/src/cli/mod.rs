@@ -8,9 +8,10 @@ pub mod top;
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use tracer_common::Config;
 
 use crate::{
-    capture::Options,
+    capture::{Options, skippable_probe},
     export::{events::UpstreamMatch, metrics::DEFAULT_MAX_UPSTREAMS},
 };
 
@@ -46,12 +47,23 @@ pub struct CaptureArgs {
     /// abandoned it (its client left) rather than timed out; such closes are not failures.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub min_wait: Duration,
+    /// At most this many failure events per second for each upstream and cause (per CPU)
+    /// reach the agent; the rest are counted exactly but not shown one by one (0: no limit).
+    #[arg(long, default_value_t = Config::DEFAULT_EVENTS_PER_SECOND, value_name = "N")]
+    pub event_rate: u32,
+    /// Do not attach this probe (repeatable; a program name such as `tcp_retransmit_skb`, or a
+    /// tracepoint as `tracer check` lists it). What it would have seen is lost; see `tracer check`.
+    /// Skipping `sys_exit_connect` or `sys_enter_connect` skips both.
+    #[arg(long, value_name = "PROBE", value_parser = skippable_probe)]
+    pub skip_probe: Vec<&'static str>,
 }
 
 impl CaptureArgs {
     pub fn options(&self) -> Options {
         Options {
             min_wait: self.min_wait,
+            events_per_second: self.event_rate,
+            skip_probes: self.skip_probe.clone(),
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct Snapshot {
     /// When it was taken, in milliseconds since the epoch.
     pub time_ms: u64,
     pub routes: Vec<RouteSnapshot>,
+    /// Counts per outcome name that the kernel could not key by route (its table was full).
+    #[serde(default)]
+    pub overflow: BTreeMap<String, u64>,
     pub health: Health,
 }
 
@@ -67,6 +70,9 @@ pub struct Health {
     pub events_received: u64,
     /// Dropped in the kernel because the ring buffer was full (counts stay exact).
     pub events_lost: u64,
+    /// Over the --event-rate budget, so not sent one by one (counts stay exact).
+    #[serde(default)]
+    pub events_sampled_out: u64,
 }
 
 impl Snapshot {
@@ -101,6 +107,11 @@ impl Snapshot {
                 .unwrap_or(Duration::ZERO)
                 .as_millis() as u64,
             routes,
+            overflow: totals
+                .overflow
+                .iter()
+                .map(|(o, n)| (o.name().to_string(), *n))
+                .collect(),
             health,
         }
     }
@@ -121,6 +132,7 @@ impl Health {
                 .events_received
                 .load(std::sync::atomic::Ordering::Relaxed),
             events_lost: shared.stat(Stat::EventsLost),
+            events_sampled_out: shared.stat(Stat::EventsSampledOut),
         }
     }
 }

@@ -516,6 +516,7 @@ pub(crate) mod tests {
         Snapshot {
             time_ms: 1_763_769_600_000 + at_s * 1000,
             routes,
+            overflow: BTreeMap::new(),
             health: Health {
                 probes_attached: 6,
                 probes_total: 6,

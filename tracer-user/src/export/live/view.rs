@@ -95,6 +95,13 @@ fn render_header(frame: &mut Frame, app: &App, area: Rect) {
         Span::raw(" · "),
         Span::styled(format!("events lost {}", health.events_lost), lost_style),
     ];
+    if health.events_sampled_out > 0 {
+        // Storm: the kernel sent a sample of the failures; the counts are exact.
+        spans.push(Span::raw(format!(
+            " · sampled out {}",
+            health.events_sampled_out
+        )));
+    }
     if app.events_dropped > 0 {
         // The view could not keep up with the stream; the counts are unaffected.
         spans.push(Span::styled(
