@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -51,10 +52,12 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
     let mut by_inode: HashMap<u64, (SocketAddr, u32)> = HashMap::new();
     for (netns, task) in &namespaces {
         for table in ["tcp", "tcp6"] {
-            let Ok(text) = std::fs::read_to_string(task.join("net").join(table)) else {
+            // Read line by line: after a connection storm the table holds hundreds of
+            // thousands of TIME_WAIT sockets, which must not all sit in memory at once.
+            let Ok(file) = std::fs::File::open(task.join("net").join(table)) else {
                 continue;
             };
-            for (inode, local) in listening_sockets(&text) {
+            for (inode, local) in listening_sockets(BufReader::new(file)) {
                 by_inode.insert(inode, (local, *netns));
             }
         }
@@ -108,21 +111,29 @@ fn netns_of(task: &Path) -> Option<u32> {
 }
 
 /// The listening sockets of a /proc/net/tcp or tcp6 table: (inode, local address).
-pub fn listening_sockets(table: &str) -> Vec<(u64, SocketAddr)> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
-            if fields.get(3) != Some(&LISTEN) {
-                return None;
-            }
-            let local = parse_address(fields.get(1)?)?;
-            let inode = fields.get(9)?.parse().ok()?;
-            Some((inode, local))
-        })
-        .collect()
+pub fn listening_sockets(mut table: impl BufRead) -> Vec<(u64, SocketAddr)> {
+    let mut found = Vec::new();
+    let mut line = String::new();
+    let mut header = true;
+    while table.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if !std::mem::take(&mut header) {
+            found.extend(listening_socket(&line));
+        }
+        line.clear();
+    }
+    found
+}
+
+/// One line of the table, if it is a listening socket.
+fn listening_socket(line: &str) -> Option<(u64, SocketAddr)> {
+    // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    if fields.nth(1)? != LISTEN {
+        return None;
+    }
+    let inode = fields.nth(5)?.parse().ok()?;
+    Some((inode, parse_address(local)?))
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit word is printed as
@@ -166,7 +177,7 @@ mod tests {
 
     #[test]
     fn finds_listening_sockets_only() {
-        let sockets = listening_sockets(TCP);
+        let sockets = listening_sockets(TCP.as_bytes());
         assert_eq!(
             sockets,
             vec![
@@ -175,7 +186,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            listening_sockets(TCP6),
+            listening_sockets(TCP6.as_bytes()),
             vec![(999, "[::1]:443".parse().unwrap())]
         );
     }

@@ -9,7 +9,7 @@ use tokio::{io::AsyncWriteExt as _, sync::broadcast};
 
 use super::RunArgs;
 use crate::{
-    agent::{Agent, Happening},
+    agent::{Agent, Happening, give_memory_back},
     aggregate::Route,
     export::{
         api::Snapshot,
@@ -32,18 +32,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let shared = agent.shared.clone();
         let failures = failures.clone();
         Arc::new(move |path| match path {
-            "/metrics" => Response::Body {
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: exporter.render(),
-            },
+            "/metrics" => {
+                let body = exporter.render();
+                give_memory_back();
+                Response::Body {
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body,
+                }
+            }
             "/healthz" => Response::Body {
                 content_type: "text/plain",
                 body: "ok\n".into(),
             },
-            "/api/snapshot" => Response::Body {
-                content_type: "application/json",
-                body: serde_json::to_string(&Snapshot::capture(&shared)).unwrap_or_default(),
-            },
+            "/api/snapshot" => {
+                let body = serde_json::to_string(&Snapshot::capture(&shared)).unwrap_or_default();
+                give_memory_back();
+                Response::Body {
+                    content_type: "application/json",
+                    body,
+                }
+            }
             "/api/events" => {
                 let mut receiver = failures.subscribe();
                 Response::Stream {

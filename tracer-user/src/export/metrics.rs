@@ -6,15 +6,13 @@
 //! `upstream="other"` and counted in `tracer_upstreams_folded`.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
+    fmt::{Display, Write as _},
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
 };
 
-use prometheus::{
-    Encoder as _, TextEncoder,
-    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
-};
 use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 
 use crate::{
@@ -69,6 +67,16 @@ struct Labels {
     upstream: String,
 }
 
+impl Labels {
+    fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("proxy", &self.proxy),
+            ("cgroup", &self.cgroup),
+            ("upstream", &self.upstream),
+        ]
+    }
+}
+
 impl Exporter {
     pub fn new(shared: Arc<Shared>, max_upstreams: usize) -> Exporter {
         Exporter {
@@ -86,17 +94,9 @@ impl Exporter {
         }
     }
 
-    /// The metrics in Prometheus's text format.
+    /// The metrics in Prometheus's text exposition format, written straight from the counts:
+    /// with a thousand upstreams that is ten thousand series, too many to build objects for.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        let families = self.families();
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            tracing::warn!("encoding metrics: {e}");
-        }
-        String::from_utf8(out).unwrap_or_default()
-    }
-
-    pub fn families(&self) -> Vec<MetricFamily> {
         let totals = self.shared.totals();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
 
@@ -136,142 +136,137 @@ impl Exporter {
                 other.outcomes.entry(*outcome).or_default().0 += n;
             }
         }
+        drop(totals);
 
-        let mut connects = family(
+        // About 1 kB per series label set; one allocation for the whole scrape.
+        let mut text = Text::with_capacity(4096 + series.len() * 1100);
+        let mut connects = text.family(
             "tracer_upstream_connects_total",
             "Connection attempts from a proxy to an upstream (every one ends connected or failed).",
-            MetricType::COUNTER,
-        );
-        let mut failures = family(
-            "tracer_upstream_failures_total",
-            "Failed upstream attempts, by cause (see docs/causes.md).",
-            MetricType::COUNTER,
-        );
-        let mut abandoned = family(
-            "tracer_upstream_abandoned_total",
-            "Attempts the proxy gave up on sooner than --min-wait (its client left): not failures.",
-            MetricType::COUNTER,
-        );
-        let mut latency = family(
-            "tracer_upstream_connect_duration_seconds",
-            "How long successful connects to the upstream took.",
-            MetricType::HISTOGRAM,
+            COUNTER,
         );
         for (labels, t) in &series {
-            let base = [
-                ("proxy", labels.proxy.as_str()),
-                ("cgroup", labels.cgroup.as_str()),
-                ("upstream", labels.upstream.as_str()),
-            ];
-            connects
-                .mut_metric()
-                .push(counter(&base, t.attempts() as f64));
+            connects.sample(&labels.pairs(), t.attempts());
+        }
+        let mut failures = text.family(
+            "tracer_upstream_failures_total",
+            "Failed upstream attempts, by cause (see docs/causes.md).",
+            COUNTER,
+        );
+        for (labels, t) in &series {
             for cause in FAILURE_CAUSES {
-                let mut with_cause = base.to_vec();
-                with_cause.push(("cause", cause.name()));
-                failures
-                    .mut_metric()
-                    .push(counter(&with_cause, t.count(cause) as f64));
+                failures.sample_with(&labels.pairs(), ("cause", cause.name()), t.count(cause));
             }
+        }
+        let mut abandoned = text.family(
+            "tracer_upstream_abandoned_total",
+            "Attempts the proxy gave up on sooner than --min-wait (its client left): not failures.",
+            COUNTER,
+        );
+        for (labels, t) in &series {
             for (outcome, phase) in [
                 (Outcome::ConnectAbandoned, "connect"),
                 (Outcome::RequestAbandoned, "request"),
             ] {
                 let n = t.count(outcome);
                 if n > 0 {
-                    let mut with_phase = base.to_vec();
-                    with_phase.push(("phase", phase));
-                    abandoned.mut_metric().push(counter(&with_phase, n as f64));
+                    abandoned.sample_with(&labels.pairs(), ("phase", phase), n);
                 }
             }
+        }
+        let mut latency = text.family(
+            "tracer_upstream_connect_duration_seconds",
+            "How long successful connects to the upstream took.",
+            HISTOGRAM,
+        );
+        for (labels, t) in &series {
             if t.count(Outcome::Connected) > 0 {
                 let sum = t
                     .outcomes
                     .get(&Outcome::Connected)
                     .map_or(0.0, |(_, d)| d.as_secs_f64());
-                latency
-                    .mut_metric()
-                    .push(histogram(&base, &t.connect_buckets, sum));
+                latency.histogram(&labels.pairs(), &t.connect_buckets, sum);
             }
         }
+        drop(series);
 
         let shared = &self.shared;
         let tracked = shared.stat(Stat::ConnsTracked);
         let live = shared.counters.live_connections();
         let estimate = tracked.saturating_sub(shared.stat(Stat::ConnsClosed) + live);
         state.evicted = state.evicted.max(estimate);
-        let mut families = vec![connects, failures, abandoned, latency];
-        families.push(single(
+        text.single(
             "tracer_events_received_total",
             "Failure events read from the kernel.",
-            MetricType::COUNTER,
-            shared.events_received.load(Ordering::Relaxed) as f64,
-        ));
-        families.push(single(
+            COUNTER,
+            shared.events_received.load(Ordering::Relaxed),
+        );
+        text.single(
             "tracer_events_lost_total",
             "Failure events the kernel dropped because the ring buffer was full (the counts still have them).",
-            MetricType::COUNTER,
-            shared.stat(Stat::EventsLost) as f64,
-        ));
-        families.push(single(
+            COUNTER,
+            shared.stat(Stat::EventsLost),
+        );
+        text.single(
+            "tracer_events_sampled_out_total",
+            "Failure events not sent one by one because their upstream and cause were over the --event-rate budget (the counts still have them).",
+            COUNTER,
+            shared.stat(Stat::EventsSampledOut),
+        );
+        text.single(
             "tracer_events_undecodable_total",
             "Failure events the agent could not decode.",
-            MetricType::COUNTER,
-            shared.events_undecodable.load(Ordering::Relaxed) as f64,
-        ));
-        families.push(single(
+            COUNTER,
+            shared.events_undecodable.load(Ordering::Relaxed),
+        );
+        text.single(
             "tracer_connections_tracked_total",
             "Outbound TCP connections the kernel started following.",
-            MetricType::COUNTER,
-            tracked as f64,
-        ));
-        families.push(single(
+            COUNTER,
+            tracked,
+        );
+        text.single(
             "tracer_connections_live",
             "Outbound TCP connections the kernel is following now.",
-            MetricType::GAUGE,
-            live as f64,
-        ));
-        families.push(single(
+            GAUGE,
+            live,
+        );
+        text.single(
             "tracer_map_entries_evicted_total",
             "Connections dropped from the kernel's full connection table before they ended (their outcome is lost).",
-            MetricType::COUNTER,
-            state.evicted as f64,
-        ));
+            COUNTER,
+            state.evicted,
+        );
         let listeners = shared.listener_totals();
-        let mut deaths = family(
+        let mut deaths = text.family(
             "tracer_listener_deaths_total",
             "Listeners gone, by how: their process oom_killed, crashed, exited, or closed (it lived on).",
-            MetricType::COUNTER,
+            COUNTER,
         );
         for ((upstream, comm, reason), n) in &listeners.deaths {
-            deaths.mut_metric().push(counter(
+            deaths.sample(
                 &[("upstream", upstream), ("comm", comm), ("reason", reason)],
-                *n as f64,
-            ));
+                *n,
+            );
         }
-        families.push(deaths);
-        let mut restarts = family(
+        let mut restarts = text.family(
             "tracer_listener_restarts_total",
             "Listeners that listened again after a gap.",
-            MetricType::COUNTER,
+            COUNTER,
         );
         for ((upstream, comm), n) in &listeners.restarts {
-            restarts.mut_metric().push(counter(
-                &[("upstream", upstream), ("comm", comm)],
-                *n as f64,
-            ));
+            restarts.sample(&[("upstream", upstream), ("comm", comm)], *n);
         }
-        families.push(restarts);
-        families.push(single(
+        text.single(
             "tracer_lifecycle_events_lost_total",
             "Listener and process-death records the kernel dropped (their ring buffer was full).",
-            MetricType::COUNTER,
-            shared.stat(Stat::LifecycleLost) as f64,
-        ));
-        let mut full = family(
+            COUNTER,
+            shared.stat(Stat::LifecycleLost),
+        );
+        let mut full = text.family(
             "tracer_map_full_total",
             "Kernel map inserts that failed because the map was full.",
-            MetricType::COUNTER,
+            COUNTER,
         );
         for (map, stat) in [
             ("connections", Stat::ConnsUntracked),
@@ -279,50 +274,42 @@ impl Exporter {
             ("connect_latency", Stat::LatencyOverflowed),
             ("connects_in_flight", Stat::ConnectsUntracked),
         ] {
-            full.mut_metric()
-                .push(counter(&[("map", map)], shared.stat(stat) as f64));
+            full.sample(&[("map", map)], shared.stat(stat));
         }
-        families.push(full);
-        let mut probes = family(
+        let mut probes = text.family(
             "tracer_probe_attached",
             "1 when the probe is attached, 0 when this kernel lacks it (see tracer check).",
-            MetricType::GAUGE,
+            GAUGE,
         );
         for status in &shared.probes {
             let name = status.probe.tracepoint();
-            probes.mut_metric().push(gauge(
-                &[("probe", &name)],
-                f64::from(u8::from(status.attached())),
-            ));
+            probes.sample(&[("probe", &name)], u64::from(status.attached()));
         }
-        families.push(probes);
-        families.push(single(
+        text.single(
             "tracer_upstreams_folded",
             "Distinct upstreams counted under upstream=\"other\" because of --max-upstreams.",
-            MetricType::GAUGE,
-            state.folded.len() as f64,
-        ));
-        families.push(single(
+            GAUGE,
+            state.folded.len() as u64,
+        );
+        text.single(
             "tracer_upstream_series_limit",
             "The --max-upstreams cap on upstream series.",
-            MetricType::GAUGE,
-            self.max_upstreams as f64,
-        ));
-        let mut build = family(
+            GAUGE,
+            self.max_upstreams as u64,
+        );
+        text.family(
             "tracer_build_info",
             "tracer's version and the kernel it runs on.",
-            MetricType::GAUGE,
-        );
-        build.mut_metric().push(gauge(
+            GAUGE,
+        )
+        .sample(
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
                 ("kernel", &self.kernel),
             ],
-            1.0,
-        ));
-        families.push(build);
-        families.retain(|f| !f.get_metric().is_empty());
-        families
+            1,
+        );
+        text.out
     }
 }
 
@@ -337,68 +324,122 @@ fn merge(into: &mut RouteTotals, from: &RouteTotals) {
     }
 }
 
-fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(name.to_string());
-    family.set_help(help.to_string());
-    family.set_field_type(kind);
-    family
+const COUNTER: &str = "counter";
+const GAUGE: &str = "gauge";
+const HISTOGRAM: &str = "histogram";
+
+/// Prometheus's text exposition format, written as it goes.
+struct Text {
+    out: String,
 }
 
-fn single(name: &str, help: &str, kind: MetricType, value: f64) -> MetricFamily {
-    let mut f = family(name, help, kind);
-    f.mut_metric().push(match kind {
-        MetricType::GAUGE => gauge(&[], value),
-        _ => counter(&[], value),
-    });
-    f
+/// One metric family being written: its `# HELP` and `# TYPE` lines come with its first sample,
+/// so a family without samples is left out.
+struct Family<'t> {
+    text: &'t mut Text,
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    started: bool,
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
-    pairs
-        .iter()
-        .map(|(name, value)| {
-            let mut pair = LabelPair::default();
-            pair.set_name((*name).to_string());
-            pair.set_value((*value).to_string());
-            pair
-        })
-        .collect()
-}
-
-fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(value);
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_counter(c);
-    m
-}
-
-fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(value);
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_gauge(g);
-    m
-}
-
-fn histogram(pairs: &[(&str, &str)], buckets: &[u64; LATENCY_BUCKETS], sum_seconds: f64) -> Metric {
-    let mut cumulative = 0;
-    let mut out = Vec::with_capacity(CONNECT_BUCKETS_NS.len());
-    for (bound, n) in CONNECT_BUCKETS_NS.iter().zip(buckets) {
-        cumulative += n;
-        let mut b = Bucket::default();
-        b.set_upper_bound(*bound as f64 / 1e9);
-        b.set_cumulative_count(cumulative);
-        out.push(b);
+impl Text {
+    fn with_capacity(bytes: usize) -> Text {
+        Text {
+            out: String::with_capacity(bytes),
+        }
     }
-    let mut h = Histogram::default();
-    h.set_sample_count(buckets.iter().sum());
-    h.set_sample_sum(sum_seconds);
-    h.set_bucket(out);
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_histogram(h);
-    m
+
+    fn family(&mut self, name: &'static str, help: &'static str, kind: &'static str) -> Family<'_> {
+        Family {
+            text: self,
+            name,
+            help,
+            kind,
+            started: false,
+        }
+    }
+
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &'static str, help: &'static str, kind: &'static str, value: u64) {
+        self.family(name, help, kind).sample(&[], value);
+    }
+}
+
+impl Family<'_> {
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl Display) {
+        self.line("", labels, None, value);
+    }
+
+    /// A sample with one more label after `labels`.
+    fn sample_with(&mut self, labels: &[(&str, &str)], last: (&str, &str), value: u64) {
+        self.line("", labels, Some(last), value);
+    }
+
+    /// Cumulative buckets, `+Inf`, `_sum` and `_count`; the last slot of `buckets` holds
+    /// connects slower than the largest bound, so it is only in `+Inf`.
+    fn histogram(
+        &mut self,
+        labels: &[(&str, &str)],
+        buckets: &[u64; LATENCY_BUCKETS],
+        sum_seconds: f64,
+    ) {
+        let mut cumulative = 0;
+        for (bound, n) in CONNECT_BUCKETS_NS.iter().zip(buckets) {
+            cumulative += n;
+            let le = (*bound as f64 / 1e9).to_string();
+            self.line("_bucket", labels, Some(("le", &le)), cumulative);
+        }
+        let count: u64 = buckets.iter().sum();
+        self.line("_bucket", labels, Some(("le", "+Inf")), count);
+        self.line("_sum", labels, None, sum_seconds);
+        self.line("_count", labels, None, count);
+    }
+
+    fn line(
+        &mut self,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        last: Option<(&str, &str)>,
+        value: impl Display,
+    ) {
+        let out = &mut self.text.out;
+        if !std::mem::replace(&mut self.started, true) {
+            let _ = writeln!(out, "# HELP {} {}", self.name, escape(self.help, false));
+            let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+        }
+        out.push_str(self.name);
+        out.push_str(suffix);
+        let mut pairs = labels.iter().copied().chain(last).peekable();
+        if pairs.peek().is_some() {
+            out.push('{');
+            for (i, (name, value)) in pairs.enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{name}=\"{}\"", escape(value, true));
+            }
+            out.push('}');
+        }
+        let _ = writeln!(out, " {value}");
+    }
+}
+
+/// Escapes a label value (backslash, double quote, newline) or a help text (backslash, newline).
+fn escape(text: &str, quotes: bool) -> Cow<'_, str> {
+    if !text.contains(['\\', '\n', '"']) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -411,12 +452,13 @@ mod tests {
         buckets[0] = 5;
         buckets[3] = 2;
         buckets[LATENCY_BUCKETS - 1] = 1;
-        let mut f = family("h", "help", MetricType::HISTOGRAM);
-        f.mut_metric()
-            .push(histogram(&[("upstream", "10.0.0.5:80")], &buckets, 1.5));
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&[f], &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let mut text = Text::with_capacity(0);
+        text.family("h", "help", HISTOGRAM).histogram(
+            &[("upstream", "10.0.0.5:80")],
+            &buckets,
+            1.5,
+        );
+        let text = text.out;
         assert!(
             text.contains("h_bucket{upstream=\"10.0.0.5:80\",le=\"0.0001\"} 5"),
             "{text}"
@@ -440,6 +482,25 @@ mod tests {
         assert!(
             text.contains("h_sum{upstream=\"10.0.0.5:80\"} 1.5"),
             "{text}"
+        );
+        assert!(
+            text.starts_with("# HELP h help\n# TYPE h histogram\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped_and_empty_families_left_out() {
+        let mut text = Text::with_capacity(0);
+        text.family("empty_total", "never sampled", COUNTER);
+        text.family("c_total", "a \\ and\na \"quote\"", COUNTER)
+            .sample(&[("comm", "we\"ird\\\n")], 3);
+        text.single("g", "plain", GAUGE, 1);
+        assert_eq!(
+            text.out,
+            "# HELP c_total a \\\\ and\\na \"quote\"\n# TYPE c_total counter\n\
+             c_total{comm=\"we\\\"ird\\\\\\n\"} 3\n\
+             # HELP g plain\n# TYPE g gauge\ng 1\n"
         );
     }
 }
