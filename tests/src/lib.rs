@@ -2,6 +2,7 @@
 //! that fail on purpose ([`upstream`]), what a proxy does ([`client`]), the real tracer
 //! binary ([`tracer_process`]) and the nginx fault lab ([`lab`]).
 
+pub mod bench;
 pub mod bpf;
 pub mod client;
 pub mod http;

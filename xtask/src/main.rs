@@ -3,6 +3,8 @@
 //! - `cargo xtask run [-- ARGS]`: installs what is missing, builds, runs `tracer run ARGS`.
 //! - `cargo xtask test`: installs what the tests need, builds, runs every test.
 //! - `cargo xtask lab`: the nginx fault lab, tracer against nginx's error log.
+//! - `cargo xtask bench [-- --rounds N --seconds S --out FILE]`: overhead against running nothing
+//!   and against bpftrace, exactness and footprint (see BENCHMARKS.md).
 //! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
 
 mod setup;
@@ -45,6 +47,13 @@ enum Task {
     },
     /// Run the nginx fault lab and print tracer's agreement with nginx's error log.
     Lab,
+    /// Measure tracer's overhead (against nothing and against bpftrace), exactness and footprint;
+    /// prints a Markdown report and fails when a target is missed.
+    Bench {
+        /// Arguments for the bench: --rounds N, --seconds S, --out FILE.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -87,7 +96,10 @@ fn main() -> anyhow::Result<()> {
             run_tracer(&tracer, &args)
         }
         Task::Test { args } => test(&args),
-        Task::Lab => lab(),
+        Task::Lab => tests_program("the lab", "tracer-lab", &[], &[]),
+        Task::Bench { args } => {
+            tests_program("the bench", "tracer-bench", setup::BENCH_PACKAGES, &args)
+        }
     }
 }
 
@@ -99,10 +111,18 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lab() -> anyhow::Result<()> {
-    require_root("the lab")?;
+/// Sets up and runs one of the tests crate's programs (the lab, the bench) against a release
+/// tracer, passing its exit code on.
+fn tests_program(
+    what: &str,
+    bin: &str,
+    extra_packages: &[(&str, &str)],
+    args: &[String],
+) -> anyhow::Result<()> {
+    require_root(what)?;
     setup::toolchain()?;
     setup::packages(setup::TEST_PACKAGES)?;
+    setup::packages(extra_packages)?;
     let tracer = build(true)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
@@ -113,13 +133,15 @@ fn lab() -> anyhow::Result<()> {
             "--package",
             "tracer-tests",
             "--bin",
-            "tracer-lab",
+            bin,
+            "--",
         ])
+        .args(args)
         .env("TRACER_BIN", &tracer);
-    // Ctrl-C reaches the lab directly; it cleans up and exits.
+    // Ctrl-C reaches the program directly; it cleans up and exits.
     // SAFETY: ignoring SIGINT in this process only.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let status = cmd.status().context("running the lab")?;
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }
@@ -197,7 +219,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let tracer = build(false)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .arg("test")
+        .args(["test", "--no-fail-fast"])
         .args(extra)
         .env("TRACER_BIN", &tracer);
     setup::run(&mut cmd).context("the tests failed")

@@ -28,6 +28,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
 ];
 
+/// What the benchmarks add: the load generator and the baseline tracer.
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[("wrk", "wrk"), ("bpftrace", "bpftrace")];
+
 pub fn toolchain() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()
@@ -152,7 +155,7 @@ pub fn packages(needed: &[(&str, &str)]) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the tests need these Debian packages: {}; install them (sudo apt-get install -y {}) \
+            "the tests and benchmarks need these Debian packages: {}; install them (sudo apt-get install -y {}) \
              or run as root",
             missing.join(", "),
             missing.join(" ")

@@ -19,6 +19,17 @@ pub struct Nginx {
 impl Nginx {
     /// Writes the configuration for `routes` into `dir` and starts nginx in namespace `netns`.
     pub fn start(netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
+        Nginx::start_with_responders(netns, dir, routes, &[])
+    }
+
+    /// Like [`Nginx::start`], nginx also answering 200 itself on each of `responders` (an
+    /// upstream that costs next to nothing).
+    pub fn start_with_responders(
+        netns: &str,
+        dir: &Path,
+        routes: &[Route],
+        responders: &[SocketAddr],
+    ) -> Nginx {
         for sub in [
             "tmp/body",
             "tmp/proxy",
@@ -29,7 +40,7 @@ impl Nginx {
             std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
         }
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(dir, routes)).expect("writing nginx.conf");
+        std::fs::write(&conf, config(dir, routes, responders)).expect("writing nginx.conf");
         let child = Command::new("ip")
             .args(["netns", "exec", netns, "nginx", "-e"])
             .arg(dir.join("error.log"))
@@ -95,7 +106,7 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, routes: &[Route]) -> String {
+fn config(dir: &Path, routes: &[Route], responders: &[SocketAddr]) -> String {
     let d = dir.display();
     let mut conf = format!(
         "user root;
@@ -143,6 +154,12 @@ http {{
             "    server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://{name};{http11} }} }}",
             port = route.listen_port,
             name = route.name
+        );
+    }
+    for responder in responders {
+        let _ = writeln!(
+            conf,
+            "    server {{ listen {responder}; access_log off; location / {{ return 200 \"ok\\n\"; }} }}"
         );
     }
     conf.push_str("}\n");

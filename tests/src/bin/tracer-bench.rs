@@ -1,0 +1,486 @@
+//! `cargo xtask bench [-- --rounds N --seconds S --out FILE]`: tracer's overhead, exactness and
+//! footprint, against running nothing and against a bpftrace script on the same tracepoints.
+//! Prints a Markdown report and exits non-zero when a target is missed.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use tracer_tests::{
+    bench::{
+        Condition, Running, Snapshot, cpu_time, median_spread, memory_kb,
+        workload::{CLOSED, Env, SERVER, Workload},
+    },
+    bpf::{BpfStats, program_stats},
+    http, kernel_tests_enabled,
+};
+
+struct Options {
+    rounds: usize,
+    seconds: u64,
+    out: Option<String>,
+    tracer_args: Vec<String>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        rounds: 7,
+        seconds: 5,
+        out: None,
+        tracer_args: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next();
+        match (arg.as_str(), value) {
+            ("--rounds", Some(v)) => options.rounds = v.parse().expect("--rounds N"),
+            ("--seconds", Some(v)) => options.seconds = v.parse().expect("--seconds S"),
+            ("--out", Some(v)) => options.out = Some(v),
+            ("--tracer-arg", Some(v)) => options.tracer_args.push(v),
+            _ => panic!(
+                "usage: tracer-bench [--rounds N] [--seconds S] [--out FILE] [--tracer-arg ARG]..."
+            ),
+        }
+    }
+    options
+}
+
+/// A missed target or a wrong count, for the verdict.
+struct Verdict {
+    lines: Vec<(bool, String)>,
+}
+
+impl Verdict {
+    fn check(&mut self, ok: bool, text: String) {
+        self.lines.push((ok, text));
+    }
+
+    fn passed(&self) -> bool {
+        self.lines.iter().all(|(ok, _)| *ok)
+    }
+}
+
+fn main() -> ExitCode {
+    if !kernel_tests_enabled("the bench") {
+        return ExitCode::FAILURE;
+    }
+    let options = options();
+    let duration = Duration::from_secs(options.seconds);
+    let env = Env::new();
+    let api_port = http::free_port();
+    let mut report = String::new();
+    let mut verdict = Verdict { lines: Vec::new() };
+    let started = Instant::now();
+
+    // Throughput, round by round, conditions in rotating order.
+    let mut rates: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
+    let mut mismatches = Vec::new();
+    let mut exact_checks = 0;
+    // During (a) under tracer: the agent's share of one core, and the events it received per s.
+    let mut storm_cpu = Vec::new();
+    let mut storm_events = Vec::new();
+    let mut events_lost = 0;
+    for round in 0..options.rounds {
+        let mut this_round: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
+        for k in 0..Condition::ALL.len() {
+            let condition = Condition::ALL[(round + k) % Condition::ALL.len()];
+            let running = Running::start(condition, api_port, &options.tracer_args);
+            for workload in Workload::ALL {
+                let before = running.snapshot();
+                let cpu_before = running.tracer_pid().map(cpu_time);
+                let done = env.run(workload, duration);
+                let cpu_after = running.tracer_pid().map(cpu_time);
+                this_round.insert((workload, condition), done.rate());
+                rates
+                    .entry((workload, condition))
+                    .or_default()
+                    .push(done.rate());
+                if let (Some(before), true) = (before, condition == Condition::Tracer) {
+                    // Connections finish as the generator stops; let the last ones close.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let after = running.snapshot().unwrap_or_default();
+                    exact_checks += check_exact(workload, &done, &before, &after, &mut mismatches);
+                    events_lost = after.health.events_lost;
+                    let events = after.health.events_received - before.health.events_received;
+                    if workload == Workload::Refused {
+                        let cpu = cpu_after.unwrap_or_default() - cpu_before.unwrap_or_default();
+                        storm_cpu.push(cpu.as_secs_f64() / done.elapsed.as_secs_f64());
+                        storm_events.push(events as f64 / done.elapsed.as_secs_f64());
+                    }
+                }
+            }
+            running.stop();
+        }
+        for ((workload, condition), rate) in &this_round {
+            let untraced = this_round[&(*workload, Condition::Untraced)];
+            ratios
+                .entry((*workload, *condition))
+                .or_default()
+                .push(rate / untraced);
+        }
+        eprintln!(
+            "tracer-bench: round {} of {} done",
+            round + 1,
+            options.rounds
+        );
+    }
+
+    let _ = writeln!(
+        report,
+        "## Throughput ({} rounds × {} s per workload and condition, {} cores)\n",
+        options.rounds,
+        options.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if !options.tracer_args.is_empty() {
+        let _ = writeln!(
+            report,
+            "tracer ran as `tracer run {}`.\n",
+            options.tracer_args.join(" ")
+        );
+    }
+    let _ = writeln!(
+        report,
+        "| workload | untraced (ops/s, median) | tracer ÷ untraced (rounds' range) | bpftrace ÷ untraced (rounds' range) |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|");
+    for workload in Workload::ALL {
+        // The ratio of the medians (robust to one unusually fast or slow run, which would
+        // skew every ratio of its round), with the spread of the rounds' own ratios.
+        let median = |condition| median_spread(&rates[&(workload, condition)]).0;
+        let base = median(Condition::Untraced);
+        let t = median(Condition::Tracer) / base;
+        let b = median(Condition::Bpftrace) / base;
+        let (_, t_lo, t_hi) = median_spread(&ratios[&(workload, Condition::Tracer)]);
+        let (_, b_lo, b_hi) = median_spread(&ratios[&(workload, Condition::Bpftrace)]);
+        let _ = writeln!(
+            report,
+            "| {} | {base:.0} | **{t:.3}** ({t_lo:.3}–{t_hi:.3}) | {b:.3} ({b_lo:.3}–{b_hi:.3}) |",
+            workload.name()
+        );
+        if workload != Workload::Mix {
+            verdict.check(
+                t >= 0.97,
+                format!(
+                    "{}: tracer keeps {:.1}% of the throughput (target ≥ 97%)",
+                    workload.name(),
+                    t * 100.0
+                ),
+            );
+        }
+        verdict.check(
+            t > b,
+            format!(
+                "{}: tracer keeps more throughput ({t:.3}) than bpftrace ({b:.3})",
+                workload.name()
+            ),
+        );
+    }
+
+    let _ = writeln!(
+        report,
+        "\nEach round's ratios, in order (tracer / bpftrace):\n"
+    );
+    for workload in Workload::ALL {
+        let rounds: Vec<String> = ratios[&(workload, Condition::Tracer)]
+            .iter()
+            .zip(&ratios[&(workload, Condition::Bpftrace)])
+            .map(|(t, b)| format!("{t:.3} / {b:.3}"))
+            .collect();
+        let _ = writeln!(report, "- {}: {}", workload.name(), rounds.join(", "));
+    }
+
+    // Where the kernel time goes: each program's average run time, per workload, in a
+    // separate pass (the statistics cost a little themselves), for tracer and for bpftrace.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let stats = BpfStats::enable();
+    let mut kernel_cost: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
+    for condition in [Condition::Tracer, Condition::Bpftrace] {
+        let running = Running::start(condition, api_port, &options.tracer_args);
+        let pid = running.pid().expect("a traced condition");
+        let mut per_workload = Vec::new();
+        for workload in Workload::ALL {
+            let before = program_stats(pid);
+            let done = env.run(workload, duration);
+            let after = program_stats(pid);
+            per_workload.push((workload, done.ops, before, after));
+        }
+        running.stop();
+        if condition == Condition::Tracer {
+            let _ = writeln!(
+                report,
+                "\n## tracer's kernel programs: average ns per run (runs per operation)\n"
+            );
+        }
+        let programs: Vec<&String> = per_workload[0].3.keys().collect();
+        if condition == Condition::Tracer {
+            let names: Vec<&str> = programs.iter().map(|p| p.as_str()).collect();
+            let _ = writeln!(
+                report,
+                "| workload | {} | ns per operation |",
+                names.join(" | ")
+            );
+            let _ = writeln!(report, "|---|{}---|", "---|".repeat(programs.len()));
+        }
+        for (workload, ops, before, after) in &per_workload {
+            let mut cells = Vec::new();
+            let mut total_ns = 0;
+            for program in &programs {
+                let (c0, t0) = before.get(*program).copied().unwrap_or_default();
+                let (c1, t1) = after.get(*program).copied().unwrap_or_default();
+                let (runs, ns) = (c1 - c0, t1 - t0);
+                total_ns += ns;
+                cells.push(match ns.checked_div(runs) {
+                    Some(per_run) => {
+                        format!("{per_run} ({:.2})", runs as f64 / (*ops).max(1) as f64)
+                    }
+                    None => "-".to_string(),
+                });
+            }
+            let per_op = total_ns as f64 / (*ops).max(1) as f64;
+            kernel_cost.insert((*workload, condition), per_op);
+            if condition == Condition::Tracer {
+                let _ = writeln!(
+                    report,
+                    "| {} | {} | {per_op:.0} |",
+                    workload.name(),
+                    cells.join(" | ")
+                );
+            }
+        }
+    }
+    drop(stats);
+    // With every core busy, an untraced operation costs cores ÷ rate of CPU time; the programs'
+    // time per operation over that is the overhead, without the run-to-run noise of throughput.
+    let _ = writeln!(
+        report,
+        "\n## Kernel time per operation, against an untraced operation's CPU time\n"
+    );
+    let _ = writeln!(
+        report,
+        "| workload | untraced CPU per operation | tracer's programs | bpftrace's programs |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|");
+    for workload in Workload::ALL {
+        let (untraced, _, _) = median_spread(&rates[&(workload, Condition::Untraced)]);
+        let per_op = cores * 1e9 / untraced;
+        let t = kernel_cost[&(workload, Condition::Tracer)];
+        let b = kernel_cost[&(workload, Condition::Bpftrace)];
+        let _ = writeln!(
+            report,
+            "| {} | {per_op:.0} ns | {t:.0} ns (**{:.1}%**) | {b:.0} ns ({:.1}%) |",
+            workload.name(),
+            t / per_op * 100.0,
+            b / per_op * 100.0
+        );
+        if workload != Workload::Mix {
+            verdict.check(
+                t / per_op <= 0.03,
+                format!(
+                    "{}: tracer's programs take {:.1}% of an operation's CPU time (≤ 3%, the \
+                     noise-free twin of the 97% throughput target)",
+                    workload.name(),
+                    t / per_op * 100.0
+                ),
+            );
+        }
+        verdict.check(
+            t < b,
+            format!(
+                "{}: tracer's programs take less kernel time ({t:.0} ns per operation) than \
+                 bpftrace's ({b:.0} ns)",
+                workload.name()
+            ),
+        );
+    }
+
+    let _ = writeln!(report, "\n## Exactness\n");
+    let _ = writeln!(
+        report,
+        "{exact_checks} comparisons of tracer's counts with the generator's at full rate; \
+         mismatches: {}. Failure events lost by the kernel (counted, never hidden): {events_lost}.",
+        mismatches.len()
+    );
+    for m in &mismatches {
+        let _ = writeln!(report, "- {m}");
+    }
+    verdict.check(
+        mismatches.is_empty(),
+        format!(
+            "tracer's counts equal the generator's ({} mismatches)",
+            mismatches.len()
+        ),
+    );
+
+    // Footprint, on a fresh tracer.
+    let running = Running::start(Condition::Tracer, api_port, &options.tracer_args);
+    let pid = running.tracer_pid().expect("tracer runs");
+    let cpu_before = cpu_time(pid);
+    let wall = Instant::now();
+    let paced = env.paced_refusals(1000, Duration::from_secs(10));
+    let cpu_used = cpu_time(pid) - cpu_before;
+    let cpu_share = cpu_used.as_secs_f64() / wall.elapsed().as_secs_f64();
+    let before = running.snapshot().unwrap_or_default();
+    let distinct = env.refuse_distinct(1000);
+    let (_, scrape) = http::get(running_api(api_port), "/metrics").expect("a scrape");
+    let (rss_1k, peak_1k) = memory_kb(pid);
+    let big = env.refuse_distinct(100_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, big_scrape) = http::get(running_api(api_port), "/metrics").expect("a scrape");
+    let (rss_100k, peak_100k) = memory_kb(pid);
+    // The live view's snapshot is not capped by --max-upstreams: it lists every route the
+    // kernel keyed (up to 16,384). Reported, not a target.
+    let after = running.snapshot().unwrap_or_default();
+    let routes_listed = after.routes.len();
+    let (_, peak_snapshot) = memory_kb(pid);
+    running.stop();
+    let refused_seen = after.count("", "refused") - before.count("", "refused");
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("tracer_upstream_connects_total{"))
+            .count()
+    };
+
+    let (storm_cpu, _, _) = median_spread(&storm_cpu);
+    let (storm_events, _, _) = median_spread(&storm_events);
+    let _ = writeln!(report, "\n## Footprint\n");
+    let _ = writeln!(report, "| measure | value | target |");
+    let _ = writeln!(report, "|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| agent CPU at 1,000 failures/s ({paced} refusals in 10 s) | {:.2}% of one core | ≤ 2% |",
+        cpu_share * 100.0
+    );
+    let _ = writeln!(
+        report,
+        "| agent CPU per 1,000 failure events (same run) | {:.1} ms | |",
+        cpu_used.as_secs_f64() * 1000.0 / paced.max(1) as f64 * 1000.0
+    );
+    let _ = writeln!(
+        report,
+        "| agent CPU during (a) at full rate (median; {storm_events:.0} events/s received, the rest sampled out) | {:.1}% of one core | |",
+        storm_cpu * 100.0
+    );
+    let _ = writeln!(
+        report,
+        "| agent peak RSS with 1,000 upstreams ({distinct} refused, {} series) | {:.1} MB (now {:.1} MB) | ≤ 30 MB |",
+        series(&scrape),
+        peak_1k as f64 / 1024.0,
+        rss_1k as f64 / 1024.0
+    );
+    let _ = writeln!(
+        report,
+        "| after 100,000 distinct upstreams: counted / made | {refused_seen} / {} | equal |",
+        big + distinct
+    );
+    let _ = writeln!(
+        report,
+        "| after 100,000 distinct upstreams: RSS, series | {:.1} MB (peak {:.1} MB), {} series | bounded by --max-upstreams (1,000) |",
+        rss_100k as f64 / 1024.0,
+        peak_100k as f64 / 1024.0,
+        series(&big_scrape)
+    );
+    let _ = writeln!(
+        report,
+        "| then an /api/snapshot listing {routes_listed} routes (uncapped): peak RSS | {:.1} MB | (none) |",
+        peak_snapshot as f64 / 1024.0
+    );
+    verdict.check(
+        cpu_share <= 0.02,
+        format!("CPU at 1,000 failures/s: {:.2}% (≤ 2%)", cpu_share * 100.0),
+    );
+    verdict.check(
+        peak_1k <= 30 * 1024,
+        format!(
+            "peak RSS with 1,000 upstreams: {:.1} MB (≤ 30 MB)",
+            peak_1k as f64 / 1024.0
+        ),
+    );
+    verdict.check(
+        refused_seen == big + distinct,
+        format!(
+            "100,000 upstreams: every refusal counted ({refused_seen} of {})",
+            big + distinct
+        ),
+    );
+    verdict.check(
+        series(&big_scrape) <= 1_001 + 2,
+        format!(
+            "100,000 upstreams: {} series (≤ cap + other)",
+            series(&big_scrape)
+        ),
+    );
+    verdict.check(
+        peak_100k <= 30 * 1024,
+        format!(
+            "100,000 upstreams: peak RSS {:.1} MB (≤ 30 MB)",
+            peak_100k as f64 / 1024.0
+        ),
+    );
+
+    let _ = writeln!(
+        report,
+        "\n## Verdict ({:.0} s)\n",
+        started.elapsed().as_secs_f64()
+    );
+    for (ok, line) in &verdict.lines {
+        let _ = writeln!(report, "- {} {line}", if *ok { "PASS" } else { "MISS" });
+    }
+    print!("{report}");
+    if let Some(out) = &options.out {
+        std::fs::write(out, &report).unwrap_or_else(|e| panic!("writing {out}: {e}"));
+    }
+    if verdict.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn running_api(port: u16) -> std::net::SocketAddr {
+    format!("127.0.0.1:{port}").parse().expect("address")
+}
+
+/// Compares tracer's counts with what the generator did; returns how many comparisons.
+fn check_exact(
+    workload: Workload,
+    done: &tracer_tests::bench::workload::Done,
+    before: &Snapshot,
+    after: &Snapshot,
+    mismatches: &mut Vec<String>,
+) -> usize {
+    let delta =
+        |prefix: &str, outcome: &str| after.count(prefix, outcome) - before.count(prefix, outcome);
+    let closed = CLOSED.split(':').next().unwrap_or(CLOSED);
+    let server = SERVER.split(':').next().unwrap_or(SERVER);
+    let mut checks = Vec::new();
+    match workload {
+        Workload::Refused => checks.push(("refused", delta(closed, "refused"), done.refused)),
+        Workload::Accepted => {
+            checks.push(("connected", delta(server, "connected"), done.accepted));
+            checks.push((
+                "failures",
+                after.failures(server) - before.failures(server),
+                0,
+            ));
+        }
+        Workload::Mix => {
+            checks.push(("refused", delta(closed, "refused"), done.refused));
+            checks.push(("connected", delta(server, "connected"), done.accepted));
+        }
+        Workload::Http => {}
+    }
+    for (what, counted, made) in &checks {
+        if counted != made {
+            mismatches.push(format!(
+                "{}: tracer counted {counted} {what}, the generator made {made}",
+                workload.name()
+            ));
+        }
+    }
+    checks.len()
+}
