@@ -187,3 +187,94 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {
         }
     }
 }
+
+/// What a Unix-socket upstream (php-fpm, gunicorn on a socket) is like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnixState {
+    /// Nothing: the socket file does not exist.
+    Missing,
+    /// The file left behind by a listener that is gone: connects are refused.
+    Stale,
+    /// A listener whose queue is full and that never accepts (every worker busy).
+    Busy,
+    /// A listener that answers every request and closes the connection.
+    Answer,
+}
+
+/// A Unix-socket upstream in the state asked for; stops and removes its file on drop.
+pub struct UnixUpstream {
+    pub path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// What keeps a busy listener busy: the listener and the connection filling its queue.
+    _held: Vec<std::os::fd::OwnedFd>,
+}
+
+impl UnixUpstream {
+    pub fn start(path: &std::path::Path, state: UnixState) -> UnixUpstream {
+        use std::os::unix::{fs::PermissionsExt as _, net::UnixListener};
+        let _ = std::fs::remove_file(path);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut held = Vec::new();
+        let mut thread = None;
+        match state {
+            UnixState::Missing => {}
+            UnixState::Stale => drop(UnixListener::bind(path).expect("bind")),
+            UnixState::Busy => {
+                let listener = UnixListener::bind(path).expect("bind");
+                // SAFETY: listen(2) on our own socket: a queue of one connection.
+                assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+                held.push(crate::client::unix_connect(path).expect("fills the queue"));
+                held.push(listener.into());
+            }
+            UnixState::Answer => {
+                let listener = UnixListener::bind(path).expect("bind");
+                let stop = stop.clone();
+                thread = Some(std::thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::spawn(move || answer_once(stream));
+                    }
+                }));
+            }
+        }
+        if path.exists() {
+            // Whoever the proxy's workers run as may connect.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        }
+        UnixUpstream {
+            path: path.to_path_buf(),
+            stop,
+            thread,
+            _held: held,
+        }
+    }
+}
+
+/// Reads one request head and answers it, closing the connection.
+fn answer_once(mut stream: std::os::unix::net::UnixStream) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ =
+        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+}
+
+impl Drop for UnixUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // Wake the accept loop so it sees the flag.
+            let _ = std::os::unix::net::UnixStream::connect(&self.path);
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

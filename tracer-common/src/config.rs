@@ -52,6 +52,9 @@ pub struct KernelOffsets {
     /// `task_struct.nsproxy` and `nsproxy.net_ns`: a task's network namespace.
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
+    /// `struct socket.type` (SOCK_STREAM…), to tell a Unix upstream from a datagram socket.
+    pub socket_type: u32,
+    pub _pad: u32,
 }
 
 /// Offsets of the fields of the classic syscall tracepoints, from their tracefs format files.
@@ -145,6 +148,8 @@ impl Config {
             task_pid: 0,
             task_nsproxy: 0,
             nsproxy_net_ns: 0,
+            socket_type: 0,
+            _pad: 0,
         },
         syscalls: SyscallFields {
             connect_fd: 0,

@@ -30,8 +30,11 @@ pub mod tcp_state {
 
 /// The errno values the decision looks at (asm-generic/errno.h, as on x86, arm and riscv).
 pub mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
     pub const EINTR: i32 = 4;
     pub const EAGAIN: i32 = 11;
+    pub const EACCES: i32 = 13;
     pub const EADDRNOTAVAIL: i32 = 99;
     pub const ENETDOWN: i32 = 100;
     pub const ENETUNREACH: i32 = 101;
@@ -374,6 +377,24 @@ pub struct PendingConnect {
 }
 
 impl PendingConnect {
+    /// What connect()'s return value means for a Unix socket: each call is a whole attempt,
+    /// decided here (there is no TCP state to follow). `None` when the call did not finish
+    /// (interrupted, or already connected).
+    pub const fn on_unix_exit(ret: i64) -> Option<Outcome> {
+        use errno::*;
+        if ret >= 0 {
+            return Some(Outcome::Connected);
+        }
+        Some(match (-ret) as i32 {
+            EINTR | EISCONN | EINPROGRESS | EALREADY => return None,
+            ENOENT => Outcome::UnixMissing,
+            ECONNREFUSED => Outcome::UnixRefused,
+            EAGAIN => Outcome::UnixBacklogFull,
+            EACCES | EPERM => Outcome::UnixPermission,
+            _ => Outcome::ConnectError,
+        })
+    }
+
     /// What connect()'s return value means for this attempt.
     pub const fn on_exit(&self, ret: i64) -> Option<Outcome> {
         if ret >= 0 {
@@ -397,6 +418,37 @@ mod tests {
 
     const MS: u64 = 1_000_000;
     const MIN_WAIT: u64 = 50 * MS;
+
+    #[test]
+    fn unix_connects_are_decided_by_their_return_value() {
+        let e = |errno: i32| -i64::from(errno);
+        assert_eq!(PendingConnect::on_unix_exit(0), Some(Outcome::Connected));
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(ENOENT)),
+            Some(Outcome::UnixMissing)
+        );
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(ECONNREFUSED)),
+            Some(Outcome::UnixRefused)
+        );
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(EAGAIN)),
+            Some(Outcome::UnixBacklogFull)
+        );
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(EACCES)),
+            Some(Outcome::UnixPermission)
+        );
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(EPERM)),
+            Some(Outcome::UnixPermission)
+        );
+        assert_eq!(PendingConnect::on_unix_exit(e(EINTR)), None);
+        assert_eq!(
+            PendingConnect::on_unix_exit(e(ETIMEDOUT)),
+            Some(Outcome::ConnectError)
+        );
+    }
 
     fn conn() -> ConnTrack {
         let proxy = Proxy {

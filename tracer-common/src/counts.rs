@@ -111,6 +111,8 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const LIFECYCLE_RING_BYTES: u32 = 1 << 16;
 /// Size of `LISTENER_OWNERS` (processes that own listeners, whose exits are reported).
 pub const LISTENER_OWNERS_MAX_ENTRIES: u32 = 16_384;
+/// Size of `UNIX_PATHS` (Unix socket path key → path; an LRU hash).
+pub const UNIX_PATHS_MAX_ENTRIES: u32 = 4_096;
 /// Entries of `OVERFLOW_COUNTS`, indexed by outcome code.
 pub const OVERFLOW_SLOTS: u32 = 16;
 

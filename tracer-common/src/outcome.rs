@@ -34,10 +34,18 @@ pub enum Outcome {
     ResponseTimeout = 11,
     /// The proxy closed a connection with a request outstanding sooner than `min_wait_ns`.
     RequestAbandoned = 12,
+    /// connect() to a Unix socket failed with ENOENT: the socket file does not exist.
+    UnixMissing = 13,
+    /// connect() to a Unix socket failed with ECONNREFUSED: the file exists, nobody listens.
+    UnixRefused = 14,
+    /// connect() to a Unix socket failed with EAGAIN: the listener's queue is full.
+    UnixBacklogFull = 15,
+    /// connect() to a Unix socket failed with EACCES or EPERM.
+    UnixPermission = 16,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Connected,
         Outcome::ConnectAbandoned,
         Outcome::Refused,
@@ -50,6 +58,10 @@ impl Outcome {
         Outcome::ClosedBeforeResponse,
         Outcome::ResponseTimeout,
         Outcome::RequestAbandoned,
+        Outcome::UnixMissing,
+        Outcome::UnixRefused,
+        Outcome::UnixBacklogFull,
+        Outcome::UnixPermission,
     ];
 
     pub const fn from_u8(code: u8) -> Option<Outcome> {
@@ -66,6 +78,10 @@ impl Outcome {
             10 => Outcome::ClosedBeforeResponse,
             11 => Outcome::ResponseTimeout,
             12 => Outcome::RequestAbandoned,
+            13 => Outcome::UnixMissing,
+            14 => Outcome::UnixRefused,
+            15 => Outcome::UnixBacklogFull,
+            16 => Outcome::UnixPermission,
             _ => return None,
         })
     }
@@ -85,6 +101,10 @@ impl Outcome {
             Outcome::ClosedBeforeResponse => "closed_before_response",
             Outcome::ResponseTimeout => "response_timeout",
             Outcome::RequestAbandoned => "request_abandoned",
+            Outcome::UnixMissing => "unix_missing",
+            Outcome::UnixRefused => "unix_refused",
+            Outcome::UnixBacklogFull => "unix_backlog_full",
+            Outcome::UnixPermission => "unix_permission",
         }
     }
 
@@ -107,6 +127,10 @@ impl Outcome {
                 | Outcome::Unreachable
                 | Outcome::NoEphemeralPort
                 | Outcome::ConnectError
+                | Outcome::UnixMissing
+                | Outcome::UnixRefused
+                | Outcome::UnixBacklogFull
+                | Outcome::UnixPermission
         )
     }
 }
@@ -133,7 +157,7 @@ mod tests {
             .iter()
             .filter(|o| o.is_connect_outcome())
             .collect();
-        assert_eq!(connect.len(), 7);
+        assert_eq!(connect.len(), 11);
         assert!(!Outcome::ResetMidResponse.is_connect_outcome());
         assert!(!Outcome::Connected.is_failure());
         assert!(Outcome::Refused.is_failure());

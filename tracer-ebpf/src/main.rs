@@ -51,9 +51,12 @@ use tracer_common::{
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
         LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
-        connect_bucket,
+        UNIX_PATHS_MAX_ENTRIES, connect_bucket,
     },
-    net::{AF_INET, AF_INET6, IPPROTO_TCP},
+    net::{
+        AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
+        UnixPath, unix_path_key,
+    },
 };
 
 /// Offsets and settings, filled in by the agent at load time (`EbpfLoader::override_global`).
@@ -81,10 +84,17 @@ static CONNECTS: HashMap<u64, PendingConnect> = HashMap::with_max_entries(CONNEC
 static COUNTS: PerCpuHashMap<CountKey, Tally> =
     PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
 
-/// Scratch space for the leading bytes of a `struct sock`, read in one go (too big for the stack).
+/// Per-CPU scratch space (too big for the stack): the leading bytes of a `struct sock`, read in
+/// one go, or a Unix socket path.
 #[map]
-static SOCK_BLOCK: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
+static SCRATCH: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// The paths of the Unix sockets connected to, by [`unix_path_key`] (the `Endpoint` of a Unix
+/// upstream holds only the key).
+#[map]
+static UNIX_PATHS: LruHashMap<u64, UnixPath> =
+    LruHashMap::with_max_entries(UNIX_PATHS_MAX_ENTRIES, 0);
 
 /// Successful connects per route × connect-time bucket.
 #[map]
@@ -239,7 +249,7 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         return Ok(());
     }
     // The sock_common fields in one read (user space checked they lie in the block).
-    let block = SOCK_BLOCK.get_ptr_mut(0).ok_or(-1i64)?;
+    let block = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: this CPU's scratch slot; bpf_probe_read_kernel_buf copes with any address.
     let common = unsafe {
         bpf_probe_read_kernel_buf(sk, &mut *block).map_err(i64::from)?;
@@ -394,6 +404,11 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     let pending = unsafe { *pending };
     let _ = CONNECTS.remove(&thread);
     let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
+    // SAFETY: bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(pending.uservaddr as *const u16)? };
+    if family == AF_UNIX {
+        return unix_connect_returned(&pending, ret);
+    }
     let Some(outcome) = pending.on_exit(ret) else {
         return Ok(());
     };
@@ -435,20 +450,100 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// Whether file descriptor `fd` of the current process is a TCP socket:
 /// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk->sk_protocol.
-fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
+/// The `struct socket` behind the current task's file descriptor `fd`.
+fn fd_socket(fd: u32) -> Result<*const u8, i64> {
     let task = current_task();
     let files: *const u8 = read_kernel(task, config!(offsets.task_files))?;
     let fdt: *const u8 = read_kernel(files, config!(offsets.files_fdt))?;
     let max_fds: u32 = read_kernel(fdt, config!(offsets.fdtable_max_fds))?;
     if fd >= max_fds {
-        return Ok(false);
+        return Err(-1);
     }
     let fds: *const u8 = read_kernel(fdt, config!(offsets.fdtable_fd))?;
     let file: *const u8 = read_kernel(fds, fd * 8)?;
-    let socket: *const u8 = read_kernel(file, config!(offsets.file_private_data))?;
+    read_kernel(file, config!(offsets.file_private_data))
+}
+
+fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
+    let socket = fd_socket(fd)?;
     let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
     let protocol: u16 = read_kernel(sk, config!(offsets.sk_protocol))?;
     Ok(protocol == IPPROTO_TCP)
+}
+
+/// A connect() to a Unix socket returned: the whole attempt, counted (and reported when it
+/// failed) under the socket's path.
+fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> {
+    let Some(outcome) = PendingConnect::on_unix_exit(ret) else {
+        return Ok(());
+    };
+    // Only stream sockets are upstreams: a datagram socket's connect() (syslog's /dev/log
+    // with no syslog running) is not.
+    let kind: u16 = read_kernel(fd_socket(pending.fd)?, config!(offsets.socket_type))?;
+    if kind != SOCK_STREAM && kind != SOCK_SEQPACKET {
+        return Ok(());
+    }
+    let key = remember_unix_path(pending.uservaddr, pending.addrlen)?;
+    let now = now();
+    let conn = ConnTrack::connecting(
+        current_proxy(current_netns()),
+        Endpoint::unix(key),
+        Endpoint::default(),
+        pending.start_ns,
+    );
+    let waited_ns = now.saturating_sub(pending.start_ns);
+    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
+    if outcome.is_failure() {
+        report(
+            &conn,
+            &Report {
+                send,
+                close_ns: now,
+                waited_ns,
+                bytes_received: 0,
+                bytes_acked: 0,
+                errno: (-ret) as i32,
+                outcome,
+                source: Source::ConnectCall,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Reads a `struct sockaddr_un`'s path, stores it in `UNIX_PATHS` if it is new, returns its key.
+fn remember_unix_path(uservaddr: u64, addrlen: u64) -> Result<u64, i64> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot, at least UNIX_PATH_MAX bytes long.
+    let path: &mut UnixPath = unsafe { &mut *scratch.cast::<UnixPath>() };
+    *path = [0; UNIX_PATH_MAX];
+    // sun_path follows the 2-byte family; an abstract name runs to the address length.
+    let len = (addrlen.saturating_sub(2) as usize).min(UNIX_PATH_MAX);
+    if len > 0 {
+        // SAFETY: bpf_probe_read_user copes with any user pointer; len ≤ the buffer.
+        unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf(
+                (uservaddr + 2) as *const u8,
+                &mut path[..len],
+            )?
+        };
+    }
+    if path[0] != 0 {
+        // A filesystem path ends at its NUL; what follows it in the caller's buffer is not
+        // part of it.
+        let mut ended = false;
+        for byte in path.iter_mut() {
+            ended |= *byte == 0;
+            if ended {
+                *byte = 0;
+            }
+        }
+    }
+    let key = unix_path_key(path);
+    if UNIX_PATHS.get_ptr(&key).is_none() {
+        let _ = UNIX_PATHS.insert(&key, path, 0);
+    }
+    Ok(key)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use tracer_common::{Outcome, Stat};
 use crate::{
     aggregate::{ListenerTotals, Totals},
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
-    classify::{Classified, Listeners, Notice},
+    classify::{Classified, Listeners, Notice, is_not_an_upstream},
     decode::{self, Clock, Count, ExistingListenerInfo, Failure, LatencyCount, Lifecycle, Record},
 };
 
@@ -52,12 +52,16 @@ impl Shared {
             .counters
             .counts()
             .into_iter()
-            .filter_map(|(key, tally)| Count::from_kernel(&key, tally.count, tally.sum_ns).ok());
+            .filter_map(|(key, tally)| {
+                Count::from_kernel(&key, tally.count, tally.sum_ns, &*self.counters).ok()
+            })
+            .filter(|c| !is_not_an_upstream(&c.route.upstream));
         let latency = self
             .counters
             .latency()
             .into_iter()
-            .filter_map(|(key, n)| LatencyCount::from_kernel(&key, n).ok());
+            .filter_map(|(key, n)| LatencyCount::from_kernel(&key, n, &*self.counters).ok())
+            .filter(|c| !is_not_an_upstream(&c.route.upstream));
         let mut totals = Totals::from_counts(counts, latency);
         for (code, tally) in self.counters.overflow_counts() {
             if let Some(outcome) = Outcome::from_u8(code) {
@@ -122,8 +126,8 @@ impl Agent {
             );
         }
         eprintln!(
-            "tracer: {}/{} probes attached; watching outbound TCP connections and {} listeners \
-             (Ctrl-C to stop)",
+            "tracer: {}/{} probes attached; watching outbound TCP and Unix-socket connections and {} \
+             listeners (Ctrl-C to stop)",
             capture.attached(),
             capture.probes.len(),
             existing.len()
@@ -204,7 +208,10 @@ impl Agent {
         let happening = match record {
             Ok(Record::Failure(event)) => {
                 self.shared.events_received.fetch_add(1, Ordering::Relaxed);
-                Failure::from_event(&event, &self.clock).map(|failure| {
+                Failure::from_event(&event, &self.clock, &*self.shared.counters).map(|failure| {
+                    if is_not_an_upstream(&failure.upstream) {
+                        return None;
+                    }
                     let root_cause = self.listeners.root_cause(&failure);
                     Some(Happening::Failure(Classified {
                         failure,

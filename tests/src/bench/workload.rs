@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    lab::{Route, nginx::Nginx},
+    lab::{LabAddr, Route, nginx::Nginx},
     netns::Netns,
 };
 
@@ -137,7 +137,7 @@ impl Env {
         let route = Route {
             name: "bench",
             listen_port: 8091,
-            upstreams: vec![responder],
+            upstreams: vec![LabAddr::Tcp(responder)],
             keepalive: false,
             requests: 0,
             concurrency: 0,

@@ -11,8 +11,9 @@ pub mod nginx;
 pub mod report;
 
 use std::{
+    fmt,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Mutex,
         atomic::{AtomicU32, Ordering},
@@ -25,15 +26,53 @@ use crate::{
     netns::{self, Netns},
     process::{MemoryCgroup, UpstreamProcess},
     tracer_process::Tracer,
-    upstream::{Behaviour, Upstream},
+    upstream::{Behaviour, UnixState, UnixUpstream, Upstream},
 };
+
+/// Where the lab's Unix-socket upstreams live (the lab runs one at a time).
+pub const UNIX_DIR: &str = "/tmp/tracer-lab-unix";
+
+/// An upstream's address: TCP, or a Unix socket's path. Displayed as nginx's `server`
+/// directive and tracer's events both write it: `10.88.0.2:9001`, `unix:/tmp/…/php.sock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabAddr {
+    Tcp(SocketAddr),
+    Unix(&'static str),
+}
+
+impl LabAddr {
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            LabAddr::Tcp(addr) => Some(addr.port()),
+            LabAddr::Unix(_) => None,
+        }
+    }
+
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            LabAddr::Tcp(addr) => Some(*addr),
+            LabAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for LabAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabAddr::Tcp(addr) => addr.fmt(f),
+            LabAddr::Unix(path) => write!(f, "unix:{path}"),
+        }
+    }
+}
 
 /// What an upstream of the lab does, and what tracer must say about it.
 #[derive(Debug, Clone)]
 pub struct UpstreamSpec {
-    pub addr: SocketAddr,
-    /// The server listening there; `None` when nothing listens.
+    pub addr: LabAddr,
+    /// The TCP server listening there; `None` when nothing listens.
     pub behaviour: Option<Behaviour>,
+    /// What a Unix-socket upstream is like.
+    pub unix: Option<UnixState>,
     /// The upstream host's firewall drops SYNs to it.
     pub syns_dropped: bool,
     /// The failure cause tracer must report for it; `None` for a healthy upstream.
@@ -52,7 +91,7 @@ pub struct UpstreamSpec {
 pub struct Route {
     pub name: &'static str,
     pub listen_port: u16,
-    pub upstreams: Vec<SocketAddr>,
+    pub upstreams: Vec<LabAddr>,
     /// `keepalive` connections to the upstream (HTTP/1.1), or one connection per request.
     pub keepalive: bool,
     pub requests: usize,
@@ -78,14 +117,25 @@ impl Matrix {
     pub fn standard() -> Matrix {
         let up = |port: u16, behaviour: Option<Behaviour>, expected: Option<&'static str>| {
             UpstreamSpec {
-                addr: SocketAddr::from(([10, 88, 0, 2], port)),
+                addr: LabAddr::Tcp(SocketAddr::from(([10, 88, 0, 2], port))),
                 behaviour,
+                unix: None,
                 syns_dropped: false,
                 expected,
                 must_fail: expected.is_some(),
                 dies: None,
                 root_cause: None,
             }
+        };
+        let unix = |path: &'static str, state, expected: Option<&'static str>| UpstreamSpec {
+            addr: LabAddr::Unix(path),
+            behaviour: None,
+            unix: Some(state),
+            syns_dropped: false,
+            expected,
+            must_fail: expected.is_some(),
+            dies: None,
+            root_cause: None,
         };
         let idle = |secs| Behaviour::Answer {
             idle_close: Duration::from_secs(secs),
@@ -102,7 +152,7 @@ impl Matrix {
                 ..up(9002, None, Some("connect_timeout"))
             },
             UpstreamSpec {
-                addr: addr("10.88.9.1:9003"),
+                addr: LabAddr::Tcp(addr("10.88.9.1:9003")),
                 ..up(9003, None, Some("unreachable"))
             },
             up(
@@ -144,6 +194,25 @@ impl Matrix {
                 root_cause: Some("upstream_crashed"),
                 ..up(9011, None, Some("refused"))
             },
+            // php-fpm-style Unix sockets: missing, stale, a pool with every worker busy, and a
+            // healthy one. (A socket nginx may not open needs workers that are not root: see
+            // tests/tests/unix_sockets.rs.)
+            unix(
+                "/tmp/tracer-lab-unix/missing.sock",
+                UnixState::Missing,
+                Some("unix_missing"),
+            ),
+            unix(
+                "/tmp/tracer-lab-unix/stale.sock",
+                UnixState::Stale,
+                Some("unix_refused"),
+            ),
+            unix(
+                "/tmp/tracer-lab-unix/busy.sock",
+                UnixState::Busy,
+                Some("unix_backlog_full"),
+            ),
+            unix("/tmp/tracer-lab-unix/healthy.sock", UnixState::Answer, None),
         ];
         let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
             name,
@@ -153,9 +222,10 @@ impl Matrix {
                 .map(|p| {
                     upstreams
                         .iter()
-                        .find(|u| u.addr.port() == *p)
+                        .find(|u| u.addr.port() == Some(*p))
                         .expect("upstream of the matrix")
                         .addr
+                        .clone()
                 })
                 .collect(),
             keepalive,
@@ -178,6 +248,38 @@ impl Matrix {
             route("oom_killed", 8111, &[9010], false, 100, 4),
             route("crashed", 8112, &[9011], false, 100, 4),
         ];
+        let unix_route = |name, listen_port, path: &'static str, requests| Route {
+            name,
+            listen_port,
+            upstreams: vec![LabAddr::Unix(path)],
+            keepalive: false,
+            requests,
+            concurrency: 4,
+        };
+        let routes = routes
+            .into_iter()
+            .chain([
+                unix_route(
+                    "unix_missing",
+                    8113,
+                    "/tmp/tracer-lab-unix/missing.sock",
+                    100,
+                ),
+                unix_route("unix_refused", 8114, "/tmp/tracer-lab-unix/stale.sock", 100),
+                unix_route(
+                    "unix_backlog_full",
+                    8115,
+                    "/tmp/tracer-lab-unix/busy.sock",
+                    100,
+                ),
+                unix_route(
+                    "unix_healthy",
+                    8116,
+                    "/tmp/tracer-lab-unix/healthy.sock",
+                    200,
+                ),
+            ])
+            .collect();
         Matrix { upstreams, routes }
     }
 }
@@ -209,8 +311,13 @@ impl Topology {
         proxy.ip(&["link", "set", "lab-p0", "up"]);
         upstream.ip(&["link", "set", "lab-u0", "up"]);
         proxy.ip(&["route", "add", "unreachable", UNROUTED]);
-        for spec in matrix.upstreams.iter().filter(|u| u.syns_dropped) {
-            upstream.firewall(&format!("tcp dport {} drop", spec.addr.port()));
+        for port in matrix
+            .upstreams
+            .iter()
+            .filter(|u| u.syns_dropped)
+            .filter_map(|u| u.addr.port())
+        {
+            upstream.firewall(&format!("tcp dport {port} drop"));
         }
         Topology { proxy, upstream }
     }
@@ -288,8 +395,23 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         .upstreams
         .iter()
         .filter_map(|spec| {
-            spec.behaviour
-                .map(|behaviour| Upstream::start(&topology.upstream, spec.addr, behaviour))
+            let behaviour = spec.behaviour?;
+            Some(Upstream::start(
+                &topology.upstream,
+                spec.addr.tcp()?,
+                behaviour,
+            ))
+        })
+        .collect();
+    // Unix sockets are not in a network namespace: nginx reaches them through the filesystem.
+    let _ = std::fs::remove_dir_all(UNIX_DIR);
+    std::fs::create_dir_all(UNIX_DIR).expect("the Unix sockets' directory");
+    let _unix_servers: Vec<UnixUpstream> = matrix
+        .upstreams
+        .iter()
+        .filter_map(|spec| match (&spec.addr, spec.unix) {
+            (LabAddr::Unix(path), Some(state)) => Some(UnixUpstream::start(Path::new(path), state)),
+            _ => None,
         })
         .collect();
     let tracer = Tracer::events(&["--comm", "nginx"]);

@@ -182,6 +182,16 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
         .or_else(|| message.split_once(" timed out ("))
         .and_then(|(_, rest)| rest.split(':').next())
         .and_then(|n| n.parse::<i32>().ok());
+    if message.starts_with("connect() to unix:") {
+        // php-fpm and the like: what connect() said is the whole story.
+        return Some(match errno? {
+            2 => "unix_missing",
+            111 => "unix_refused",
+            11 => "unix_backlog_full",
+            13 | 1 => "unix_permission",
+            _ => "connect_error",
+        });
+    }
     if message.contains("while connecting to upstream") {
         if message.starts_with("upstream timed out") {
             return Some("connect_timeout");
@@ -243,12 +253,16 @@ pub fn failures_in(error_log: &str) -> Vec<LoggedFailure> {
                 return None;
             }
             let upstream = line.split("upstream: \"").nth(1)?.split('"').next()?;
-            let upstream = upstream
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .split('/')
-                .next()?
-                .to_string();
+            let upstream = upstream.trim_start_matches("http://");
+            let upstream = match upstream.strip_prefix("unix:") {
+                // "http://unix:/run/php.sock:/": the path ends at the last ':'.
+                Some(rest) => format!("unix:{}", rest.rsplit_once(':')?.0),
+                None => upstream
+                    .trim_end_matches('/')
+                    .split('/')
+                    .next()?
+                    .to_string(),
+            };
             Some(LoggedFailure {
                 cause: cause_of(&message),
                 upstream,
@@ -266,8 +280,8 @@ pub struct LoggedRequest {
     pub duration: f64,
     pub status: u16,
     pub port: u16,
-    /// Every upstream tried, in order.
-    pub upstreams: Vec<SocketAddr>,
+    /// Every upstream tried, in order, as tracer writes them (`ip:port`, `unix:PATH`).
+    pub upstreams: Vec<String>,
 }
 
 /// Parses the lab's access-log format: `$msec $request_time $status $server_port "$upstream_addr"`.
@@ -294,10 +308,12 @@ pub fn requests_in(access_log: &str) -> Vec<LoggedRequest> {
 
 /// `$upstream_addr` lists the upstreams tried, separated by ", " (and " : " across
 /// internal redirects); `-` when none was.
-fn parse_upstream_list(text: &str) -> Vec<SocketAddr> {
+fn parse_upstream_list(text: &str) -> Vec<String> {
     text.split(", ")
         .flat_map(|s| s.split(" : "))
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
+        .filter(|s| s.starts_with("unix:") || s.parse::<SocketAddr>().is_ok())
+        .map(str::to_string)
         .collect()
 }
 
@@ -378,14 +394,36 @@ mod tests {
         assert_eq!(requests[0].status, 504);
         assert_eq!(requests[0].port, 8107);
         assert!((requests[0].duration - 1.002).abs() < 1e-9);
-        assert_eq!(
-            requests[0].upstreams,
-            vec!["10.88.0.2:9007".parse::<SocketAddr>().unwrap()]
-        );
+        assert_eq!(requests[0].upstreams, vec!["10.88.0.2:9007".to_string()]);
         assert_eq!(requests[1].upstreams.len(), 2);
+        assert_eq!(requests[2].upstreams, vec!["[fd00:88::2]:9003".to_string()]);
+        let unix = requests_in("1763769603.000 0.000 502 8113 \"unix:/run/php/php-fpm.sock\"\n");
         assert_eq!(
-            requests[2].upstreams,
-            vec!["[fd00:88::2]:9003".parse::<SocketAddr>().unwrap()]
+            unix[0].upstreams,
+            vec!["unix:/run/php/php-fpm.sock".to_string()]
+        );
+    }
+
+    #[test]
+    fn unix_socket_upstreams_are_named_as_tracer_names_them() {
+        let log = r#"2026/11/22 00:30:10 [error] 812#812: *20 connect() to unix:/run/php/php-fpm.sock failed (2: No such file or directory) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://unix:/run/php/php-fpm.sock:/", host: "127.0.0.1:8113"
+2026/11/22 00:30:11 [error] 812#812: *21 connect() to unix:/run/php/php-fpm.sock failed (111: Connection refused) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://unix:/run/php/php-fpm.sock:/", host: "127.0.0.1:8114"
+2026/11/22 00:30:12 [error] 812#812: *22 connect() to unix:/run/php/php-fpm.sock failed (11: Resource temporarily unavailable) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://unix:/run/php/php-fpm.sock:/", host: "127.0.0.1:8115"
+2026/11/22 00:30:13 [crit] 812#812: *23 connect() to unix:/run/php/php-fpm.sock failed (13: Permission denied) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://unix:/run/php/php-fpm.sock:/", host: "127.0.0.1:8116"
+"#;
+        let got: Vec<(String, Option<&str>)> = failures_in(log)
+            .into_iter()
+            .map(|f| (f.upstream, f.cause))
+            .collect();
+        let sock = "unix:/run/php/php-fpm.sock".to_string();
+        assert_eq!(
+            got,
+            vec![
+                (sock.clone(), Some("unix_missing")),
+                (sock.clone(), Some("unix_refused")),
+                (sock.clone(), Some("unix_backlog_full")),
+                (sock, Some("unix_permission")),
+            ]
         );
     }
 }

@@ -4,7 +4,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
@@ -255,11 +254,7 @@ fn explain_gateway_errors(
     for request in &gateway {
         let start = request.end - request.duration - SLACK;
         let end = request.end + SLACK;
-        let upstreams: Vec<String> = request
-            .upstreams
-            .iter()
-            .map(SocketAddr::to_string)
-            .collect();
+        let upstreams = &request.upstreams;
         let found = tracer.iter().enumerate().find(|(i, f)| {
             !used.contains(i) && upstreams.contains(&f.upstream) && (start..=end).contains(&f.time)
         });

@@ -21,8 +21,10 @@ use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
     Config, ConnTrack, CountKey, KernelOffsets, LatencyKey, OomFields, Stat, SyscallFields, Tally,
-    counts::OVERFLOW_SLOTS,
+    counts::OVERFLOW_SLOTS, net::UnixPath,
 };
+
+use crate::decode::UnixPaths;
 
 use self::{
     btf::{Btf, BtfError},
@@ -100,7 +102,8 @@ pub const PROBES: [Probe; 8] = [
         program: "sys_exit_connect",
         hook: Hook::Tracepoint("syscalls", "sys_exit_connect"),
         required: false,
-        purpose: "connect() failing before any SYN: no route, no local port left",
+        purpose: "connect() failing before any SYN (no route, no local port left), and every \
+                  connect() to a Unix socket (php-fpm…)",
     },
     Probe {
         program: "sched_process_exit",
@@ -239,6 +242,13 @@ pub struct Counters {
     overflow: PerCpuArray<MapData, Tally>,
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, u64, ConnTrack>,
+    unix_paths: BpfHashMap<MapData, u64, UnixPath>,
+}
+
+impl UnixPaths for Counters {
+    fn unix_path(&self, key: u64) -> Option<UnixPath> {
+        self.unix_paths.get(&key, 0).ok()
+    }
 }
 
 impl Counters {
@@ -318,6 +328,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_pid: btf.member_offset("task_struct", "pid")?,
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
+        socket_type: btf.member_offset("socket", "type")?,
+        _pad: 0,
     };
     // The programs read these from one block of Config::SOCK_COMMON_BLOCK bytes.
     let in_block = [
@@ -430,6 +442,7 @@ impl Capture {
             overflow: take(&mut ebpf, "OVERFLOW_COUNTS")?,
             stats: take(&mut ebpf, "STATS")?,
             conns: take(&mut ebpf, "CONNS")?,
+            unix_paths: take(&mut ebpf, "UNIX_PATHS")?,
         };
         Ok(Capture {
             _ebpf: ebpf,

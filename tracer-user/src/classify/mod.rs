@@ -11,7 +11,7 @@ use std::time::Duration;
 use tracer_common::{Outcome, Source, conn::EndKind};
 
 pub use self::root_cause::{Listeners, Notice, RootCause};
-use crate::decode::Failure;
+use crate::decode::{Failure, Upstream};
 
 /// A failure with its root cause, when one is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +81,19 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Unix sockets that the C library itself tries, in every process that looks up a user or a
+/// host (nscd, systemd's user database): their absence is normal and they are not upstreams.
+const NAME_SERVICE_SOCKETS: [&str; 3] = ["/var/run/nscd/", "/run/nscd/", "/run/systemd/userdb/"];
+
+/// Whether a connection to `upstream` is not a proxy's upstream at all (see
+/// `NAME_SERVICE_SOCKETS`); such connections are neither counted nor reported.
+pub fn is_not_an_upstream(upstream: &Upstream) -> bool {
+    match upstream {
+        Upstream::Unix(path) => NAME_SERVICE_SOCKETS.iter().any(|p| path.starts_with(p)),
+        Upstream::Ip(_) => false,
+    }
+}
+
 /// One sentence: who failed to get what from which upstream, why, and the evidence.
 pub fn explain(f: &Failure) -> String {
     let e = &f.evidence;
@@ -117,7 +130,9 @@ pub fn explain(f: &Failure) -> String {
         Outcome::Unreachable => format!(
             "{who}: {} after {waited}: no route to {}",
             errno(),
-            f.upstream.ip()
+            f.upstream
+                .socket_addr()
+                .map_or_else(|| f.upstream.to_string(), |a| a.ip().to_string())
         ),
         Outcome::NoEphemeralPort => format!(
             "{who}: connect() failed ({}): the proxy has no local port left to reach this \
@@ -125,6 +140,26 @@ pub fn explain(f: &Failure) -> String {
             errno()
         ),
         Outcome::ConnectError => format!("{who}: connect() failed ({}) after {waited}", errno()),
+        Outcome::UnixMissing => format!(
+            "{who}: connect() failed ({}): the socket file does not exist (the upstream is not \
+             running, or listens on another path)",
+            errno()
+        ),
+        Outcome::UnixRefused => format!(
+            "{who}: connection refused ({}): the socket file exists but nothing listens on it \
+             (left behind by an upstream that crashed or stopped)",
+            errno()
+        ),
+        Outcome::UnixBacklogFull => format!(
+            "{who}: connect() failed ({}): the socket's listen queue is full (every worker is \
+             busy: the pool is exhausted or too small)",
+            errno()
+        ),
+        Outcome::UnixPermission => format!(
+            "{who}: connect() failed ({}): the proxy may not connect to the socket (its file \
+             mode, owner or group)",
+            errno()
+        ),
         Outcome::ResetBeforeResponse if e.requests == 0 => {
             format!("{who}: the upstream reset the connection before the proxy sent its request")
         }
@@ -190,6 +225,18 @@ pub fn explain_route(
             "{count} connects failed {when}: the proxy has no local port left for this upstream"
         ),
         Outcome::ConnectError => format!("{count} connects failed {when}"),
+        Outcome::UnixMissing => {
+            format!("{count} connects failed {when}: the socket file does not exist")
+        }
+        Outcome::UnixRefused => format!(
+            "{count} connects refused {when}: the socket file exists but nothing listens on it"
+        ),
+        Outcome::UnixBacklogFull => format!(
+            "{count} connects failed {when}: the socket's listen queue is full (every worker busy)"
+        ),
+        Outcome::UnixPermission => {
+            format!("{count} connects failed {when}: the proxy may not connect to the socket")
+        }
         Outcome::ResetBeforeResponse => format!(
             "{count} connections reset by the upstream before any response {when} (a worker \
              crashed, was killed or recycled)"
@@ -221,10 +268,26 @@ pub fn source_name(source: Source) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::SocketAddr, time::SystemTime};
+    use std::time::SystemTime;
 
     use super::*;
     use crate::decode::{Evidence, ProxyProcess};
+
+    #[test]
+    fn the_c_librarys_name_service_sockets_are_not_upstreams() {
+        for path in [
+            "unix:/var/run/nscd/socket",
+            "unix:/run/systemd/userdb/io.systemd.Multiplexer",
+        ] {
+            assert!(is_not_an_upstream(&path.parse().unwrap()), "{path}");
+        }
+        for upstream in ["unix:/run/php/php-fpm.sock", "10.0.0.5:8000"] {
+            assert!(
+                !is_not_an_upstream(&upstream.parse().unwrap()),
+                "{upstream}"
+            );
+        }
+    }
 
     fn failure(cause: Outcome, evidence: Evidence) -> Failure {
         Failure {
@@ -236,7 +299,7 @@ mod tests {
                 cgroup_id: 1,
                 netns: 4026531840,
             },
-            upstream: "10.0.0.5:8000".parse::<SocketAddr>().unwrap(),
+            upstream: "10.0.0.5:8000".parse().unwrap(),
             local: None,
             cause,
             evidence,

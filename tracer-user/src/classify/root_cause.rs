@@ -116,7 +116,7 @@ impl RootCause {
     /// was OOM-killed at 12:03:03 (anon-rss 1.9 GiB); since then 312 connections from nginx to
     /// 127.0.0.1:8000 were refused".
     pub fn explain(&self, failure: &Failure) -> String {
-        let upstream = failure.upstream;
+        let upstream = &failure.upstream;
         let proxy = &failure.proxy.comm;
         let what = match failure.cause {
             Outcome::Refused => "were refused",
@@ -189,7 +189,9 @@ impl RootCause {
                 process.comm,
                 process.pid,
                 listener.ip(),
-                upstream.ip()
+                upstream
+                    .socket_addr()
+                    .map_or_else(|| upstream.to_string(), |a| a.ip().to_string())
             ),
             RootCause::OtherNetns { listener, process } => format!(
                 "{} (pid {}) listens on {listener} only in another network namespace \
@@ -475,8 +477,9 @@ impl Listeners {
         })
     }
 
+    /// Listeners are TCP ones: a Unix upstream has none of these root causes.
     fn behind_refusal(&mut self, failure: &Failure) -> Option<RootCause> {
-        let upstream = failure.upstream;
+        let upstream = failure.upstream.socket_addr()?;
         let candidates: Vec<usize> = self.serving(upstream, failure.proxy.netns).collect();
         if candidates
             .iter()
@@ -525,7 +528,7 @@ impl Listeners {
 
     fn behind_reset(&mut self, failure: &Failure) -> Option<RootCause> {
         let candidates: Vec<usize> = self
-            .serving(failure.upstream, failure.proxy.netns)
+            .serving(failure.upstream.socket_addr()?, failure.proxy.netns)
             .collect();
         let recent = candidates.into_iter().find(|i| {
             self.listeners[*i].closed.as_ref().is_some_and(|c| {

@@ -15,7 +15,7 @@ use tracer_common::{
     Proxy, RecordKind, RouteKey, Source,
     conn::EndKind,
     event::task_flags::PF_EXITING,
-    net::{AF_INET, AF_INET6},
+    net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -93,6 +93,92 @@ pub fn socket_addr(endpoint: &Endpoint) -> Result<SocketAddr, DecodeError> {
         other => return Err(DecodeError::Family(other)),
     };
     Ok(SocketAddr::new(ip, endpoint.port))
+}
+
+/// Where a proxy connects to: an IP socket address, or a Unix socket by its path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Upstream {
+    Ip(SocketAddr),
+    /// The socket's path; an abstract socket's name starts with `@`.
+    Unix(String),
+}
+
+impl Upstream {
+    /// The IP socket address, for an IP upstream.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Upstream::Ip(addr) => Some(*addr),
+            Upstream::Unix(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = std::net::AddrParseError;
+
+    /// What [`fmt::Display`] writes.
+    fn from_str(s: &str) -> Result<Upstream, Self::Err> {
+        match s.strip_prefix("unix:") {
+            Some(path) => Ok(Upstream::Unix(path.to_string())),
+            None => s.parse().map(Upstream::Ip),
+        }
+    }
+}
+
+impl From<SocketAddr> for Upstream {
+    fn from(addr: SocketAddr) -> Upstream {
+        Upstream::Ip(addr)
+    }
+}
+
+impl fmt::Display for Upstream {
+    /// `10.0.0.5:8000`, `[2001:db8::5]:8000`, `unix:/run/php/php-fpm.sock`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::Ip(addr) => addr.fmt(f),
+            Upstream::Unix(path) => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+/// Where the paths of Unix upstreams are found (the kernel's `UNIX_PATHS` map), by key.
+pub trait UnixPaths {
+    fn unix_path(&self, key: u64) -> Option<UnixPath>;
+}
+
+/// No paths known (decoding without the kernel's maps, in tests).
+impl UnixPaths for () {
+    fn unix_path(&self, _: u64) -> Option<UnixPath> {
+        None
+    }
+}
+
+/// A `sockaddr_un` path as text: up to its NUL, or `@` and the name of an abstract socket.
+pub fn unix_path_text(path: &UnixPath) -> String {
+    match path.split_first() {
+        Some((0, name)) => {
+            let end = name.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            format!("@{}", String::from_utf8_lossy(&name[..end]))
+        }
+        _ => {
+            let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+            String::from_utf8_lossy(&path[..end]).into_owned()
+        }
+    }
+}
+
+/// An endpoint as an upstream: its socket address, or its Unix socket path from `paths`
+/// (`#` and the key in hex if the path is no longer known).
+pub fn upstream(endpoint: &Endpoint, paths: &dyn UnixPaths) -> Result<Upstream, DecodeError> {
+    if endpoint.family == AF_UNIX {
+        let key = endpoint.unix_key();
+        return Ok(Upstream::Unix(
+            paths
+                .unix_path(key)
+                .map_or_else(|| format!("#{key:016x}"), |p| unix_path_text(&p)),
+        ));
+    }
+    socket_addr(endpoint).map(Upstream::Ip)
 }
 
 /// A NUL-padded kernel `comm`.
@@ -205,7 +291,7 @@ pub struct Evidence {
 pub struct Failure {
     pub time: SystemTime,
     pub proxy: ProxyProcess,
-    pub upstream: SocketAddr,
+    pub upstream: Upstream,
     /// The proxy's side of the connection, when it had one.
     pub local: Option<SocketAddr>,
     pub cause: Outcome,
@@ -213,7 +299,11 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn from_event(event: &FailureEvent, clock: &Clock) -> Result<Failure, DecodeError> {
+    pub fn from_event(
+        event: &FailureEvent,
+        clock: &Clock,
+        paths: &dyn UnixPaths,
+    ) -> Result<Failure, DecodeError> {
         let conn = &event.conn;
         let cause = Outcome::from_u8(event.outcome).ok_or(DecodeError::Outcome(event.outcome))?;
         let local = socket_addr(&conn.local)
@@ -222,7 +312,7 @@ impl Failure {
         Ok(Failure {
             time: clock.wall(event.close_ns),
             proxy: ProxyProcess::from_kernel(&conn.proxy),
-            upstream: socket_addr(&conn.upstream)?,
+            upstream: upstream(&conn.upstream, paths)?,
             local,
             cause,
             evidence: Evidence {
@@ -365,15 +455,15 @@ impl Lifecycle {
 pub struct Route {
     pub proxy: String,
     pub cgroup_id: u64,
-    pub upstream: SocketAddr,
+    pub upstream: Upstream,
 }
 
 impl Route {
-    pub fn from_kernel(key: &RouteKey) -> Result<Route, DecodeError> {
+    pub fn from_kernel(key: &RouteKey, paths: &dyn UnixPaths) -> Result<Route, DecodeError> {
         Ok(Route {
             proxy: comm(&key.comm),
             cgroup_id: key.cgroup_id,
-            upstream: socket_addr(&key.upstream)?,
+            upstream: upstream(&key.upstream, paths)?,
         })
     }
 }
@@ -388,9 +478,14 @@ pub struct Count {
 }
 
 impl Count {
-    pub fn from_kernel(key: &CountKey, count: u64, sum_ns: u64) -> Result<Count, DecodeError> {
+    pub fn from_kernel(
+        key: &CountKey,
+        count: u64,
+        sum_ns: u64,
+        paths: &dyn UnixPaths,
+    ) -> Result<Count, DecodeError> {
         Ok(Count {
-            route: Route::from_kernel(&key.route)?,
+            route: Route::from_kernel(&key.route, paths)?,
             outcome: Outcome::from_u8(key.outcome).ok_or(DecodeError::Outcome(key.outcome))?,
             count,
             total_time: Duration::from_nanos(sum_ns),
@@ -408,9 +503,13 @@ pub struct LatencyCount {
 }
 
 impl LatencyCount {
-    pub fn from_kernel(key: &LatencyKey, count: u64) -> Result<LatencyCount, DecodeError> {
+    pub fn from_kernel(
+        key: &LatencyKey,
+        count: u64,
+        paths: &dyn UnixPaths,
+    ) -> Result<LatencyCount, DecodeError> {
         Ok(LatencyCount {
-            route: Route::from_kernel(&key.route)?,
+            route: Route::from_kernel(&key.route, paths)?,
             bucket: usize::from(key.bucket),
             count,
         })
@@ -471,7 +570,7 @@ mod tests {
         let decoded = failure_event(&as_bytes(&event)).unwrap();
         assert_eq!(decoded, event);
         let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let failure = Failure::from_event(&decoded, &Clock::with_boot_time(boot)).unwrap();
+        let failure = Failure::from_event(&decoded, &Clock::with_boot_time(boot), &()).unwrap();
         assert_eq!(failure.time, boot + Duration::from_nanos(5_000_200_000));
         assert_eq!(failure.proxy.comm, "nginx");
         assert_eq!((failure.proxy.pid, failure.proxy.tid), (812, 813));
@@ -494,15 +593,50 @@ mod tests {
         let mut event = refused_event();
         event.outcome = 99;
         assert_eq!(
-            Failure::from_event(&event, &Clock::new()),
+            Failure::from_event(&event, &Clock::new(), &()),
             Err(DecodeError::Outcome(99))
         );
         event.outcome = Outcome::Refused as u8;
-        event.conn.upstream.family = 1;
+        event.conn.upstream.family = 3;
         assert_eq!(
-            Failure::from_event(&event, &Clock::new()),
-            Err(DecodeError::Family(1))
+            Failure::from_event(&event, &Clock::new(), &()),
+            Err(DecodeError::Family(3))
         );
+    }
+
+    #[test]
+    fn unix_upstreams_are_named_by_their_path() {
+        use tracer_common::net::{UNIX_PATH_MAX, unix_path_key};
+        struct Paths(Vec<UnixPath>);
+        impl UnixPaths for Paths {
+            fn unix_path(&self, key: u64) -> Option<UnixPath> {
+                self.0.iter().find(|p| unix_path_key(p) == key).copied()
+            }
+        }
+        let path = |bytes: &[u8]| {
+            let mut p = [0u8; UNIX_PATH_MAX];
+            p[..bytes.len()].copy_from_slice(bytes);
+            p
+        };
+        let file = path(b"/run/php/php-fpm.sock");
+        let abstract_name = path(b"\0gunicorn");
+        let paths = Paths(vec![file, abstract_name]);
+        let mut event = refused_event();
+        event.outcome = Outcome::UnixRefused as u8;
+        event.conn.upstream = Endpoint::unix(unix_path_key(&file));
+        let failure = Failure::from_event(&event, &Clock::new(), &paths).unwrap();
+        assert_eq!(failure.upstream.to_string(), "unix:/run/php/php-fpm.sock");
+        assert_eq!(failure.upstream.socket_addr(), None);
+        assert_eq!(
+            "unix:/run/php/php-fpm.sock".parse::<Upstream>(),
+            Ok(failure.upstream)
+        );
+        event.conn.upstream = Endpoint::unix(unix_path_key(&abstract_name));
+        let failure = Failure::from_event(&event, &Clock::new(), &paths).unwrap();
+        assert_eq!(failure.upstream.to_string(), "unix:@gunicorn");
+        event.conn.upstream = Endpoint::unix(0xabc);
+        let failure = Failure::from_event(&event, &Clock::new(), &paths).unwrap();
+        assert_eq!(failure.upstream.to_string(), "unix:#0000000000000abc");
     }
 
     #[test]

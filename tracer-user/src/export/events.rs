@@ -10,21 +10,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     classify::{Classified, Notice, errno_name, explain, source_name},
-    decode::Failure,
+    decode::{Failure, Upstream},
 };
 
-/// Which upstreams `--upstream` selects: `ip:port`, `[ipv6]:port`, `ip`, or `:port`.
+/// Which upstreams `--upstream` selects: `ip:port`, `[ipv6]:port`, `ip`, `:port`, or
+/// `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamMatch {
     Addr(SocketAddr),
     Ip(IpAddr),
     Port(u16),
+    Unix(String),
 }
 
 impl FromStr for UpstreamMatch {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:")
+            && !path.is_empty()
+        {
+            return Ok(UpstreamMatch::Unix(path.to_string()));
+        }
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(UpstreamMatch::Addr(addr));
         }
@@ -42,17 +49,19 @@ impl FromStr for UpstreamMatch {
         }
         Err(format!(
             "`{s}` is not an upstream: use IP:PORT (10.0.0.5:8000, [2001:db8::1]:443), an IP, \
-             or :PORT"
+             :PORT, or unix:PATH"
         ))
     }
 }
 
 impl UpstreamMatch {
-    pub fn matches(&self, upstream: &SocketAddr) -> bool {
-        match self {
-            UpstreamMatch::Addr(addr) => addr == upstream,
-            UpstreamMatch::Ip(ip) => *ip == upstream.ip(),
-            UpstreamMatch::Port(port) => *port == upstream.port(),
+    pub fn matches(&self, upstream: &Upstream) -> bool {
+        match (self, upstream) {
+            (UpstreamMatch::Addr(addr), Upstream::Ip(upstream)) => addr == upstream,
+            (UpstreamMatch::Ip(ip), Upstream::Ip(upstream)) => *ip == upstream.ip(),
+            (UpstreamMatch::Port(port), Upstream::Ip(upstream)) => *port == upstream.port(),
+            (UpstreamMatch::Unix(path), Upstream::Unix(upstream)) => path == upstream,
+            _ => false,
         }
     }
 }
@@ -88,6 +97,7 @@ impl EventFilter {
                 }
                 UpstreamMatch::Ip(ip) => *ip == listener.ip() || listener.ip().is_unspecified(),
                 UpstreamMatch::Port(port) => *port == listener.port(),
+                UpstreamMatch::Unix(_) => false,
             })
     }
 }
@@ -313,7 +323,7 @@ mod tests {
                 cgroup_id: 1,
                 netns: 4026531840,
             },
-            upstream: "10.0.0.5:8000".parse().unwrap(),
+            upstream: Upstream::Ip("10.0.0.5:8000".parse().unwrap()),
             local: Some("10.0.0.1:40000".parse().unwrap()),
             cause: Outcome::Refused,
             evidence: Evidence {

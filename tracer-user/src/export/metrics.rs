@@ -9,7 +9,6 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt::{Display, Write as _},
-    net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
 };
 
@@ -18,7 +17,7 @@ use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 use crate::{
     agent::Shared,
     aggregate::{LATENCY_BUCKETS, RouteTotals},
-    decode::cgroup::CgroupPaths,
+    decode::{Upstream, cgroup::CgroupPaths},
 };
 
 /// The label value for upstreams (and proxies) past the caps.
@@ -41,6 +40,15 @@ const FAILURE_CAUSES: [Outcome; 9] = [
     Outcome::ResponseTimeout,
 ];
 
+/// The same for Unix-socket upstreams: what connect() can tell.
+const UNIX_FAILURE_CAUSES: [Outcome; 5] = [
+    Outcome::UnixMissing,
+    Outcome::UnixRefused,
+    Outcome::UnixBacklogFull,
+    Outcome::UnixPermission,
+    Outcome::ConnectError,
+];
+
 pub struct Exporter {
     shared: Arc<Shared>,
     max_upstreams: usize,
@@ -51,9 +59,9 @@ pub struct Exporter {
 /// What must stay the same from one scrape to the next.
 struct State {
     /// Upstreams that have their own series, in the order they came.
-    admitted: BTreeSet<SocketAddr>,
+    admitted: BTreeSet<Upstream>,
     /// Upstreams folded into `other`.
-    folded: BTreeSet<SocketAddr>,
+    folded: BTreeSet<Upstream>,
     cgroups: CgroupPaths,
     /// Evictions seen so far (the estimate can dip; the counter must not).
     evicted: u64,
@@ -106,10 +114,10 @@ impl Exporter {
             let upstream = if state.admitted.contains(&route.upstream) {
                 route.upstream.to_string()
             } else if state.admitted.len() < self.max_upstreams {
-                state.admitted.insert(route.upstream);
+                state.admitted.insert(route.upstream.clone());
                 route.upstream.to_string()
             } else {
-                state.folded.insert(route.upstream);
+                state.folded.insert(route.upstream.clone());
                 OTHER.to_string()
             };
             let cgroup = state
@@ -154,8 +162,18 @@ impl Exporter {
             COUNTER,
         );
         for (labels, t) in &series {
-            for cause in FAILURE_CAUSES {
-                failures.sample_with(&labels.pairs(), ("cause", cause.name()), t.count(cause));
+            // Its kind's causes always, so rates work from the first scrape; others that
+            // happened (under `other`, Unix and TCP upstreams mix).
+            let own = if labels.upstream.starts_with("unix:") {
+                &UNIX_FAILURE_CAUSES[..]
+            } else {
+                &FAILURE_CAUSES[..]
+            };
+            for cause in Outcome::ALL.into_iter().filter(|o| o.is_failure()) {
+                let n = t.count(cause);
+                if n > 0 || own.contains(&cause) {
+                    failures.sample_with(&labels.pairs(), ("cause", cause.name()), n);
+                }
             }
         }
         let mut abandoned = text.family(

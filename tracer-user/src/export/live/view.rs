@@ -36,6 +36,9 @@ pub fn cause_color(cause: Outcome) -> Color {
         Outcome::ClosedBeforeResponse => Color::LightMagenta,
         Outcome::Unreachable => Color::Cyan,
         Outcome::NoEphemeralPort | Outcome::ConnectError => Color::LightBlue,
+        Outcome::UnixMissing | Outcome::UnixRefused => Color::Red,
+        Outcome::UnixBacklogFull => Color::Yellow,
+        Outcome::UnixPermission => Color::LightBlue,
         Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => Color::Gray,
     }
 }

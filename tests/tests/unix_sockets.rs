@@ -1,0 +1,211 @@
+//! Unix-socket upstreams (php-fpm, gunicorn on a socket), made to fail for real: the socket file
+//! missing, a stale file nobody listens on, a listener whose queue is full, a socket the proxy
+//! may not open. What the real `tracer events --json` reports, and what `tracer run` counts.
+
+use std::{
+    io::ErrorKind,
+    os::unix::{fs::PermissionsExt as _, net::UnixListener},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tracer_tests::{
+    assert_failures, client::unix_connect, http::get, kernel_tests_enabled, tracer_process::Tracer,
+};
+
+const N: usize = 10;
+const WAIT: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// A private directory for one test's sockets, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("tracer-unix-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("socket directory");
+        // Others (the unprivileged thread below) may reach the sockets inside.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Dir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn upstream(path: &Path) -> String {
+    format!("unix:{}", path.display())
+}
+
+fn failing_connects(path: &Path, n: usize, kind: ErrorKind) {
+    for _ in 0..n {
+        let error = unix_connect(path).expect_err("the connect fails");
+        assert_eq!(error.kind(), kind, "{error}");
+    }
+}
+
+#[test]
+fn missing_socket_file_is_unix_missing() {
+    if !kernel_tests_enabled("missing_socket_file_is_unix_missing") {
+        return;
+    }
+    let dir = Dir::new("missing");
+    let path = dir.path("php-fpm.sock");
+    let tracer = Tracer::events(&["--upstream", &upstream(&path)]);
+    failing_connects(&path, N, ErrorKind::NotFound);
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, &upstream(&path), "unix_missing", N) {
+        assert_eq!(event["errno_name"], "ENOENT", "{event}");
+        assert_eq!(event["seen_at"], "connect_call", "{event}");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn stale_socket_file_is_unix_refused() {
+    if !kernel_tests_enabled("stale_socket_file_is_unix_refused") {
+        return;
+    }
+    let dir = Dir::new("stale");
+    let path = dir.path("php-fpm.sock");
+    // A listener that went away without removing its file: what a crashed php-fpm leaves.
+    drop(UnixListener::bind(&path).expect("bind"));
+    assert!(path.exists());
+    let tracer = Tracer::events(&["--upstream", &upstream(&path)]);
+    failing_connects(&path, N, ErrorKind::ConnectionRefused);
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, &upstream(&path), "unix_refused", N) {
+        assert_eq!(event["errno_name"], "ECONNREFUSED", "{event}");
+    }
+    tracer.stop();
+}
+
+#[test]
+fn listener_that_never_accepts_is_unix_backlog_full() {
+    if !kernel_tests_enabled("listener_that_never_accepts_is_unix_backlog_full") {
+        return;
+    }
+    let dir = Dir::new("backlog");
+    let path = dir.path("php-fpm.sock");
+    // A pool with every worker busy: nobody accepts, and the queue holds one connection.
+    let listener = UnixListener::bind(&path).expect("bind");
+    // SAFETY: listen(2) on our own socket, to shrink its queue to the minimum.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) },
+        0
+    );
+    let tracer = Tracer::events(&["--upstream", &upstream(&path)]);
+    let queued = unix_connect(&path).expect("the first connection is queued");
+    failing_connects(&path, N, ErrorKind::WouldBlock);
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, &upstream(&path), "unix_backlog_full", N) {
+        assert_eq!(event["errno_name"], "EAGAIN", "{event}");
+        assert!(
+            event["explanation"]
+                .as_str()
+                .is_some_and(|e| e.contains("listen queue is full")),
+            "{event}"
+        );
+    }
+    drop(queued);
+    drop(listener);
+    tracer.stop();
+}
+
+#[test]
+fn socket_the_proxy_may_not_open_is_unix_permission() {
+    if !kernel_tests_enabled("socket_the_proxy_may_not_open_is_unix_permission") {
+        return;
+    }
+    let dir = Dir::new("permission");
+    let path = dir.path("php-fpm.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let tracer = Tracer::events(&["--upstream", &upstream(&path)]);
+    // A worker running as nobody, like nginx's: the raw setresuid changes this thread only.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // SAFETY: raw syscalls that change this thread's credentials and nothing else.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+            }
+            failing_connects(&path, N, ErrorKind::PermissionDenied);
+        });
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, &upstream(&path), "unix_permission", N) {
+        assert_eq!(event["errno_name"], "EACCES", "{event}");
+    }
+    drop(listener);
+    tracer.stop();
+}
+
+#[test]
+fn metrics_count_every_unix_attempt_under_its_path() {
+    if !kernel_tests_enabled("metrics_count_every_unix_attempt_under_its_path") {
+        return;
+    }
+    let dir = Dir::new("metrics");
+    let path = dir.path("app.sock");
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", tracer_tests::http::free_port())
+        .parse()
+        .unwrap();
+    let tracer = Tracer::start(&["run", "--listen", &listen.to_string()]);
+    failing_connects(&path, 3, ErrorKind::NotFound);
+    let listener = UnixListener::bind(&path).expect("bind");
+    let accepted: Vec<_> = (0..5)
+        .map(|_| unix_connect(&path).expect("accepted"))
+        .collect();
+    drop(accepted);
+    drop(listener);
+    failing_connects(&path, 2, ErrorKind::ConnectionRefused);
+    let (_, scrape) = get(listen, "/metrics").expect("scrape");
+    let comm = tracer_tests::own_comm();
+    let labels = format!(
+        "proxy=\"{comm}\",cgroup=\"/\",upstream=\"{}\"",
+        upstream(&path)
+    );
+    let value = |series: String| {
+        scrape.lines().find_map(|l| {
+            l.strip_prefix(&series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert_eq!(
+        value(format!("tracer_upstream_connects_total{{{labels}}}")),
+        Some(10.0),
+        "{scrape}"
+    );
+    for (cause, n) in [
+        ("unix_missing", 3.0),
+        ("unix_refused", 2.0),
+        ("unix_backlog_full", 0.0),
+    ] {
+        assert_eq!(
+            value(format!(
+                "tracer_upstream_failures_total{{{labels},cause=\"{cause}\"}}"
+            )),
+            Some(n),
+            "{cause}: {scrape}"
+        );
+    }
+    // A Unix upstream has no TCP causes.
+    assert_eq!(
+        value(format!(
+            "tracer_upstream_failures_total{{{labels},cause=\"reset_before_response\"}}"
+        )),
+        None
+    );
+    tracer.stop();
+}
