@@ -14,15 +14,20 @@ use crate::netns::Netns;
 /// The `upstream-process` binary, built with this crate: next to the running executable (a bin)
 /// or one directory up (a test, in `deps/`).
 pub fn upstream_process_bin() -> PathBuf {
+    test_bin("upstream-process")
+}
+
+/// One of the tests crate's binaries (`upstream-process`, `fd-hog`), next to this executable.
+pub fn test_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("this executable");
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("upstream-process"))
+        .map(|dir| dir.join(name))
         .find(|path| path.exists())
         .unwrap_or_else(|| {
             panic!(
-                "no upstream-process binary near {} (cargo builds it with the tests)",
+                "no {name} binary near {} (cargo builds it with the tests)",
                 exe.display()
             )
         })

@@ -160,5 +160,9 @@ fn a_skipped_probe_is_reported_and_its_pair_skipped_too() {
             "{line}"
         );
     }
-    assert!(stdout.contains("6/8 attached"), "{stdout}");
+    let all = tracer_user::capture::PROBES.len();
+    assert!(
+        stdout.contains(&format!("{}/{all} attached", all - 2)),
+        "{stdout}"
+    );
 }

@@ -350,3 +350,96 @@ fn proxy_hanging_up_at_once_is_not_a_failure() {
     assert!(events.is_empty(), "no failures expected: {events:?}");
     tracer.stop();
 }
+
+/// A namespace with IPv6 address `ip` on its loopback.
+fn ns_with_v6(tag: &str, ip: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.ip(&["addr", "add", &format!("{ip}/128"), "dev", "lo", "nodad"]);
+    ns
+}
+
+#[test]
+fn ipv6_upstream_resetting_before_answering_is_reset_before_response() {
+    if !kernel_tests_enabled("ipv6_upstream_resetting_before_answering_is_reset_before_response") {
+        return;
+    }
+    let ns = ns_with_v6("rst6", "fd00:77::6");
+    let upstream = Upstream::start(&ns, addr("[fd00:77::6]:8006"), Behaviour::ResetBeforeAnswer);
+    let tracer = Tracer::events(&["--upstream", "[fd00:77::6]:8006"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = request(upstream.addr).expect_err("reset");
+            assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    for event in assert_failures(&events, "[fd00:77::6]:8006", "reset_before_response", N) {
+        assert_eq!(event["requests"], 1);
+        assert!(
+            event["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("[fd00:77::6]:")),
+            "{event}"
+        );
+    }
+    tracer.stop();
+}
+
+#[test]
+fn ipv6_upstream_behind_a_firewall_is_connect_timeout() {
+    if !kernel_tests_enabled("ipv6_upstream_behind_a_firewall_is_connect_timeout") {
+        return;
+    }
+    let ns = ns_with_v6("syndrop6", "fd00:77::2");
+    ns.firewall("tcp dport 8002 drop");
+    let upstream = addr("[fd00:77::2]:8002");
+    let tracer = Tracer::events(&["--upstream", "[fd00:77::2]:8002"]);
+    let attempts = 5;
+    in_parallel(&ns, attempts, || {
+        let pending = connect_with_timeout(upstream, Duration::from_millis(300)).expect("connect");
+        assert!(pending, "the SYN should have gone unanswered");
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    assert_failures(&events, "[fd00:77::2]:8002", "connect_timeout", attempts);
+    tracer.stop();
+}
+
+#[test]
+fn ipv6_upstream_that_never_answers_is_response_timeout() {
+    if !kernel_tests_enabled("ipv6_upstream_that_never_answers_is_response_timeout") {
+        return;
+    }
+    let ns = ns_with_v6("readtimeout6", "fd00:77::9");
+    let upstream = Upstream::start(&ns, addr("[fd00:77::9]:8009"), Behaviour::NeverAnswer);
+    let tracer = Tracer::events(&["--upstream", "[fd00:77::9]:8009"]);
+    let attempts = 5;
+    in_parallel(&ns, attempts, || {
+        let gave_up =
+            request_with_timeout(upstream.addr, Duration::from_millis(300)).expect("request");
+        assert!(gave_up, "the upstream should not have answered");
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    assert_failures(&events, "[fd00:77::9]:8009", "response_timeout", attempts);
+    tracer.stop();
+}
+
+#[test]
+fn v4_mapped_upstream_from_an_ipv6_socket_is_refused_and_shown_as_ipv6() {
+    if !kernel_tests_enabled("v4_mapped_upstream_from_an_ipv6_socket_is_refused_and_shown_as_ipv6")
+    {
+        return;
+    }
+    let ns = Netns::new("mapped");
+    // A dual-stack proxy (Envoy, a JVM) reaching an IPv4 upstream through an IPv6 socket.
+    let upstream = addr("[::ffff:127.77.20.1]:8020");
+    let tracer = Tracer::events(&["--upstream", "[::ffff:127.77.20.1]:8020"]);
+    ns.run(|| {
+        for _ in 0..N {
+            let error = TcpStream::connect(upstream).expect_err("nothing listens");
+            assert_eq!(error.kind(), ErrorKind::ConnectionRefused);
+        }
+    });
+    let events = tracer.collect(N, WAIT, SETTLE);
+    assert_failures(&events, "[::ffff:127.77.20.1]:8020", "refused", N);
+    tracer.stop();
+}

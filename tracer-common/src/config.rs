@@ -67,6 +67,9 @@ pub struct SyscallFields {
     pub connect_addrlen: u32,
     /// `syscalls:sys_exit_connect`: `ret`.
     pub connect_ret: u32,
+    /// `syscalls:sys_exit_socket`: `ret`.
+    pub socket_ret: u32,
+    pub _pad: u32,
 }
 
 /// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
@@ -156,6 +159,8 @@ impl Config {
             connect_uservaddr: 0,
             connect_addrlen: 0,
             connect_ret: 0,
+            socket_ret: 0,
+            _pad: 0,
         },
         oom: OomFields {
             pid: OomFields::MISSING,

@@ -35,6 +35,8 @@ pub mod errno {
     pub const EINTR: i32 = 4;
     pub const EAGAIN: i32 = 11;
     pub const EACCES: i32 = 13;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
     pub const EADDRNOTAVAIL: i32 = 99;
     pub const ENETDOWN: i32 = 100;
     pub const ENETUNREACH: i32 = 101;

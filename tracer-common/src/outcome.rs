@@ -42,10 +42,13 @@ pub enum Outcome {
     UnixBacklogFull = 15,
     /// connect() to a Unix socket failed with EACCES or EPERM.
     UnixPermission = 16,
+    /// socket() failed with EMFILE or ENFILE: the proxy (or the whole host) is out of file
+    /// descriptors, before any upstream was chosen.
+    FdExhausted = 17,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 16] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Connected,
         Outcome::ConnectAbandoned,
         Outcome::Refused,
@@ -62,6 +65,7 @@ impl Outcome {
         Outcome::UnixRefused,
         Outcome::UnixBacklogFull,
         Outcome::UnixPermission,
+        Outcome::FdExhausted,
     ];
 
     pub const fn from_u8(code: u8) -> Option<Outcome> {
@@ -82,6 +86,7 @@ impl Outcome {
             14 => Outcome::UnixRefused,
             15 => Outcome::UnixBacklogFull,
             16 => Outcome::UnixPermission,
+            17 => Outcome::FdExhausted,
             _ => return None,
         })
     }
@@ -105,6 +110,7 @@ impl Outcome {
             Outcome::UnixRefused => "unix_refused",
             Outcome::UnixBacklogFull => "unix_backlog_full",
             Outcome::UnixPermission => "unix_permission",
+            Outcome::FdExhausted => "fd_exhausted",
         }
     }
 
@@ -131,6 +137,7 @@ impl Outcome {
                 | Outcome::UnixRefused
                 | Outcome::UnixBacklogFull
                 | Outcome::UnixPermission
+                | Outcome::FdExhausted
         )
     }
 }
@@ -157,7 +164,7 @@ mod tests {
             .iter()
             .filter(|o| o.is_connect_outcome())
             .collect();
-        assert_eq!(connect.len(), 11);
+        assert_eq!(connect.len(), 12);
         assert!(!Outcome::ResetMidResponse.is_connect_outcome());
         assert!(!Outcome::Connected.is_failure());
         assert!(Outcome::Refused.is_failure());

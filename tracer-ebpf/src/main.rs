@@ -47,7 +47,7 @@ use aya_ebpf::{
 use tracer_common::{
     Config, ConnTrack, CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent,
     OomEvent, OomFields, Outcome, Proxy, RecordKind, RouteKey, Source, Stat, Tally,
-    conn::{CloseFacts, PendingConnect, tcp_state},
+    conn::{CloseFacts, PendingConnect, errno, tcp_state},
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
         LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
@@ -186,6 +186,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let _ = connect_returned(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_socket")]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    let _ = socket_returned(&ctx);
     0
 }
 
@@ -469,6 +475,42 @@ fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
     let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
     let protocol: u16 = read_kernel(sk, config!(offsets.sk_protocol))?;
     Ok(protocol == IPPROTO_TCP)
+}
+
+/// socket() returned: out of file descriptors, the proxy cannot even start an attempt (nginx:
+/// "socket() failed (24: Too many open files) while connecting to upstream"). Which upstream
+/// it was for is not known yet.
+fn socket_returned(ctx: &TracePointContext) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let ret: i64 = read_field(ctx, config!(syscalls.socket_ret))?;
+    if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
+        return Ok(());
+    }
+    let now = now();
+    let conn = ConnTrack::connecting(
+        current_proxy(current_netns()),
+        Endpoint::default(),
+        Endpoint::default(),
+        now,
+    );
+    let outcome = Outcome::FdExhausted;
+    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, 0);
+    report(
+        &conn,
+        &Report {
+            send,
+            close_ns: now,
+            waited_ns: 0,
+            bytes_received: 0,
+            bytes_acked: 0,
+            errno: (-ret) as i32,
+            outcome,
+            source: Source::ConnectCall,
+        },
+    );
+    Ok(())
 }
 
 /// A connect() to a Unix socket returned: the whole attempt, counted (and reported when it

@@ -66,7 +66,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 8] = [
+pub const PROBES: [Probe; 9] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -104,6 +104,12 @@ pub const PROBES: [Probe; 8] = [
         required: false,
         purpose: "connect() failing before any SYN (no route, no local port left), and every \
                   connect() to a Unix socket (php-fpm…)",
+    },
+    Probe {
+        program: "sys_exit_socket",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_socket"),
+        required: false,
+        purpose: "socket() failing with EMFILE/ENFILE: the proxy out of file descriptors",
     },
     Probe {
         program: "sched_process_exit",
@@ -370,11 +376,14 @@ pub fn oom_fields(tracefs: &Tracefs) -> Result<OomFields, TracefsError> {
 pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> {
     let enter = tracefs.format("syscalls", "sys_enter_connect")?;
     let exit = tracefs.format("syscalls", "sys_exit_connect")?;
+    let socket = tracefs.format("syscalls", "sys_exit_socket")?;
     Ok(SyscallFields {
         connect_fd: enter.offset("fd", 8)?,
         connect_uservaddr: enter.offset("uservaddr", 8)?,
         connect_addrlen: enter.offset("addrlen", 8)?,
         connect_ret: exit.offset("ret", 8)?,
+        socket_ret: socket.offset("ret", 8)?,
+        _pad: 0,
     })
 }
 

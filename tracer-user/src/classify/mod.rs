@@ -90,7 +90,7 @@ const NAME_SERVICE_SOCKETS: [&str; 3] = ["/var/run/nscd/", "/run/nscd/", "/run/s
 pub fn is_not_an_upstream(upstream: &Upstream) -> bool {
     match upstream {
         Upstream::Unix(path) => NAME_SERVICE_SOCKETS.iter().any(|p| path.starts_with(p)),
-        Upstream::Ip(_) => false,
+        Upstream::Ip(_) | Upstream::None => false,
     }
 }
 
@@ -158,6 +158,13 @@ pub fn explain(f: &Failure) -> String {
         Outcome::UnixPermission => format!(
             "{who}: connect() failed ({}): the proxy may not connect to the socket (its file \
              mode, owner or group)",
+            errno()
+        ),
+        Outcome::FdExhausted => format!(
+            "{}: socket() failed ({}): the proxy is out of file descriptors (its \
+             RLIMIT_NOFILE, nginx's worker_rlimit_nofile, or the host's fs.file-max) and could \
+             not open a connection to any upstream",
+            f.proxy,
             errno()
         ),
         Outcome::ResetBeforeResponse if e.requests == 0 => {
@@ -237,6 +244,9 @@ pub fn explain_route(
         Outcome::UnixPermission => {
             format!("{count} connects failed {when}: the proxy may not connect to the socket")
         }
+        Outcome::FdExhausted => format!(
+            "{count} connections could not be opened {when}: the proxy is out of file descriptors"
+        ),
         Outcome::ResetBeforeResponse => format!(
             "{count} connections reset by the upstream before any response {when} (a worker \
              crashed, was killed or recycled)"

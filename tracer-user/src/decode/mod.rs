@@ -101,6 +101,8 @@ pub enum Upstream {
     Ip(SocketAddr),
     /// The socket's path; an abstract socket's name starts with `@`.
     Unix(String),
+    /// Not chosen yet: the attempt failed before (`fd_exhausted`).
+    None,
 }
 
 impl Upstream {
@@ -108,7 +110,7 @@ impl Upstream {
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self {
             Upstream::Ip(addr) => Some(*addr),
-            Upstream::Unix(_) => None,
+            Upstream::Unix(_) | Upstream::None => None,
         }
     }
 }
@@ -118,6 +120,9 @@ impl std::str::FromStr for Upstream {
 
     /// What [`fmt::Display`] writes.
     fn from_str(s: &str) -> Result<Upstream, Self::Err> {
+        if s == "none" {
+            return Ok(Upstream::None);
+        }
         match s.strip_prefix("unix:") {
             Some(path) => Ok(Upstream::Unix(path.to_string())),
             None => s.parse().map(Upstream::Ip),
@@ -137,6 +142,7 @@ impl fmt::Display for Upstream {
         match self {
             Upstream::Ip(addr) => addr.fmt(f),
             Upstream::Unix(path) => write!(f, "unix:{path}"),
+            Upstream::None => f.write_str("none"),
         }
     }
 }
@@ -168,8 +174,11 @@ pub fn unix_path_text(path: &UnixPath) -> String {
 }
 
 /// An endpoint as an upstream: its socket address, or its Unix socket path from `paths`
-/// (`#` and the key in hex if the path is no longer known).
+/// (`#` and the key in hex if the path is no longer known), or none (family 0).
 pub fn upstream(endpoint: &Endpoint, paths: &dyn UnixPaths) -> Result<Upstream, DecodeError> {
+    if endpoint.family == 0 {
+        return Ok(Upstream::None);
+    }
     if endpoint.family == AF_UNIX {
         let key = endpoint.unix_key();
         return Ok(Upstream::Unix(

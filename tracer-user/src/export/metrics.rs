@@ -166,6 +166,8 @@ impl Exporter {
             // happened (under `other`, Unix and TCP upstreams mix).
             let own = if labels.upstream.starts_with("unix:") {
                 &UNIX_FAILURE_CAUSES[..]
+            } else if labels.upstream == "none" {
+                &[Outcome::FdExhausted][..]
             } else {
                 &FAILURE_CAUSES[..]
             };

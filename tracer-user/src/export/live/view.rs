@@ -39,6 +39,7 @@ pub fn cause_color(cause: Outcome) -> Color {
         Outcome::UnixMissing | Outcome::UnixRefused => Color::Red,
         Outcome::UnixBacklogFull => Color::Yellow,
         Outcome::UnixPermission => Color::LightBlue,
+        Outcome::FdExhausted => Color::LightRed,
         Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => Color::Gray,
     }
 }
