@@ -429,34 +429,41 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     if !destination(pending.uservaddr, pending.addrlen, &mut upstream)? {
         return Ok(());
     }
+    decided_in_call(upstream, pending.start_ns, outcome, ret);
+    Ok(())
+}
+
+/// A system call decided an attempt by itself (there is no TCP state to follow): counts
+/// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
+fn decided_in_call(upstream: Endpoint, start_ns: u64, outcome: Outcome, ret: i64) {
     let now = now();
     let conn = ConnTrack::connecting(
         current_proxy(current_netns()),
         upstream,
         Endpoint::default(),
-        pending.start_ns,
+        start_ns,
     );
-    let waited_ns = now.saturating_sub(pending.start_ns);
+    let waited_ns = now.saturating_sub(start_ns);
     let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
-    report(
-        &conn,
-        &Report {
-            send,
-            close_ns: now,
-            waited_ns,
-            bytes_received: 0,
-            bytes_acked: 0,
-            errno: (-ret) as i32,
-            outcome,
-            source: Source::ConnectCall,
-        },
-    );
-    Ok(())
+    if outcome.is_failure() {
+        report(
+            &conn,
+            &Report {
+                send,
+                close_ns: now,
+                waited_ns,
+                bytes_received: 0,
+                bytes_acked: 0,
+                errno: (-ret) as i32,
+                outcome,
+                source: Source::ConnectCall,
+            },
+        );
+    }
 }
 
-/// Whether file descriptor `fd` of the current process is a TCP socket:
-/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk->sk_protocol.
-/// The `struct socket` behind the current task's file descriptor `fd`.
+/// The `struct socket` behind the current task's file descriptor `fd`:
+/// current->files->fdt->fd[fd]->private_data.
 fn fd_socket(fd: u32) -> Result<*const u8, i64> {
     let task = current_task();
     let files: *const u8 = read_kernel(task, config!(offsets.task_files))?;
@@ -470,6 +477,7 @@ fn fd_socket(fd: u32) -> Result<*const u8, i64> {
     read_kernel(file, config!(offsets.file_private_data))
 }
 
+/// Whether file descriptor `fd` of the current process is a TCP socket (socket->sk->sk_protocol).
 fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
     let socket = fd_socket(fd)?;
     let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
@@ -488,28 +496,7 @@ fn socket_returned(ctx: &TracePointContext) -> Result<(), i64> {
     if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
         return Ok(());
     }
-    let now = now();
-    let conn = ConnTrack::connecting(
-        current_proxy(current_netns()),
-        Endpoint::default(),
-        Endpoint::default(),
-        now,
-    );
-    let outcome = Outcome::FdExhausted;
-    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, 0);
-    report(
-        &conn,
-        &Report {
-            send,
-            close_ns: now,
-            waited_ns: 0,
-            bytes_received: 0,
-            bytes_acked: 0,
-            errno: (-ret) as i32,
-            outcome,
-            source: Source::ConnectCall,
-        },
-    );
+    decided_in_call(Endpoint::default(), now(), Outcome::FdExhausted, ret);
     Ok(())
 }
 
@@ -526,30 +513,7 @@ fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> 
         return Ok(());
     }
     let key = remember_unix_path(pending.uservaddr, pending.addrlen)?;
-    let now = now();
-    let conn = ConnTrack::connecting(
-        current_proxy(current_netns()),
-        Endpoint::unix(key),
-        Endpoint::default(),
-        pending.start_ns,
-    );
-    let waited_ns = now.saturating_sub(pending.start_ns);
-    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
-    if outcome.is_failure() {
-        report(
-            &conn,
-            &Report {
-                send,
-                close_ns: now,
-                waited_ns,
-                bytes_received: 0,
-                bytes_acked: 0,
-                errno: (-ret) as i32,
-                outcome,
-                source: Source::ConnectCall,
-            },
-        );
-    }
+    decided_in_call(Endpoint::unix(key), pending.start_ns, outcome, ret);
     Ok(())
 }
 
