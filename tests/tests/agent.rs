@@ -166,3 +166,15 @@ fn a_skipped_probe_is_reported_and_its_pair_skipped_too() {
         "{stdout}"
     );
 }
+
+#[test]
+fn ctrl_c_as_soon_as_tracer_says_it_is_attached_stops_it_cleanly() {
+    if !kernel_tests_enabled("ctrl_c_as_soon_as_tracer_says_it_is_attached_stops_it_cleanly") {
+        return;
+    }
+    for _ in 0..3 {
+        let listen = format!("127.0.0.1:{}", tracer_tests::http::free_port());
+        // stop() sends SIGINT at once and asserts a clean exit (not death by the signal).
+        Tracer::start(&["run", "--listen", &listen]).stop();
+    }
+}

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracer_common::{Outcome, Stat};
 
 use crate::{
@@ -100,6 +100,9 @@ pub const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Agent {
     capture: Capture,
+    /// SIGINT and SIGTERM, caught from before the probes are announced as attached.
+    interrupt: Signal,
+    terminate: Signal,
     failures: Events,
     lifecycle: Events,
     clock: Clock,
@@ -111,6 +114,9 @@ impl Agent {
     /// Loads and attaches the probes, takes stock of the listeners already there, and says so
     /// on stderr.
     pub fn start(options: &Options) -> Result<Agent, CaptureError> {
+        // Caught first: a Ctrl-C as soon as tracer says it is attached must stop it cleanly.
+        let interrupt = signal(SignalKind::interrupt())?;
+        let terminate = signal(SignalKind::terminate())?;
         let mut capture = Capture::start(options)?;
         let (failures, lifecycle) = capture.take_events()?;
         let started = SystemTime::now();
@@ -144,6 +150,8 @@ impl Agent {
         give_memory_back();
         Ok(Agent {
             capture,
+            interrupt,
+            terminate,
             failures,
             lifecycle,
             clock: Clock::new(),
@@ -164,8 +172,6 @@ impl Agent {
         tick_every: Option<Duration>,
         mut handle: impl FnMut(&Shared, Happening) -> ControlFlow<()>,
     ) -> anyhow::Result<()> {
-        let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-        let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         let mut ticker = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
         ticker.tick().await;
         // The kernel wakes the agent only when the failure ring fills up (a wakeup per event
@@ -178,8 +184,8 @@ impl Agent {
                 ready = self.failures.ready() => ready.context("reading the event ring buffer")?,
                 ready = self.lifecycle.ready() => ready.context("reading the lifecycle ring buffer")?,
                 _ = collect.tick() => {}
-                _ = interrupt.recv() => break,
-                _ = terminate.recv() => break,
+                _ = self.interrupt.recv() => break,
+                _ = self.terminate.recv() => break,
                 _ = ticker.tick(), if tick_every.is_some() => {
                     if handle(&self.shared, Happening::Tick).is_break() {
                         break;
