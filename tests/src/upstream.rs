@@ -27,6 +27,9 @@ pub enum Behaviour {
     CloseAfterRequest,
     /// Reads the request and never answers (a stuck worker).
     NeverAnswer,
+    /// Listens with a backlog of one and never accepts: once two connections wait in its
+    /// accept queue, the kernel drops every new SYN (a server too busy to accept).
+    NeverAccept,
     /// Answers the request as if keeping the connection alive, then closes it 2 ms later: a
     /// proxy that reuses the connection races with the close (an upstream keep-alive timeout
     /// shorter than the proxy's, taken to the extreme).
@@ -56,6 +59,14 @@ impl Upstream {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 crate::netns::enter(&netns);
+                if behaviour == Behaviour::NeverAccept {
+                    let _listener = listen_with_backlog(addr, 1);
+                    ready_tx.send(()).expect("the test waits");
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    return;
+                }
                 let listener =
                     TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
                 listener
@@ -91,6 +102,41 @@ impl Drop for Upstream {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A listener on `addr` with the listen() backlog given (std always asks for 128).
+pub fn listen_with_backlog(addr: SocketAddr, backlog: i32) -> TcpListener {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: zeroed sockaddr structs are valid; the socket is owned by the listener returned.
+    unsafe {
+        let (family, storage, len) = match addr {
+            SocketAddr::V4(a) => {
+                let mut sin: libc::sockaddr_in = std::mem::zeroed();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::write((&raw mut storage).cast(), sin);
+                (libc::AF_INET, storage, size_of::<libc::sockaddr_in>())
+            }
+            SocketAddr::V6(a) => {
+                let mut sin6: libc::sockaddr_in6 = std::mem::zeroed();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::write((&raw mut storage).cast(), sin6);
+                (libc::AF_INET6, storage, size_of::<libc::sockaddr_in6>())
+            }
+        };
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let listener = TcpListener::from_raw_fd(fd);
+        let rc = libc::bind(fd, (&raw const storage).cast(), len as libc::socklen_t);
+        assert_eq!(rc, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, backlog), 0, "listen");
+        listener
     }
 }
 
@@ -171,6 +217,7 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, stop: &AtomicBool) {
                 drop(stream);
             }
         }
+        Behaviour::NeverAccept => unreachable!("nothing is accepted"),
         Behaviour::NeverAnswer => {
             if read_request(&mut stream) {
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));

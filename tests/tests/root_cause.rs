@@ -257,3 +257,64 @@ fn upstream_listening_only_in_another_namespace_is_explained() {
     }
     tracer.stop();
 }
+
+#[test]
+fn listener_with_a_full_accept_queue_is_the_root_cause_of_connect_timeouts() {
+    if !kernel_tests_enabled(
+        "listener_with_a_full_accept_queue_is_the_root_cause_of_connect_timeouts",
+    ) {
+        return;
+    }
+    let ns = Netns::new("backlog");
+    let tracer = Tracer::events(&["--upstream", "127.77.66.1:8066"]);
+    let addr: SocketAddr = "127.77.66.1:8066".parse().unwrap();
+    let busy = tracer_tests::upstream::Upstream::start(
+        &ns,
+        addr,
+        tracer_tests::upstream::Behaviour::NeverAccept,
+    );
+    // Two connections fill the queue of one; every SYN after them is dropped.
+    let attempts = 4;
+    let held: Vec<TcpStream> = ns.run(|| {
+        let held = (0..2)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("queued"))
+            .collect();
+        // Two waves, more than a second apart: the queue is read again for the second.
+        for wave in 0..2 {
+            if wave > 0 {
+                std::thread::sleep(Duration::from_millis(1200));
+            }
+            std::thread::scope(|scope| {
+                for _ in 0..attempts / 2 {
+                    scope.spawn(|| {
+                        let pending = tracer_tests::client::connect_with_timeout(
+                            addr,
+                            Duration::from_millis(300),
+                        )
+                        .expect("connect");
+                        assert!(pending, "the SYN should have been dropped");
+                    });
+                }
+            });
+        }
+        held
+    });
+    let events = tracer.collect(attempts, WAIT, SETTLE);
+    let timeouts = failures(&events, "127.77.66.1:8066");
+    assert_eq!(timeouts.len(), attempts, "{events:#?}");
+    let me = std::process::id();
+    for event in timeouts {
+        assert_eq!(event["cause"], "connect_timeout", "{event}");
+        assert_eq!(event["root_cause"], "backlog_overflow", "{event}");
+        assert_eq!(event["root_cause_pid"], me, "{event}");
+        let detail = event["root_cause_detail"].as_str().unwrap();
+        assert!(
+            detail.contains("listening on 127.77.66.1:8066) does not accept connections")
+                && detail.contains("wait in its accept queue"),
+            "{detail}"
+        );
+    }
+    drop(held);
+    drop(busy);
+    tracer.stop();
+}

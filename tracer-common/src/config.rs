@@ -54,7 +54,8 @@ pub struct KernelOffsets {
     pub nsproxy_net_ns: u32,
     /// `struct socket.type` (SOCK_STREAM…), to tell a Unix upstream from a datagram socket.
     pub socket_type: u32,
-    pub _pad: u32,
+    /// `sock.sk_max_ack_backlog`: a listener's listen() backlog.
+    pub sk_max_ack_backlog: u32,
 }
 
 /// Offsets of the fields of the classic syscall tracepoints, from their tracefs format files.
@@ -152,7 +153,7 @@ impl Config {
             task_nsproxy: 0,
             nsproxy_net_ns: 0,
             socket_type: 0,
-            _pad: 0,
+            sk_max_ack_backlog: 0,
         },
         syscalls: SyscallFields {
             connect_fd: 0,

@@ -53,6 +53,9 @@ pub struct ListenerEvent {
     /// The task's `flags` and `exit_code` (meaningful when it is exiting).
     pub task_flags: u32,
     pub exit_code: i32,
+    /// The listen() backlog (`sk_max_ack_backlog`): its accept queue is full beyond it.
+    pub max_backlog: u32,
+    pub _pad: u32,
 }
 
 /// The kernel's OOM killer chose a victim (`oom:mark_victim`).

@@ -589,6 +589,9 @@ fn listener_changed(sk: *const u8, opened: bool) -> Result<(), i64> {
         task: proxy,
         task_flags: read_kernel::<u32>(task, config!(offsets.task_flags)).unwrap_or(0),
         exit_code: read_kernel::<i32>(task, config!(offsets.task_exit_code)).unwrap_or(0),
+        // Set by listen() before the socket goes LISTEN.
+        max_backlog: read_kernel::<u32>(sk, config!(offsets.sk_max_ack_backlog)).unwrap_or(0),
+        _pad: 0,
     });
     entry.submit(0);
     Ok(())

@@ -194,6 +194,13 @@ impl Matrix {
                 root_cause: Some("upstream_crashed"),
                 ..up(9011, None, Some("refused"))
             },
+            // A server too busy to accept: its queue of one fills with nginx's first two
+            // connections (which then time out waiting for a response), and every SYN after
+            // them is dropped.
+            UpstreamSpec {
+                root_cause: Some("backlog_overflow"),
+                ..up(9012, Some(Behaviour::NeverAccept), Some("connect_timeout"))
+            },
             // php-fpm-style Unix sockets: missing, stale, a pool with every worker busy, and a
             // healthy one. (A socket nginx may not open needs workers that are not root: see
             // tests/tests/unix_sockets.rs.)
@@ -247,6 +254,7 @@ impl Matrix {
             route("keepalive_race", 8110, &[9009], true, 400, 8),
             route("oom_killed", 8111, &[9010], false, 100, 4),
             route("crashed", 8112, &[9011], false, 100, 4),
+            route("backlog_full", 8117, &[9012], false, 20, 10),
         ];
         let unix_route = |name, listen_port, path: &'static str, requests| Route {
             name,

@@ -45,8 +45,8 @@ pub struct LabReport {
     pub cells: Vec<Cell>,
     /// The (upstream, cause) cells that must not stay empty.
     pub must_fail: Vec<(String, String)>,
-    /// The root cause tracer must give every failure of these upstreams.
-    pub root_causes: Vec<(String, String)>,
+    /// The root cause tracer must give every failure of these (upstream, cause) cells.
+    pub root_causes: Vec<(String, String, String)>,
     /// error.log lines naming an upstream that no tracer cause matches.
     pub unmapped: Vec<LoggedFailure>,
     /// Responses 502/504 in the access log, and those no tracer failure explains.
@@ -156,7 +156,13 @@ impl LabReport {
             root_causes: matrix
                 .upstreams
                 .iter()
-                .filter_map(|u| Some((u.addr.to_string(), u.root_cause?.to_string())))
+                .filter_map(|u| {
+                    Some((
+                        u.addr.to_string(),
+                        u.expected?.to_string(),
+                        u.root_cause?.to_string(),
+                    ))
+                })
                 .collect(),
             unmapped: logged.into_iter().filter(|f| f.cause.is_none()).collect(),
             gateway_errors,
@@ -198,11 +204,11 @@ impl LabReport {
                 ));
             }
         }
-        for (upstream, root) in &self.root_causes {
+        for (upstream, cause, root) in &self.root_causes {
             for cell in self
                 .cells
                 .iter()
-                .filter(|c| c.upstream == *upstream && c.tracer > 0)
+                .filter(|c| c.upstream == *upstream && c.cause == *cause && c.tracer > 0)
             {
                 let named = cell.root_causes.get(root).copied().unwrap_or(0);
                 let share = named as f64 / cell.tracer as f64;

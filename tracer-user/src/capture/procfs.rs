@@ -38,17 +38,7 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
-    // One task per network namespace is enough to read its socket table. Threads count: a
-    // thread can be in another namespace than its process (setns).
-    let mut namespaces: BTreeMap<u32, PathBuf> = BTreeMap::new();
-    for pid in &pids {
-        let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
-        for task in tasks.into_iter().flatten().filter_map(Result::ok) {
-            if let Some(netns) = netns_of(&task.path()) {
-                namespaces.entry(netns).or_insert(task.path());
-            }
-        }
-    }
+    let namespaces = namespace_tasks(proc, &pids);
     let mut by_inode: HashMap<u64, (SocketAddr, u32)> = HashMap::new();
     for (netns, task) in &namespaces {
         for table in ["tcp", "tcp6"] {
@@ -57,8 +47,8 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
             let Ok(file) = std::fs::File::open(task.join("net").join(table)) else {
                 continue;
             };
-            for (inode, local) in listening_sockets(BufReader::new(file)) {
-                by_inode.insert(inode, (local, *netns));
+            for socket in listening_sockets(BufReader::new(file)) {
+                by_inode.insert(socket.inode, (socket.local, *netns));
             }
         }
     }
@@ -110,8 +100,32 @@ fn netns_of(task: &Path) -> Option<u32> {
         .ok()
 }
 
-/// The listening sockets of a /proc/net/tcp or tcp6 table: (inode, local address).
-pub fn listening_sockets(mut table: impl BufRead) -> Vec<(u64, SocketAddr)> {
+/// One task per network namespace (enough to read its tables), from the tasks of `pids`.
+/// Threads count: a thread can be in another namespace than its process (setns).
+fn namespace_tasks(proc: &Path, pids: &[u32]) -> BTreeMap<u32, PathBuf> {
+    let mut namespaces: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    for pid in pids {
+        let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
+        for task in tasks.into_iter().flatten().filter_map(Result::ok) {
+            if let Some(netns) = netns_of(&task.path()) {
+                namespaces.entry(netns).or_insert(task.path());
+            }
+        }
+    }
+    namespaces
+}
+
+/// A listening socket of a /proc/net/tcp or tcp6 table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListeningSocket {
+    pub inode: u64,
+    pub local: SocketAddr,
+    /// Connections in its accept queue, waiting for the process to accept them.
+    pub queued: u32,
+}
+
+/// The listening sockets of a /proc/net/tcp or tcp6 table.
+pub fn listening_sockets(mut table: impl BufRead) -> Vec<ListeningSocket> {
     let mut found = Vec::new();
     let mut line = String::new();
     let mut header = true;
@@ -125,15 +139,79 @@ pub fn listening_sockets(mut table: impl BufRead) -> Vec<(u64, SocketAddr)> {
 }
 
 /// One line of the table, if it is a listening socket.
-fn listening_socket(line: &str) -> Option<(u64, SocketAddr)> {
+fn listening_socket(line: &str) -> Option<ListeningSocket> {
     // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    // (for a listener, rx_queue is its accept queue's length)
     let mut fields = line.split_whitespace();
     let local = fields.nth(1)?;
     if fields.nth(1)? != LISTEN {
         return None;
     }
-    let inode = fields.nth(5)?.parse().ok()?;
-    Some((inode, parse_address(local)?))
+    let (_, rx_queue) = fields.next()?.split_once(':')?;
+    let inode = fields.nth(4)?.parse().ok()?;
+    Some(ListeningSocket {
+        inode,
+        local: parse_address(local)?,
+        queued: u32::from_str_radix(rx_queue, 16).ok()?,
+    })
+}
+
+/// The accept queues of a network namespace's listeners, and how often its kernel dropped a
+/// connection because one was full.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcceptQueues {
+    pub queued: HashMap<SocketAddr, u32>,
+    /// `TcpExt: ListenOverflows` of the namespace, since it was created.
+    pub overflows: u64,
+}
+
+/// The accept queues of network namespace `netns`, read through one of its tasks; `None` when
+/// no process is in it. Main threads are tried first: a thread may be gone by the time its
+/// tables are read.
+pub fn accept_queues(netns: u32) -> Option<AcceptQueues> {
+    let proc = Path::new("/proc");
+    let pids: Vec<u32> = std::fs::read_dir(proc)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let leaders = pids.iter().map(|pid| proc.join(pid.to_string()));
+    let threads = pids.iter().flat_map(|pid| {
+        std::fs::read_dir(proc.join(pid.to_string()).join("task"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|task| task.path())
+    });
+    leaders
+        .chain(threads)
+        .filter(|task| netns_of(task) == Some(netns))
+        .find_map(|task| read_accept_queues(&task))
+}
+
+/// The accept queues and overflow count as task directory `task` sees them.
+fn read_accept_queues(task: &Path) -> Option<AcceptQueues> {
+    let netstat = std::fs::read_to_string(task.join("net").join("netstat")).ok()?;
+    let mut queues = AcceptQueues {
+        queued: HashMap::new(),
+        overflows: netstat_value(&netstat, "TcpExt", "ListenOverflows")?,
+    };
+    for table in ["tcp", "tcp6"] {
+        let file = std::fs::File::open(task.join("net").join(table)).ok()?;
+        for socket in listening_sockets(BufReader::new(file)) {
+            queues.queued.insert(socket.local, socket.queued);
+        }
+    }
+    Some(queues)
+}
+
+/// A counter of /proc/net/netstat: a line of names, then a line of values, per group.
+fn netstat_value(netstat: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = netstat.lines().filter(|l| l.starts_with(&prefix));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    names.zip(values).find(|(n, _)| *n == name)?.1.parse().ok()
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit word is printed as
@@ -167,7 +245,7 @@ mod tests {
     use super::*;
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0000000000000000 100 0 0 10 0
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000081 00:00000000 00000000     0        0 31337 1 0000000000000000 100 0 0 10 0
    1: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 31338 1 0000000000000000 20 4 30 10 -1
    2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
 ";
@@ -177,18 +255,33 @@ mod tests {
 
     #[test]
     fn finds_listening_sockets_only() {
-        let sockets = listening_sockets(TCP.as_bytes());
+        let found = |table: &str| -> Vec<(u64, SocketAddr, u32)> {
+            listening_sockets(table.as_bytes())
+                .into_iter()
+                .map(|s| (s.inode, s.local, s.queued))
+                .collect()
+        };
         assert_eq!(
-            sockets,
+            found(TCP),
             vec![
-                (31337, "127.0.0.1:8080".parse().unwrap()),
-                (4242, "0.0.0.0:22".parse().unwrap())
+                (31337, "127.0.0.1:8080".parse().unwrap(), 0x81),
+                (4242, "0.0.0.0:22".parse().unwrap(), 0)
             ]
         );
+        assert_eq!(found(TCP6), vec![(999, "[::1]:443".parse().unwrap(), 0)]);
+    }
+
+    #[test]
+    fn reads_netstat_counters_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 24 25\n\
+                       IpExt: InNoRoutes ListenOverflows\n\
+                       IpExt: 1 99\n";
         assert_eq!(
-            listening_sockets(TCP6.as_bytes()),
-            vec![(999, "[::1]:443".parse().unwrap())]
+            netstat_value(netstat, "TcpExt", "ListenOverflows"),
+            Some(24)
         );
+        assert_eq!(netstat_value(netstat, "TcpExt", "Nothing"), None);
     }
 
     #[test]

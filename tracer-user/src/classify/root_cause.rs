@@ -9,14 +9,15 @@
 //! another network namespace.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tracer_common::Outcome;
 
 use crate::{
+    capture::procfs::{AcceptQueues, accept_queues},
     classify::human_duration,
     decode::{
         Ending, ExistingListenerInfo, Failure, Lifecycle, ListenerChange, OomKill, ProcessExit,
@@ -76,6 +77,16 @@ pub enum RootCause {
         listener: SocketAddr,
         process: ProxyProcess,
     },
+    /// The listener's accept queue is full: its process does not accept connections as fast
+    /// as they come, and the kernel drops the SYNs it has no room for.
+    BacklogFull {
+        listener: SocketAddr,
+        process: ProxyProcess,
+        /// Connections waiting in its accept queue.
+        queued: u32,
+        /// The namespace's `ListenOverflows` so far.
+        overflows: u64,
+    },
 }
 
 impl RootCause {
@@ -98,6 +109,7 @@ impl RootCause {
             RootCause::NothingListened { .. } => "nothing_listened",
             RootCause::WrongAddress { .. } => "listener_wrong_address",
             RootCause::OtherNetns { .. } => "listener_other_netns",
+            RootCause::BacklogFull { .. } => "backlog_overflow",
         }
     }
 
@@ -107,7 +119,8 @@ impl RootCause {
             RootCause::Died { process, .. }
             | RootCause::Restarting { process, .. }
             | RootCause::WrongAddress { process, .. }
-            | RootCause::OtherNetns { process, .. } => Some(process),
+            | RootCause::OtherNetns { process, .. }
+            | RootCause::BacklogFull { process, .. } => Some(process),
             RootCause::NothingListened { .. } => None,
         }
     }
@@ -198,6 +211,17 @@ impl RootCause {
                  (net:[{}]), not in {proxy}'s (net:[{}])",
                 process.comm, process.pid, process.netns, failure.proxy.netns
             ),
+            RootCause::BacklogFull {
+                listener,
+                process,
+                queued,
+                overflows,
+            } => format!(
+                "{} (pid {}, listening on {listener}) does not accept connections as fast as they \
+                 come: {queued} wait in its accept queue, and the kernel dropped the SYNs it had \
+                 no room for ({overflows} listen overflows in its network namespace so far)",
+                process.comm, process.pid
+            ),
         }
     }
 }
@@ -273,6 +297,8 @@ struct Listener {
     addr: SocketAddr,
     netns: u32,
     owner: ProxyProcess,
+    /// Its listen() backlog, when tracer saw it start listening.
+    max_backlog: Option<u32>,
     closed: Option<Closed>,
 }
 
@@ -292,21 +318,45 @@ const RECENT: usize = 256;
 /// How many closed listeners are remembered.
 const CLOSED_MAX: usize = 4096;
 
+/// Reads the accept queues of a network namespace's listeners (from /proc in the agent).
+pub type QueueReader = Box<dyn FnMut(u32) -> Option<AcceptQueues> + Send>;
+
+/// How long a namespace's accept queues, once read, answer for it.
+const QUEUES_FRESH: Duration = Duration::from_secs(1);
+
+/// A namespace's accept queues as last read, and the listeners that look full without their
+/// backlog being known: a non-empty queue while the namespace's overflow count rose, and still
+/// as long as that queue does not shrink.
+struct QueuesRead {
+    at: Instant,
+    queues: AcceptQueues,
+    full: HashSet<SocketAddr>,
+}
+
 /// Listeners on this host and what became of them.
 pub struct Listeners {
     started: SystemTime,
     listeners: Vec<Listener>,
     ooms: VecDeque<OomKill>,
     exits: VecDeque<ProcessExit>,
+    read_queues: QueueReader,
+    queues: HashMap<u32, QueuesRead>,
 }
 
 impl Listeners {
     pub fn new(started: SystemTime) -> Listeners {
+        Listeners::with_queue_reader(started, Box::new(accept_queues))
+    }
+
+    /// A registry that reads accept queues with `read_queues` (tests give their own).
+    pub fn with_queue_reader(started: SystemTime, read_queues: QueueReader) -> Listeners {
         Listeners {
             started,
             listeners: Vec::new(),
             ooms: VecDeque::new(),
             exits: VecDeque::new(),
+            read_queues,
+            queues: HashMap::new(),
         }
     }
 
@@ -317,6 +367,7 @@ impl Listeners {
                 addr: l.local,
                 netns: l.netns,
                 owner: l.owner,
+                max_backlog: None,
                 closed: None,
             });
         }
@@ -355,6 +406,7 @@ impl Listeners {
             addr: change.local,
             netns,
             owner: change.task.clone(),
+            max_backlog: Some(change.max_backlog),
             closed: None,
         };
         match index {
@@ -381,6 +433,7 @@ impl Listeners {
                     addr: change.local,
                     netns,
                     owner: change.task.clone(),
+                    max_backlog: None,
                     closed: None,
                 });
                 self.listeners.len() - 1
@@ -463,8 +516,70 @@ impl Listeners {
             Outcome::ResetBeforeResponse
             | Outcome::ResetMidResponse
             | Outcome::ClosedBeforeResponse => self.behind_reset(failure),
+            Outcome::ConnectTimeout => self.behind_timeout(failure),
             _ => None,
         }
+    }
+
+    /// SYNs unanswered by a listener that is open: its accept queue may be full. It is when it
+    /// holds more than the listen() backlog; for a listener older than tracer (backlog not
+    /// known), when it holds any and the namespace's overflow count went up.
+    fn behind_timeout(&mut self, failure: &Failure) -> Option<RootCause> {
+        let upstream = failure.upstream.socket_addr()?;
+        let i = self
+            .serving(upstream, failure.proxy.netns)
+            .find(|i| self.listeners[*i].closed.is_none())?;
+        let l = &self.listeners[i];
+        let (listener, netns, max_backlog) = (l.addr, l.netns, l.max_backlog);
+        let read = self.accept_queues(netns)?;
+        let queued = *read.queues.queued.get(&listener)?;
+        let overflows = read.queues.overflows;
+        let full = match max_backlog {
+            Some(max) => queued > max,
+            None => read.full.contains(&listener),
+        };
+        full.then(|| RootCause::BacklogFull {
+            listener,
+            process: self.listeners[i].owner.clone(),
+            queued,
+            overflows,
+        })
+    }
+
+    /// Namespace `netns`'s accept queues, read at most once per [`QUEUES_FRESH`].
+    fn accept_queues(&mut self, netns: u32) -> Option<&QueuesRead> {
+        let now = Instant::now();
+        let fresh = self
+            .queues
+            .get(&netns)
+            .is_some_and(|read| now.duration_since(read.at) < QUEUES_FRESH);
+        if !fresh {
+            let queues = (self.read_queues)(netns)?;
+            let before = self.queues.get(&netns);
+            let rose = before.map_or(queues.overflows > 0, |b| {
+                queues.overflows > b.queues.overflows
+            });
+            let still_full = |addr: &SocketAddr, queued: u32| {
+                before.is_some_and(|b| {
+                    b.full.contains(addr) && b.queues.queued.get(addr).is_some_and(|q| queued >= *q)
+                })
+            };
+            let full = queues
+                .queued
+                .iter()
+                .filter(|(addr, queued)| **queued > 0 && (rose || still_full(addr, **queued)))
+                .map(|(addr, _)| *addr)
+                .collect();
+            self.queues.insert(
+                netns,
+                QueuesRead {
+                    at: now,
+                    queues,
+                    full,
+                },
+            );
+        }
+        self.queues.get(&netns)
     }
 
     /// Listeners that would accept a connection to `upstream` from namespace `netns`.
@@ -667,6 +782,7 @@ mod tests {
             local: local.parse().unwrap(),
             task,
             dying,
+            max_backlog: 1,
         })
     }
 
@@ -731,6 +847,93 @@ mod tests {
             "gunicorn (pid 1234, listening on 127.0.0.1:8000) was OOM-killed at 00:03:03 \
              (anon-rss 1.9 GiB); since then 2 connections from nginx to 127.0.0.1:8000 were refused"
         );
+    }
+
+    #[test]
+    fn connect_timeouts_toward_a_listener_with_a_full_queue_are_backlog_overflow() {
+        use std::sync::{Arc, Mutex};
+        // What /proc says, step by step: a queue holding more than the backlog (1), then an
+        // empty one.
+        let reads = Arc::new(Mutex::new(vec![(3u32, 17u64), (0, 17)]));
+        let source = reads.clone();
+        let mut registry = Listeners::with_queue_reader(
+            at(0),
+            Box::new(move |netns| {
+                assert_eq!(netns, NS);
+                let (queued, overflows) = source.lock().unwrap().remove(0);
+                Some(AcceptQueues {
+                    queued: [("0.0.0.0:8000".parse().unwrap(), queued)].into(),
+                    overflows,
+                })
+            }),
+        );
+        registry.on_lifecycle(&change(true, 1, "0.0.0.0:8000", gunicorn(), None));
+        let f = failure(5, "127.0.0.1:8000", Outcome::ConnectTimeout);
+        let cause = registry.root_cause(&f).expect("a full queue");
+        assert_eq!(cause.name(), "backlog_overflow");
+        assert_eq!(cause.process(), Some(&gunicorn()));
+        assert!(
+            cause.explain(&f).contains("3 wait in its accept queue"),
+            "{}",
+            cause.explain(&f)
+        );
+        // Within a second the same reading answers; a timeout elsewhere has no such cause.
+        assert!(registry.root_cause(&f).is_some());
+        assert_eq!(
+            registry.root_cause(&failure(5, "127.0.0.1:9999", Outcome::ConnectTimeout)),
+            None
+        );
+        assert_eq!(reads.lock().unwrap().len(), 1, "read once in that second");
+        // A second later: an empty queue, no root cause.
+        registry.queues.get_mut(&NS).unwrap().at -= QUEUES_FRESH;
+        assert_eq!(registry.root_cause(&f), None);
+    }
+
+    #[test]
+    fn for_a_listener_older_than_tracer_a_queue_and_rising_overflows_tell() {
+        use std::sync::{Arc, Mutex};
+        // Backlog not known: a non-empty queue counts while the overflow count goes up, and
+        // after that as long as it does not shrink.
+        let reads = Arc::new(Mutex::new(vec![
+            (1u32, 5u64),
+            (1, 5),
+            (0, 5),
+            (1, 5),
+            (1, 9),
+        ]));
+        let source = reads.clone();
+        let mut registry = Listeners::with_queue_reader(
+            at(0),
+            Box::new(move |_| {
+                let (queued, overflows) = source.lock().unwrap().remove(0);
+                Some(AcceptQueues {
+                    queued: [("127.0.0.1:8000".parse().unwrap(), queued)].into(),
+                    overflows,
+                })
+            }),
+        );
+        registry.seed([ExistingListenerInfo {
+            local: "127.0.0.1:8000".parse().unwrap(),
+            netns: NS,
+            owner: gunicorn(),
+        }]);
+        let f = failure(5, "127.0.0.1:8000", Outcome::ConnectTimeout);
+        let next = |r: &mut Listeners| {
+            if let Some(read) = r.queues.get_mut(&NS) {
+                read.at -= QUEUES_FRESH;
+            }
+            r.root_cause(&f).map(|c| c.name())
+        };
+        assert_eq!(
+            next(&mut registry),
+            Some("backlog_overflow"),
+            "overflows so far"
+        );
+        let full = Some("backlog_overflow");
+        assert_eq!(next(&mut registry), full, "still as full");
+        assert_eq!(next(&mut registry), None, "drained");
+        assert_eq!(next(&mut registry), None, "queued again, no new overflow");
+        assert_eq!(next(&mut registry), full, "new overflows");
     }
 
     #[test]

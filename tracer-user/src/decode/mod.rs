@@ -378,6 +378,8 @@ pub struct ListenerChange {
     pub task: ProxyProcess,
     /// When the task was dying as it closed the listener: how it ended.
     pub dying: Option<Ending>,
+    /// Its listen() backlog: the accept queue is full when it holds more.
+    pub max_backlog: u32,
 }
 
 /// The OOM killer chose a victim.
@@ -441,6 +443,7 @@ impl Lifecycle {
                 task: ProxyProcess::from_kernel(&l.task),
                 dying: (l.opened == 0 && l.task_flags & PF_EXITING != 0)
                     .then(|| Ending::of(l.exit_code)),
+                max_backlog: l.max_backlog,
             }),
             Record::Oom(o) => Lifecycle::Oom(OomKill {
                 time: clock.wall(o.time_ns),
