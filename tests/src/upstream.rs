@@ -246,6 +246,8 @@ pub enum UnixState {
     Busy,
     /// A listener that answers every request and closes the connection.
     Answer,
+    /// A listener whose socket file has mode 000: only root may connect.
+    Denied,
 }
 
 /// A Unix-socket upstream in the state asked for; stops and removes its file on drop.
@@ -274,7 +276,7 @@ impl UnixUpstream {
                 held.push(crate::client::unix_connect(path).expect("fills the queue"));
                 held.push(listener.into());
             }
-            UnixState::Answer => {
+            UnixState::Answer | UnixState::Denied => {
                 let listener = UnixListener::bind(path).expect("bind");
                 let stop = stop.clone();
                 thread = Some(std::thread::spawn(move || {
@@ -288,8 +290,13 @@ impl UnixUpstream {
             }
         }
         if path.exists() {
-            // Whoever the proxy's workers run as may connect.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+            // Whoever the proxy's workers run as may connect, unless denied.
+            let mode = if state == UnixState::Denied {
+                0o000
+            } else {
+                0o666
+            };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
         }
         UnixUpstream {
             path: path.to_path_buf(),

@@ -201,9 +201,25 @@ impl Matrix {
                 root_cause: Some("backlog_overflow"),
                 ..up(9012, Some(Behaviour::NeverAccept), Some("connect_timeout"))
             },
-            // php-fpm-style Unix sockets: missing, stale, a pool with every worker busy, and a
-            // healthy one. (A socket nginx may not open needs workers that are not root: see
-            // tests/tests/unix_sockets.rs.)
+            // The same failures over IPv6.
+            UpstreamSpec {
+                addr: LabAddr::Tcp(addr("[fd00:88::2]:9013")),
+                ..up(9013, None, Some("refused"))
+            },
+            UpstreamSpec {
+                addr: LabAddr::Tcp(addr("[fd00:88::2]:9014")),
+                ..up(
+                    9014,
+                    Some(Behaviour::ResetBeforeAnswer),
+                    Some("reset_before_response"),
+                )
+            },
+            UpstreamSpec {
+                addr: LabAddr::Tcp(addr("[fd00:88::2]:9015")),
+                ..up(9015, Some(Behaviour::NeverAnswer), Some("response_timeout"))
+            },
+            // php-fpm-style Unix sockets: missing, stale, a pool with every worker busy, one
+            // nginx's workers (nobody) may not open, and a healthy one.
             unix(
                 "/tmp/tracer-lab-unix/missing.sock",
                 UnixState::Missing,
@@ -218,6 +234,11 @@ impl Matrix {
                 "/tmp/tracer-lab-unix/busy.sock",
                 UnixState::Busy,
                 Some("unix_backlog_full"),
+            ),
+            unix(
+                "/tmp/tracer-lab-unix/denied.sock",
+                UnixState::Denied,
+                Some("unix_permission"),
             ),
             unix("/tmp/tracer-lab-unix/healthy.sock", UnixState::Answer, None),
         ];
@@ -255,6 +276,9 @@ impl Matrix {
             route("oom_killed", 8111, &[9010], false, 100, 4),
             route("crashed", 8112, &[9011], false, 100, 4),
             route("backlog_full", 8117, &[9012], false, 20, 10),
+            route("refused_v6", 8119, &[9013], false, 100, 4),
+            route("reset_v6", 8120, &[9014], false, 100, 4),
+            route("response_timeout_v6", 8121, &[9015], false, 20, 10),
         ];
         let unix_route = |name, listen_port, path: &'static str, requests| Route {
             name,
@@ -286,6 +310,12 @@ impl Matrix {
                     "/tmp/tracer-lab-unix/healthy.sock",
                     200,
                 ),
+                unix_route(
+                    "unix_permission",
+                    8118,
+                    "/tmp/tracer-lab-unix/denied.sock",
+                    100,
+                ),
             ])
             .collect();
         Matrix { upstreams, routes }
@@ -316,9 +346,24 @@ impl Topology {
         ]);
         proxy.ip(&["addr", "add", "10.88.0.1/24", "dev", "lab-p0"]);
         upstream.ip(&["addr", "add", "10.88.0.2/24", "dev", "lab-u0"]);
+        proxy.ip(&["addr", "add", "fd00:88::1/64", "dev", "lab-p0", "nodad"]);
+        upstream.ip(&["addr", "add", "fd00:88::2/64", "dev", "lab-u0", "nodad"]);
         proxy.ip(&["link", "set", "lab-p0", "up"]);
         upstream.ip(&["link", "set", "lab-u0", "up"]);
         proxy.ip(&["route", "add", "unreachable", UNROUTED]);
+        // IPv6 needs a moment (neighbour discovery) before the first SYN gets through: wait until
+        // the upstream host refuses a connect, before anyone watches.
+        proxy.run(|| {
+            let probe: SocketAddr = "[fd00:88::2]:1".parse().expect("address");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+            panic!("the upstream host is not reachable over IPv6");
+        });
         for port in matrix
             .upstreams
             .iter()

@@ -109,7 +109,7 @@ impl Drop for Nginx {
 fn config(dir: &Path, routes: &[Route], responders: &[SocketAddr]) -> String {
     let d = dir.display();
     let mut conf = format!(
-        "user root;
+        "user nobody nogroup;
 worker_processes 2;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;

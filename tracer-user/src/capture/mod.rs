@@ -8,6 +8,7 @@
 pub mod btf;
 pub mod preflight;
 pub mod procfs;
+pub mod sock_diag;
 pub mod tracefs;
 
 use std::{sync::Arc, time::Duration};

@@ -161,6 +161,9 @@ fn listening_socket(line: &str) -> Option<ListeningSocket> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcceptQueues {
     pub queued: HashMap<SocketAddr, u32>,
+    /// Their listen() backlogs, when the kernel's socket diagnostics could be read (in
+    /// another namespace that takes CAP_SYS_ADMIN).
+    pub backlogs: HashMap<SocketAddr, u32>,
     /// `TcpExt: ListenOverflows` of the namespace, since it was created.
     pub overflows: u64,
 }
@@ -189,13 +192,22 @@ pub fn accept_queues(netns: u32) -> Option<AcceptQueues> {
         .find_map(|task| read_accept_queues(&task))
 }
 
-/// The accept queues and overflow count as task directory `task` sees them.
+/// The accept queues and overflow count as task directory `task` sees them: from the socket
+/// diagnostics (with the backlogs), or else from /proc/net/tcp (without).
 fn read_accept_queues(task: &Path) -> Option<AcceptQueues> {
     let netstat = std::fs::read_to_string(task.join("net").join("netstat")).ok()?;
     let mut queues = AcceptQueues {
         queued: HashMap::new(),
+        backlogs: HashMap::new(),
         overflows: netstat_value(&netstat, "TcpExt", "ListenOverflows")?,
     };
+    if let Ok(listeners) = super::sock_diag::listeners_of(task) {
+        for l in listeners {
+            queues.queued.insert(l.local, l.queued);
+            queues.backlogs.insert(l.local, l.backlog);
+        }
+        return Some(queues);
+    }
     for table in ["tcp", "tcp6"] {
         let file = std::fs::File::open(task.join("net").join(table)).ok()?;
         for socket in listening_sockets(BufReader::new(file)) {

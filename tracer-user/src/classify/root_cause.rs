@@ -522,8 +522,9 @@ impl Listeners {
     }
 
     /// SYNs unanswered by a listener that is open: its accept queue may be full. It is when it
-    /// holds more than the listen() backlog; for a listener older than tracer (backlog not
-    /// known), when it holds any and the namespace's overflow count went up.
+    /// holds more than the listen() backlog (seen when it started listening, or read from the
+    /// socket diagnostics); when the backlog is not known, when it holds any while the
+    /// namespace's overflow count goes up.
     fn behind_timeout(&mut self, failure: &Failure) -> Option<RootCause> {
         let upstream = failure.upstream.socket_addr()?;
         let i = self
@@ -534,6 +535,7 @@ impl Listeners {
         let read = self.accept_queues(netns)?;
         let queued = *read.queues.queued.get(&listener)?;
         let overflows = read.queues.overflows;
+        let max_backlog = max_backlog.or_else(|| read.queues.backlogs.get(&listener).copied());
         let full = match max_backlog {
             Some(max) => queued > max,
             None => read.full.contains(&listener),
@@ -863,6 +865,7 @@ mod tests {
                 let (queued, overflows) = source.lock().unwrap().remove(0);
                 Some(AcceptQueues {
                     queued: [("0.0.0.0:8000".parse().unwrap(), queued)].into(),
+                    backlogs: HashMap::new(),
                     overflows,
                 })
             }),
@@ -908,6 +911,7 @@ mod tests {
                 let (queued, overflows) = source.lock().unwrap().remove(0);
                 Some(AcceptQueues {
                     queued: [("127.0.0.1:8000".parse().unwrap(), queued)].into(),
+                    backlogs: HashMap::new(),
                     overflows,
                 })
             }),
@@ -934,6 +938,38 @@ mod tests {
         assert_eq!(next(&mut registry), None, "drained");
         assert_eq!(next(&mut registry), None, "queued again, no new overflow");
         assert_eq!(next(&mut registry), full, "new overflows");
+    }
+
+    #[test]
+    fn a_backlog_from_the_socket_diagnostics_decides_for_a_listener_older_than_tracer() {
+        // Another listener of the namespace overflows all along; this one is busy, not full.
+        let mut queued = vec![2u32, 129];
+        let mut overflows = 10u64;
+        let mut registry = Listeners::with_queue_reader(
+            at(0),
+            Box::new(move |_| {
+                overflows += 5;
+                let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+                Some(AcceptQueues {
+                    queued: [(addr, queued.remove(0))].into(),
+                    backlogs: [(addr, 128)].into(),
+                    overflows,
+                })
+            }),
+        );
+        registry.seed([ExistingListenerInfo {
+            local: "127.0.0.1:8000".parse().unwrap(),
+            netns: NS,
+            owner: gunicorn(),
+        }]);
+        let f = failure(5, "127.0.0.1:8000", Outcome::ConnectTimeout);
+        assert_eq!(registry.root_cause(&f), None, "2 of 128: busy, not full");
+        registry.queues.get_mut(&NS).unwrap().at -= QUEUES_FRESH;
+        assert_eq!(
+            registry.root_cause(&f).map(|c| c.name()),
+            Some("backlog_overflow"),
+            "129 of 128"
+        );
     }
 
     #[test]
