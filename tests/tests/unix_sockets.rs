@@ -200,6 +200,14 @@ fn metrics_count_every_unix_attempt_under_its_path() {
             "{cause}: {scrape}"
         );
     }
+    // The five that connected have their connect time in the histogram.
+    assert_eq!(
+        value(format!(
+            "tracer_upstream_connect_duration_seconds_count{{{labels}}}"
+        )),
+        Some(5.0),
+        "{scrape}"
+    );
     // A Unix upstream has no TCP causes.
     assert_eq!(
         value(format!(

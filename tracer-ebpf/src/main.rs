@@ -410,10 +410,14 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     let pending = unsafe { *pending };
     let _ = CONNECTS.remove(&thread);
     let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
-    // SAFETY: bpf_probe_read_user copes with any user pointer.
-    let family: u16 = unsafe { bpf_probe_read_user(pending.uservaddr as *const u16)? };
-    if family == AF_UNIX {
-        return unix_connect_returned(&pending, ret);
+    // A socket that reached SYN_SENT is TCP; otherwise it may be a Unix one (the caller's
+    // sockaddr says), read only then to keep TCP connects cheap.
+    if pending.sk == 0 {
+        // SAFETY: bpf_probe_read_user copes with any user pointer.
+        let family: u16 = unsafe { bpf_probe_read_user(pending.uservaddr as *const u16)? };
+        if family == AF_UNIX {
+            return unix_connect_returned(&pending, ret);
+        }
     }
     let Some(outcome) = pending.on_exit(ret) else {
         return Ok(());
@@ -444,7 +448,12 @@ fn decided_in_call(upstream: Endpoint, start_ns: u64, outcome: Outcome, ret: i64
         start_ns,
     );
     let waited_ns = now.saturating_sub(start_ns);
-    let send = count(&route_of(&conn.proxy, &conn.upstream), outcome, waited_ns);
+    let route = route_of(&conn.proxy, &conn.upstream);
+    let send = count(&route, outcome, waited_ns);
+    if outcome == Outcome::Connected {
+        // A Unix socket connected: its connect time, as for TCP at ESTABLISHED.
+        count_latency(&route, waited_ns);
+    }
     if outcome.is_failure() {
         report(
             &conn,

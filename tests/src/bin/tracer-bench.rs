@@ -68,6 +68,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let options = options();
+    // Namespaces a killed run left behind.
+    tracer_tests::netns::delete_leftovers();
     let duration = Duration::from_secs(options.seconds);
     let env = Env::new();
     let api_port = http::free_port();
