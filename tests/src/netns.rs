@@ -39,6 +39,16 @@ impl Netns {
         run("ip", &all);
     }
 
+    /// Sets a sysctl of the namespace (`net.*` ones are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-q", "-w"])
+            .arg(format!("{key}={value}"))
+            .status()
+            .expect("running sysctl");
+        assert!(status.success(), "sysctl {key}={value} failed");
+    }
+
     /// Adds a firewall rule for incoming packets (nftables syntax, e.g. `tcp dport 8002 drop`).
     pub fn firewall(&self, rule: &str) {
         self.nft(&format!(

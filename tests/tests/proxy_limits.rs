@@ -5,7 +5,7 @@
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -23,12 +23,7 @@ fn proxy_out_of_local_ports_is_no_ephemeral_port() {
     }
     let ns = Netns::new("ports");
     // Two local ports in all: two connections use them up.
-    let status = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w"])
-        .arg("net.ipv4.ip_local_port_range=40000 40001")
-        .status()
-        .expect("sysctl");
-    assert!(status.success());
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001");
     let upstream: SocketAddr = "127.77.60.1:8060".parse().unwrap();
     let tracer = Tracer::events(&["--upstream", "127.77.60.1:8060"]);
     let n = 5;
@@ -56,25 +51,48 @@ fn proxy_out_of_file_descriptors_is_fd_exhausted() {
     if !kernel_tests_enabled("proxy_out_of_file_descriptors_is_fd_exhausted") {
         return;
     }
+    out_of_descriptors(None, "socket_call", "socket() failed");
+}
+
+#[test]
+fn proxy_out_of_file_descriptors_for_its_clients_is_fd_exhausted() {
+    if !kernel_tests_enabled("proxy_out_of_file_descriptors_for_its_clients_is_fd_exhausted") {
+        return;
+    }
+    out_of_descriptors(Some("accept"), "accept_call", "accept() failed");
+}
+
+/// `fd-hog` out of descriptors, making `mode`'s call fail 7 times: 7 `fd_exhausted` events
+/// with no upstream, seen at `source`, explained with `says`.
+fn out_of_descriptors(mode: Option<&str>, source: &str, says: &str) {
     let tracer = Tracer::events(&["--comm", "fd-hog"]);
     let n = 7;
-    let out = Command::new(test_bin("fd-hog"))
+    let hog = Command::new(test_bin("fd-hog"))
         .arg(n.to_string())
-        .output()
+        .args(mode)
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("fd-hog");
-    assert!(out.status.success());
+    let pid = hog.id();
+    let out = hog.wait_with_output().expect("fd-hog");
+    assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
     let events = tracer.collect(n, WAIT, SETTLE);
-    let mine: Vec<_> = events.iter().filter(|e| e["comm"] == "fd-hog").collect();
+    // The other test's fd-hog may run meanwhile.
+    let mine: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "failure" && e["pid"] == pid)
+        .collect();
     assert_eq!(mine.len(), n, "{events:?}");
     for event in mine {
         assert_eq!(event["cause"], "fd_exhausted", "{event}");
         assert_eq!(event["upstream"], "none", "{event}");
         assert_eq!(event["errno_name"], "EMFILE", "{event}");
+        assert_eq!(event["seen_at"], source, "{event}");
         assert!(
             event["explanation"]
                 .as_str()
-                .is_some_and(|e| e.contains("out of file descriptors")),
+                .is_some_and(|e| e.contains(says) && e.contains("out of file descriptors")),
             "{event}"
         );
     }

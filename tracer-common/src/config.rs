@@ -70,7 +70,8 @@ pub struct SyscallFields {
     pub connect_ret: u32,
     /// `syscalls:sys_exit_socket`: `ret`.
     pub socket_ret: u32,
-    pub _pad: u32,
+    /// `syscalls:sys_exit_accept4` and `sys_exit_accept`: `ret`.
+    pub accept_ret: u32,
 }
 
 /// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
@@ -161,7 +162,7 @@ impl Config {
             connect_addrlen: 0,
             connect_ret: 0,
             socket_ret: 0,
-            _pad: 0,
+            accept_ret: 0,
         },
         oom: OomFields {
             pid: OomFields::MISSING,

@@ -93,6 +93,22 @@ pub enum Source {
     SocketClosed = 1,
     /// connect() returned an error before any SYN left (`syscalls:sys_exit_connect`).
     ConnectCall = 2,
+    /// socket() failed (`syscalls:sys_exit_socket`): no connection could be opened.
+    SocketCall = 3,
+    /// accept() or accept4() failed (`syscalls:sys_exit_accept4`): a client's connection could
+    /// not be taken.
+    AcceptCall = 4,
+}
+
+impl Source {
+    pub fn from_u8(value: u8) -> Source {
+        match value {
+            2 => Source::ConnectCall,
+            3 => Source::SocketCall,
+            4 => Source::AcceptCall,
+            _ => Source::SocketClosed,
+        }
+    }
 }
 
 /// One failed (or abandoned) upstream attempt, with everything the kernel knew about it.

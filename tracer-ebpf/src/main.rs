@@ -191,7 +191,19 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_socket")]
 pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
-    let _ = socket_returned(&ctx);
+    let _ = out_of_descriptors(&ctx, config!(syscalls.socket_ret), Source::SocketCall);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
     0
 }
 
@@ -433,13 +445,19 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     if !destination(pending.uservaddr, pending.addrlen, &mut upstream)? {
         return Ok(());
     }
-    decided_in_call(upstream, pending.start_ns, outcome, ret);
+    decided_in_call(
+        upstream,
+        pending.start_ns,
+        outcome,
+        ret,
+        Source::ConnectCall,
+    );
     Ok(())
 }
 
 /// A system call decided an attempt by itself (there is no TCP state to follow): counts
 /// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
-fn decided_in_call(upstream: Endpoint, start_ns: u64, outcome: Outcome, ret: i64) {
+fn decided_in_call(upstream: Endpoint, start_ns: u64, outcome: Outcome, ret: i64, source: Source) {
     let now = now();
     let conn = ConnTrack::connecting(
         current_proxy(current_netns()),
@@ -465,7 +483,7 @@ fn decided_in_call(upstream: Endpoint, start_ns: u64, outcome: Outcome, ret: i64
                 bytes_acked: 0,
                 errno: (-ret) as i32,
                 outcome,
-                source: Source::ConnectCall,
+                source,
             },
         );
     }
@@ -494,18 +512,25 @@ fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
     Ok(protocol == IPPROTO_TCP)
 }
 
-/// socket() returned: out of file descriptors, the proxy cannot even start an attempt (nginx:
-/// "socket() failed (24: Too many open files) while connecting to upstream"). Which upstream
-/// it was for is not known yet.
-fn socket_returned(ctx: &TracePointContext) -> Result<(), i64> {
+/// socket() or accept() returned (`ret` at offset `ret_at`): out of file descriptors, the proxy
+/// can neither start an attempt (nginx: "socket() failed (24: Too many open files) while
+/// connecting to upstream") nor take a client's connection ("accept4() failed (24: …)"). No
+/// upstream is known yet.
+fn out_of_descriptors(ctx: &TracePointContext, ret_at: u32, source: Source) -> Result<(), i64> {
     if config!(ready) == 0 {
         return Ok(());
     }
-    let ret: i64 = read_field(ctx, config!(syscalls.socket_ret))?;
+    let ret: i64 = read_field(ctx, ret_at)?;
     if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
         return Ok(());
     }
-    decided_in_call(Endpoint::default(), now(), Outcome::FdExhausted, ret);
+    decided_in_call(
+        Endpoint::default(),
+        now(),
+        Outcome::FdExhausted,
+        ret,
+        source,
+    );
     Ok(())
 }
 
@@ -522,7 +547,13 @@ fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> 
         return Ok(());
     }
     let key = remember_unix_path(pending.uservaddr, pending.addrlen)?;
-    decided_in_call(Endpoint::unix(key), pending.start_ns, outcome, ret);
+    decided_in_call(
+        Endpoint::unix(key),
+        pending.start_ns,
+        outcome,
+        ret,
+        Source::ConnectCall,
+    );
     Ok(())
 }
 

@@ -67,7 +67,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 9] = [
+pub const PROBES: [Probe; 11] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -111,6 +111,19 @@ pub const PROBES: [Probe; 9] = [
         hook: Hook::Tracepoint("syscalls", "sys_exit_socket"),
         required: false,
         purpose: "socket() failing with EMFILE/ENFILE: the proxy out of file descriptors",
+    },
+    Probe {
+        program: "sys_exit_accept4",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_accept4"),
+        required: false,
+        purpose: "accept4() failing with EMFILE/ENFILE: the proxy out of file descriptors for \
+                  its clients",
+    },
+    Probe {
+        program: "sys_exit_accept",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_accept"),
+        required: false,
+        purpose: "accept() failing with EMFILE/ENFILE (older servers)",
     },
     Probe {
         program: "sched_process_exit",
@@ -378,13 +391,14 @@ pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> 
     let enter = tracefs.format("syscalls", "sys_enter_connect")?;
     let exit = tracefs.format("syscalls", "sys_exit_connect")?;
     let socket = tracefs.format("syscalls", "sys_exit_socket")?;
+    let accept = tracefs.format("syscalls", "sys_exit_accept4")?;
     Ok(SyscallFields {
         connect_fd: enter.offset("fd", 8)?,
         connect_uservaddr: enter.offset("uservaddr", 8)?,
         connect_addrlen: enter.offset("addrlen", 8)?,
         connect_ret: exit.offset("ret", 8)?,
         socket_ret: socket.offset("ret", 8)?,
-        _pad: 0,
+        accept_ret: accept.offset("ret", 8)?,
     })
 }
 

@@ -160,6 +160,13 @@ pub fn explain(f: &Failure) -> String {
              mode, owner or group)",
             errno()
         ),
+        Outcome::FdExhausted if e.source == Source::AcceptCall => format!(
+            "{}: accept() failed ({}): the proxy is out of file descriptors (its \
+             RLIMIT_NOFILE, nginx's worker_rlimit_nofile, or the host's fs.file-max) and could \
+             not take a client's connection (clients wait or time out)",
+            f.proxy,
+            errno()
+        ),
         Outcome::FdExhausted => format!(
             "{}: socket() failed ({}): the proxy is out of file descriptors (its \
              RLIMIT_NOFILE, nginx's worker_rlimit_nofile, or the host's fs.file-max) and could \
@@ -245,7 +252,8 @@ pub fn explain_route(
             format!("{count} connects failed {when}: the proxy may not connect to the socket")
         }
         Outcome::FdExhausted => format!(
-            "{count} connections could not be opened {when}: the proxy is out of file descriptors"
+            "{count} sockets could not be opened or accepted {when}: the proxy is out of file \
+             descriptors"
         ),
         Outcome::ResetBeforeResponse => format!(
             "{count} connections reset by the upstream before any response {when} (a worker \
@@ -273,6 +281,8 @@ pub fn source_name(source: Source) -> &'static str {
     match source {
         Source::SocketClosed => "socket_closed",
         Source::ConnectCall => "connect_call",
+        Source::SocketCall => "socket_call",
+        Source::AcceptCall => "accept_call",
     }
 }
 

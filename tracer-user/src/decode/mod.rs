@@ -337,11 +337,7 @@ impl Failure {
                 waited: Duration::from_nanos(event.waited_ns),
                 ended_by: EndKind::from_u8(conn.end),
                 reset_received: conn.reset_received != 0,
-                source: if event.source == Source::ConnectCall as u8 {
-                    Source::ConnectCall
-                } else {
-                    Source::SocketClosed
-                },
+                source: Source::from_u8(event.source),
             },
         })
     }
