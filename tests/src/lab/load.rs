@@ -40,7 +40,7 @@ pub fn run_routes(ns: &Netns, routes: &[Route]) -> Vec<RouteLoad> {
 
 fn run_route(route: &Route) -> RouteLoad {
     let next = AtomicUsize::new(0);
-    let target = SocketAddr::from(([127, 0, 0, 1], route.listen_port));
+    let target = route.listen();
     let results: Vec<Option<u16>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..route.concurrency)
             .map(|_| {

@@ -86,16 +86,63 @@ pub struct UpstreamSpec {
     pub root_cause: Option<&'static str>,
 }
 
+/// Which of the lab's nginx servers a route goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proxy {
+    /// The lab's nginx, on the proxy host.
+    Main,
+    /// A second nginx on the proxy host whose one worker may hold only a few files
+    /// (`worker_rlimit_nofile`): it runs out of descriptors (`fd_exhausted`).
+    FewFiles,
+    /// A proxy tier on the upstream host, whose namespace has only two local ports
+    /// (`ip_local_port_range`), in front of an upstream on that host's loopback: it runs out of
+    /// ports toward it (`no_ephemeral_port`). Only that host connects out, so nothing else is
+    /// short of ports.
+    FewPorts,
+}
+
+impl Proxy {
+    pub const ALL: [Proxy; 3] = [Proxy::Main, Proxy::FewFiles, Proxy::FewPorts];
+
+    /// The address its servers listen on (the clients run on the proxy host).
+    pub fn listen_ip(self) -> std::net::IpAddr {
+        match self {
+            Proxy::Main | Proxy::FewFiles => [127, 0, 0, 1].into(),
+            Proxy::FewPorts => [10, 88, 0, 2].into(),
+        }
+    }
+
+    /// Its working directory's name under the lab's.
+    fn dir_name(self) -> &'static str {
+        match self {
+            Proxy::Main => "main",
+            Proxy::FewFiles => "few-files",
+            Proxy::FewPorts => "few-ports",
+        }
+    }
+}
+
+/// The local ports of the few-ports proxy's host: two.
+pub const FEW_PORTS: &str = "40000 40001";
+
 /// An nginx `server` + `upstream` pair, and the load sent through it.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: &'static str,
+    pub proxy: Proxy,
     pub listen_port: u16,
     pub upstreams: Vec<LabAddr>,
     /// `keepalive` connections to the upstream (HTTP/1.1), or one connection per request.
     pub keepalive: bool,
     pub requests: usize,
     pub concurrency: usize,
+}
+
+impl Route {
+    /// Where its clients send their requests.
+    pub fn listen(&self) -> SocketAddr {
+        SocketAddr::new(self.proxy.listen_ip(), self.listen_port)
+    }
 }
 
 /// The lab's upstreams and routes.
@@ -241,9 +288,25 @@ impl Matrix {
                 Some("unix_permission"),
             ),
             unix("/tmp/tracer-lab-unix/healthy.sock", UnixState::Answer, None),
+            // The proxy's own limits. A slow upstream holds the few-files proxy's descriptors
+            // until socket() fails (nginx answers 500; tracer cannot know the upstream: `none`);
+            // one on the few-ports proxy's loopback holds its two local ports.
+            UpstreamSpec {
+                must_fail: true,
+                ..up(9016, Some(Behaviour::NeverAnswer), Some("fd_exhausted"))
+            },
+            UpstreamSpec {
+                addr: LabAddr::Tcp(addr("127.0.0.1:9020")),
+                ..up(
+                    9020,
+                    Some(Behaviour::NeverAnswer),
+                    Some("no_ephemeral_port"),
+                )
+            },
         ];
         let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
             name,
+            proxy: Proxy::Main,
             listen_port,
             upstreams: ports
                 .iter()
@@ -279,9 +342,18 @@ impl Matrix {
             route("refused_v6", 8119, &[9013], false, 100, 4),
             route("reset_v6", 8120, &[9014], false, 100, 4),
             route("response_timeout_v6", 8121, &[9015], false, 20, 10),
+            Route {
+                proxy: Proxy::FewFiles,
+                ..route("few_files", 8122, &[9016], false, 60, 12)
+            },
+            Route {
+                proxy: Proxy::FewPorts,
+                ..route("few_ports", 8123, &[9020], false, 60, 6)
+            },
         ];
         let unix_route = |name, listen_port, path: &'static str, requests| Route {
             name,
+            proxy: Proxy::Main,
             listen_port,
             upstreams: vec![LabAddr::Unix(path)],
             keepalive: false,
@@ -364,6 +436,9 @@ impl Topology {
             }
             panic!("the upstream host is not reachable over IPv6");
         });
+        if matrix.routes.iter().any(|r| r.proxy == Proxy::FewPorts) {
+            upstream.sysctl("net.ipv4.ip_local_port_range", FEW_PORTS);
+        }
         for port in matrix
             .upstreams
             .iter()
@@ -492,7 +567,30 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     for process in &mut dying {
         process.wait();
     }
-    let mut nginx = Nginx::start(&topology.proxy.name, &dir, &matrix.routes);
+    let mut proxies: Vec<Nginx> = Proxy::ALL
+        .into_iter()
+        .filter_map(|proxy| {
+            let routes: Vec<Route> = matrix
+                .routes
+                .iter()
+                .filter(|r| r.proxy == proxy)
+                .cloned()
+                .collect();
+            if routes.is_empty() {
+                return None;
+            }
+            let host = match proxy {
+                Proxy::Main | Proxy::FewFiles => &topology.proxy,
+                Proxy::FewPorts => &topology.upstream,
+            };
+            Some(Nginx::start_as(
+                proxy,
+                &host.name,
+                &dir.join(proxy.dir_name()),
+                &routes,
+            ))
+        })
+        .collect();
 
     let load_started = Instant::now();
     let load = load::run_routes(&topology.proxy, &matrix.routes);
@@ -500,21 +598,25 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     // Let the last timeouts fire, then stop nginx gracefully (it closes its idle
     // keep-alive connections) and tracer.
     std::thread::sleep(Duration::from_millis(1_500));
-    nginx.stop();
+    for nginx in &mut proxies {
+        nginx.stop();
+    }
     std::thread::sleep(Duration::from_millis(300));
     let (events, _stderr) = tracer.stop_collecting();
 
+    let error_log: String = proxies.iter().map(Nginx::error_log).collect();
+    let access_log: String = proxies.iter().map(Nginx::access_log).collect();
     let report = LabReport::build(
         matrix,
         options,
-        &nginx.error_log(),
-        &nginx.access_log(),
+        &error_log,
+        &access_log,
         &events,
         load,
         load_time,
         started.elapsed(),
     );
-    drop(nginx);
+    drop(proxies);
     let _ = std::fs::remove_dir_all(&dir);
     report
 }

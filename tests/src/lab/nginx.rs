@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::Route;
+use super::{Proxy, Route};
+
+/// The descriptors the few-files proxy's worker may hold. About ten are its own (logs, listening
+/// socket, epoll, channels): room for a few requests with their upstream connection.
+pub const FEW_FILES: u32 = 20;
 
 /// A running nginx (master and workers) inside the proxy namespace.
 pub struct Nginx {
@@ -19,7 +23,12 @@ pub struct Nginx {
 impl Nginx {
     /// Writes the configuration for `routes` into `dir` and starts nginx in namespace `netns`.
     pub fn start(netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
-        Nginx::start_with_responders(netns, dir, routes, &[])
+        Nginx::start_as(Proxy::Main, netns, dir, routes)
+    }
+
+    /// Starts the lab's nginx `proxy` (with its limits) for `routes`.
+    pub fn start_as(proxy: Proxy, netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
+        Nginx::launch(netns, dir, &config(dir, proxy, routes, &[]))
     }
 
     /// Like [`Nginx::start`], nginx also answering 200 itself on each of `responders` (an
@@ -30,6 +39,10 @@ impl Nginx {
         routes: &[Route],
         responders: &[SocketAddr],
     ) -> Nginx {
+        Nginx::launch(netns, dir, &config(dir, Proxy::Main, routes, responders))
+    }
+
+    fn launch(netns: &str, dir: &Path, config: &str) -> Nginx {
         for sub in [
             "tmp/body",
             "tmp/proxy",
@@ -40,7 +53,7 @@ impl Nginx {
             std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
         }
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(dir, routes, responders)).expect("writing nginx.conf");
+        std::fs::write(&conf, config).expect("writing nginx.conf");
         let child = Command::new("ip")
             .args(["netns", "exec", netns, "nginx", "-e"])
             .arg(dir.join("error.log"))
@@ -106,11 +119,15 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, routes: &[Route], responders: &[SocketAddr]) -> String {
+fn config(dir: &Path, proxy: Proxy, routes: &[Route], responders: &[SocketAddr]) -> String {
     let d = dir.display();
+    let workers = match proxy {
+        Proxy::FewFiles => format!("worker_processes 1;\nworker_rlimit_nofile {FEW_FILES};"),
+        Proxy::Main | Proxy::FewPorts => "worker_processes 2;".to_string(),
+    };
     let mut conf = format!(
         "user nobody nogroup;
-worker_processes 2;
+{workers}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -151,8 +168,8 @@ http {{
         };
         let _ = writeln!(
             conf,
-            "    server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://{name};{http11} }} }}",
-            port = route.listen_port,
+            "    server {{ listen {listen}; location / {{ proxy_pass http://{name};{http11} }} }}",
+            listen = route.listen(),
             name = route.name
         );
     }
@@ -201,6 +218,7 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
             110 => "connect_timeout",
             113 | 101 | 112 | 100 => "unreachable",
             99 => "no_ephemeral_port",
+            24 | 23 => "fd_exhausted",
             _ => "connect_error",
         });
     }
@@ -221,6 +239,15 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// "accept4() failed (24: Too many open files)": the worker could not take a client's
+/// connection for want of a descriptor (`fd_exhausted`). Other accept() errors are not tracer's.
+fn accept_failure(message: &str) -> Option<&'static str> {
+    let rest = message
+        .strip_prefix("accept4() failed (")
+        .or_else(|| message.strip_prefix("accept() failed ("))?;
+    matches!(rest.split(':').next(), Some("24") | Some("23")).then_some("fd_exhausted")
 }
 
 /// Lines that name an upstream without being a failed attempt of their own.
@@ -251,6 +278,15 @@ pub fn failures_in(error_log: &str) -> Vec<LoggedFailure> {
             let message = message.split(", client: ").next()?.to_string();
             if NOT_ATTEMPTS.iter().any(|n| message.starts_with(n)) {
                 return None;
+            }
+            if let Some(cause) = accept_failure(&message) {
+                // Not an upstream attempt, but the proxy out of descriptors all the same:
+                // tracer reports it as such, with no upstream.
+                return Some(LoggedFailure {
+                    upstream: "none".to_string(),
+                    cause: Some(cause),
+                    message,
+                });
             }
             let upstream = line.split("upstream: \"").nth(1)?.split('"').next()?;
             let upstream = upstream.trim_start_matches("http://");
@@ -370,6 +406,10 @@ mod tests {
             Some("no_ephemeral_port")
         );
         assert_eq!(
+            cause_of("socket() failed (24: Too many open files) while connecting to upstream"),
+            Some("fd_exhausted")
+        );
+        assert_eq!(
             cause_of("connect() failed (110: Connection timed out) while connecting to upstream"),
             Some("connect_timeout")
         );
@@ -380,6 +420,25 @@ mod tests {
         assert_eq!(
             cause_of("writev() failed (32: Broken pipe) while sending request to upstream"),
             Some("reset_before_response")
+        );
+    }
+
+    #[test]
+    fn a_proxy_out_of_descriptors_is_fd_exhausted_with_no_upstream_for_accept() {
+        let log = r#"2026/11/22 00:30:14 [crit] 812#812: accept4() failed (24: Too many open files)
+2026/11/22 00:30:14 [alert] 812#812: *30 socket() failed (24: Too many open files) while connecting to upstream, client: 127.0.0.1, server: , request: "GET / HTTP/1.1", upstream: "http://10.88.0.2:9016/", host: "127.0.0.1:8122"
+2026/11/22 00:30:15 [error] 812#812: accept4() failed (103: Software caused connection abort)
+"#;
+        let got: Vec<(String, Option<&str>)> = failures_in(log)
+            .into_iter()
+            .map(|f| (f.upstream, f.cause))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("none".to_string(), Some("fd_exhausted")),
+                ("10.88.0.2:9016".to_string(), Some("fd_exhausted")),
+            ]
         );
     }
 

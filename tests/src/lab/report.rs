@@ -49,7 +49,8 @@ pub struct LabReport {
     pub root_causes: Vec<(String, String, String)>,
     /// error.log lines naming an upstream that no tracer cause matches.
     pub unmapped: Vec<LoggedFailure>,
-    /// Responses 502/504 in the access log, and those no tracer failure explains.
+    /// Responses 502/504 in the access log (and 500 for want of a descriptor), and those no
+    /// tracer failure explains.
     pub gateway_errors: usize,
     pub unexplained: Vec<LoggedRequest>,
     pub load: Vec<RouteLoad>,
@@ -84,6 +85,16 @@ fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
         .collect()
 }
 
+/// The upstream tracer names for a failure nginx logged on `upstream` with `cause`: when
+/// socket() fails (`fd_exhausted`) the kernel has seen no address yet, so tracer says `none`.
+pub fn as_tracer_names_it(upstream: &str, cause: &str) -> String {
+    if cause == "fd_exhausted" {
+        "none".to_string()
+    } else {
+        upstream.to_string()
+    }
+}
+
 impl LabReport {
     #[allow(clippy::too_many_arguments)]
     pub fn build(
@@ -104,7 +115,7 @@ impl LabReport {
         for f in &logged {
             if let Some(cause) = f.cause {
                 counts
-                    .entry((f.upstream.clone(), cause.to_string()))
+                    .entry((as_tracer_names_it(&f.upstream, cause), cause.to_string()))
                     .or_default()
                     .0 += 1;
             }
@@ -123,8 +134,8 @@ impl LabReport {
         // Every upstream of the matrix has a row, so a healthy one shows its zeros, and an
         // expected cause that nobody reported shows as a missing row.
         for spec in &matrix.upstreams {
-            let upstream = spec.addr.to_string();
             let cause = spec.expected.unwrap_or("(healthy)").to_string();
+            let upstream = as_tracer_names_it(&spec.addr.to_string(), &cause);
             if !counts.keys().any(|(u, _)| *u == upstream) || spec.expected.is_some() {
                 counts.entry((upstream, cause)).or_default();
             }
@@ -151,15 +162,22 @@ impl LabReport {
                 .upstreams
                 .iter()
                 .filter(|u| u.must_fail)
-                .filter_map(|u| Some((u.addr.to_string(), u.expected?.to_string())))
+                .filter_map(|u| {
+                    let cause = u.expected?;
+                    Some((
+                        as_tracer_names_it(&u.addr.to_string(), cause),
+                        cause.to_string(),
+                    ))
+                })
                 .collect(),
             root_causes: matrix
                 .upstreams
                 .iter()
                 .filter_map(|u| {
+                    let cause = u.expected?;
                     Some((
-                        u.addr.to_string(),
-                        u.expected?.to_string(),
+                        as_tracer_names_it(&u.addr.to_string(), cause),
+                        cause.to_string(),
                         u.root_cause?.to_string(),
                     ))
                 })
@@ -230,7 +248,7 @@ impl LabReport {
         }
         if !self.unexplained.is_empty() {
             problems.push(format!(
-                "{} of {} responses 502/504 have no tracer failure on their upstream",
+                "{} of {} responses 500/502/504 have no tracer failure on their upstream",
                 self.unexplained.len(),
                 self.gateway_errors
             ));
@@ -244,7 +262,8 @@ impl LabReport {
 }
 
 /// Matches every 502/504 to a tracer failure on one of the upstreams nginx tried for it, within
-/// the request's lifetime; each failure explains one response at most.
+/// the request's lifetime; each failure explains one response at most. A 500 is what nginx
+/// answers when socket() fails: it needs an `fd_exhausted` failure (upstream `none`).
 fn explain_gateway_errors(
     requests: &[LoggedRequest],
     tracer: &[TracerFailure],
@@ -253,7 +272,7 @@ fn explain_gateway_errors(
     let mut used = BTreeSet::new();
     let mut gateway: Vec<&LoggedRequest> = requests
         .iter()
-        .filter(|r| r.status == 502 || r.status == 504)
+        .filter(|r| matches!(r.status, 500 | 502 | 504))
         .collect();
     gateway.sort_by(|a, b| a.end.total_cmp(&b.end));
     let mut unexplained = Vec::new();
@@ -262,7 +281,12 @@ fn explain_gateway_errors(
         let end = request.end + SLACK;
         let upstreams = &request.upstreams;
         let found = tracer.iter().enumerate().find(|(i, f)| {
-            !used.contains(i) && upstreams.contains(&f.upstream) && (start..=end).contains(&f.time)
+            let on_its_upstream = if request.status == 500 {
+                f.cause == "fd_exhausted"
+            } else {
+                upstreams.contains(&f.upstream)
+            };
+            !used.contains(i) && on_its_upstream && (start..=end).contains(&f.time)
         });
         match found {
             Some((i, _)) => {
@@ -284,9 +308,16 @@ impl fmt::Display for LabReport {
             self.total_time.as_secs_f64()
         )?;
         writeln!(f)?;
+        let width = self
+            .cells
+            .iter()
+            .map(|c| c.upstream.len())
+            .max()
+            .unwrap_or(0)
+            .max(20);
         writeln!(
             f,
-            "{:<20} {:<24} {:>7} {:>7} {:>10}  root cause (tracer)",
+            "{:<width$} {:<24} {:>7} {:>7} {:>10}  root cause (tracer)",
             "upstream", "cause", "nginx", "tracer", "agreement"
         )?;
         for cell in &self.cells {
@@ -297,7 +328,7 @@ impl fmt::Display for LabReport {
                 .collect();
             writeln!(
                 f,
-                "{:<20} {:<24} {:>7} {:>7} {:>9.1}%  {}{}",
+                "{:<width$} {:<24} {:>7} {:>7} {:>9.1}%  {}{}",
                 cell.upstream,
                 cell.cause,
                 cell.nginx,
@@ -329,7 +360,7 @@ impl fmt::Display for LabReport {
         writeln!(f)?;
         writeln!(
             f,
-            "access log: {} responses 502/504, {} explained by a tracer failure on their upstream",
+            "access log: {} responses 500/502/504, {} explained by a tracer failure on their upstream",
             self.gateway_errors,
             self.gateway_errors - self.unexplained.len()
         )?;
@@ -337,7 +368,7 @@ impl fmt::Display for LabReport {
         if problems.is_empty() {
             writeln!(
                 f,
-                "result: PASS (every cell ≥ {:.1}%, healthy upstreams clean, every 502/504 explained)",
+                "result: PASS (every cell ≥ {:.1}%, healthy upstreams clean, every 500/502/504 explained)",
                 self.target * 100.0
             )
         } else {
