@@ -291,10 +291,7 @@ impl Matrix {
             // The proxy's own limits. A slow upstream holds the few-files proxy's descriptors
             // until socket() fails (nginx answers 500; tracer cannot know the upstream: `none`);
             // one on the few-ports proxy's loopback holds its two local ports.
-            UpstreamSpec {
-                must_fail: true,
-                ..up(9016, Some(Behaviour::NeverAnswer), Some("fd_exhausted"))
-            },
+            up(9016, Some(Behaviour::NeverAnswer), Some("fd_exhausted")),
             UpstreamSpec {
                 addr: LabAddr::Tcp(addr("127.0.0.1:9020")),
                 ..up(
