@@ -49,6 +49,9 @@ tracepoint:tcp:tcp_receive_reset { @resets[ntop(args->daddr), args->dport] = cou
 tracepoint:tcp:tcp_retransmit_skb { @retransmits[ntop(args->daddr), args->dport] = count(); }
 tracepoint:syscalls:sys_enter_connect { @connects[comm] = count(); }
 tracepoint:syscalls:sys_exit_connect /args->ret < 0/ { @connect_errors[comm, args->ret] = count(); }
+tracepoint:syscalls:sys_exit_socket /args->ret < 0/ { @socket_errors[comm, args->ret] = count(); }
+tracepoint:syscalls:sys_exit_accept4 /args->ret < 0/ { @accept_errors[comm, args->ret] = count(); }
+tracepoint:syscalls:sys_exit_accept /args->ret < 0/ { @accept_errors[comm, args->ret] = count(); }
 "#;
 
 /// A condition while it runs.

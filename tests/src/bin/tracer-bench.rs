@@ -25,6 +25,9 @@ struct Options {
     tracer_args: Vec<String>,
 }
 
+/// Rounds of the kernel-time pass (each runs every workload under tracer, then bpftrace).
+const KERNEL_ROUNDS: usize = 3;
+
 fn options() -> Options {
     let mut options = Options {
         rounds: 7,
@@ -196,64 +199,87 @@ fn main() -> ExitCode {
         let _ = writeln!(report, "- {}: {}", workload.name(), rounds.join(", "));
     }
 
-    // Where the kernel time goes: each program's average run time, per workload, in a
-    // separate pass (the statistics cost a little themselves), for tracer and for bpftrace.
+    // Where the kernel time goes: each program's run time, per workload, in a separate pass
+    // (the statistics cost a little themselves), for tracer and for bpftrace, alternating over
+    // a few rounds so that the machine's drift touches both alike. Per operation: the median
+    // round; per program: every round's runs and time together.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let stats = BpfStats::enable();
-    let mut kernel_cost: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
-    for condition in [Condition::Tracer, Condition::Bpftrace] {
-        let running = Running::start(condition, api_port, &options.tracer_args);
-        let pid = running.pid().expect("a traced condition");
-        let mut per_workload = Vec::new();
-        for workload in Workload::ALL {
-            let before = program_stats(pid);
-            let done = env.run(workload, duration);
-            let after = program_stats(pid);
-            per_workload.push((workload, done.ops, before, after));
-        }
-        running.stop();
-        if condition == Condition::Tracer {
-            let _ = writeln!(
-                report,
-                "\n## tracer's kernel programs: average ns per run (runs per operation)\n"
-            );
-        }
-        let programs: Vec<&String> = per_workload[0].3.keys().collect();
-        if condition == Condition::Tracer {
-            let names: Vec<&str> = programs.iter().map(|p| p.as_str()).collect();
-            let _ = writeln!(
-                report,
-                "| workload | {} | ns per operation |",
-                names.join(" | ")
-            );
-            let _ = writeln!(report, "|---|{}---|", "---|".repeat(programs.len()));
-        }
-        for (workload, ops, before, after) in &per_workload {
-            let mut cells = Vec::new();
-            let mut total_ns = 0;
-            for program in &programs {
-                let (c0, t0) = before.get(*program).copied().unwrap_or_default();
-                let (c1, t1) = after.get(*program).copied().unwrap_or_default();
-                let (runs, ns) = (c1 - c0, t1 - t0);
-                total_ns += ns;
-                cells.push(match ns.checked_div(runs) {
-                    Some(per_run) => {
-                        format!("{per_run} ({:.2})", runs as f64 / (*ops).max(1) as f64)
+    let mut per_op_rounds: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
+    let mut tracer_programs: BTreeMap<(Workload, String), (u64, u64)> = BTreeMap::new();
+    let mut tracer_ops: BTreeMap<Workload, u64> = BTreeMap::new();
+    for _ in 0..KERNEL_ROUNDS {
+        for condition in [Condition::Tracer, Condition::Bpftrace] {
+            let running = Running::start(condition, api_port, &options.tracer_args);
+            let pid = running.pid().expect("a traced condition");
+            for workload in Workload::ALL {
+                let before = program_stats(pid);
+                let done = env.run(workload, duration);
+                let after = program_stats(pid);
+                let mut total_ns = 0;
+                for (program, (c1, t1)) in &after {
+                    let (c0, t0) = before.get(program).copied().unwrap_or_default();
+                    total_ns += t1 - t0;
+                    if condition == Condition::Tracer {
+                        let sum = tracer_programs
+                            .entry((workload, program.clone()))
+                            .or_default();
+                        sum.0 += c1 - c0;
+                        sum.1 += t1 - t0;
                     }
-                    None => "-".to_string(),
-                });
+                }
+                if condition == Condition::Tracer {
+                    *tracer_ops.entry(workload).or_default() += done.ops;
+                }
+                per_op_rounds
+                    .entry((workload, condition))
+                    .or_default()
+                    .push(total_ns as f64 / done.ops.max(1) as f64);
             }
-            let per_op = total_ns as f64 / (*ops).max(1) as f64;
-            kernel_cost.insert((*workload, condition), per_op);
-            if condition == Condition::Tracer {
-                let _ = writeln!(
-                    report,
-                    "| {} | {} | {per_op:.0} |",
-                    workload.name(),
-                    cells.join(" | ")
-                );
-            }
+            running.stop();
         }
+    }
+    let kernel_cost: BTreeMap<(Workload, Condition), f64> = per_op_rounds
+        .iter()
+        .map(|(key, rounds)| (*key, median_spread(rounds).0))
+        .collect();
+    let programs: std::collections::BTreeSet<&String> =
+        tracer_programs.keys().map(|(_, p)| p).collect();
+    let _ = writeln!(
+        report,
+        "\n## tracer's kernel programs: average ns per run (runs per operation), {KERNEL_ROUNDS} \
+         rounds × {} s\n",
+        duration.as_secs()
+    );
+    let names: Vec<&str> = programs.iter().map(|p| p.as_str()).collect();
+    let _ = writeln!(
+        report,
+        "| workload | {} | ns per operation (median round) |",
+        names.join(" | ")
+    );
+    let _ = writeln!(report, "|---|{}---|", "---|".repeat(programs.len()));
+    for workload in Workload::ALL {
+        let ops = tracer_ops.get(&workload).copied().unwrap_or(0).max(1);
+        let cells: Vec<String> = programs
+            .iter()
+            .map(|program| {
+                let (runs, ns) = tracer_programs
+                    .get(&(workload, (*program).clone()))
+                    .copied()
+                    .unwrap_or_default();
+                match ns.checked_div(runs) {
+                    Some(per_run) => format!("{per_run} ({:.2})", runs as f64 / ops as f64),
+                    None => "-".to_string(),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.0} |",
+            workload.name(),
+            cells.join(" | "),
+            kernel_cost[&(workload, Condition::Tracer)]
+        );
     }
     drop(stats);
     // With every core busy, an untraced operation costs cores ÷ rate of CPU time; the programs'
