@@ -95,8 +95,8 @@ pub enum Source {
     ConnectCall = 2,
     /// socket() failed (`syscalls:sys_exit_socket`): no connection could be opened.
     SocketCall = 3,
-    /// accept() or accept4() failed (`syscalls:sys_exit_accept4`): a client's connection could
-    /// not be taken.
+    /// accept4() or accept() failed (`syscalls:sys_exit_accept4`, `sys_exit_accept`): a
+    /// client's connection could not be taken.
     AcceptCall = 4,
 }
 
