@@ -247,6 +247,30 @@ fn upstreams_past_the_cap_are_folded_into_other_and_still_counted() {
         sample(&scrape, "tracer_upstreams_folded").is_some_and(|v| v >= 3.0),
         "{scrape}"
     );
+    // The live view's snapshot folds the same upstreams: as small as a scrape, nothing lost.
+    let (status, body) = get(agent_addr, "/api/snapshot").unwrap();
+    assert_eq!(status, 200);
+    let snapshot: serde_json::Value = serde_json::from_str(&body).expect("snapshot JSON");
+    let routes: Vec<&serde_json::Value> = snapshot["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .filter(|r| r["proxy"] == comm.as_str())
+        .collect();
+    let refused: u64 = routes
+        .iter()
+        .filter_map(|r| r["outcomes"]["refused"].as_u64())
+        .sum();
+    assert_eq!(refused, 6 * per_upstream as u64, "{body}");
+    let listed = |upstream: &str| routes.iter().any(|r| r["upstream"] == upstream);
+    for port in 8050..8056 {
+        let upstream = format!("127.77.42.1:{port}");
+        let in_scrape = mine
+            .iter()
+            .any(|l| l.contains(&format!("upstream=\"{upstream}\"")));
+        assert_eq!(listed(&upstream), in_scrape, "{upstream}: {body}");
+    }
+    assert!(listed("other"), "{body}");
     tracer.stop();
 }
 

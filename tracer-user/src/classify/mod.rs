@@ -222,6 +222,14 @@ pub fn explain_route(
         None => format!("{proxy} → {upstream}"),
     };
     let when = format!("in the last {} s", window.as_secs());
+    if upstream == "other" {
+        // Upstreams past the agent's --max-upstreams, folded together: no one host to blame.
+        return format!(
+            "{who}: {count} failures ({}) {when} toward upstreams past the agent's \
+             --max-upstreams, counted together; their events name each one",
+            cause.name()
+        );
+    }
     let host = upstream
         .rsplit_once(':')
         .map_or(upstream, |(host, _)| host)
@@ -437,6 +445,16 @@ mod tests {
         );
         assert!(text.ends_with("no route to 2001:db8::1"), "{text}");
         assert!(text.starts_with("haproxy → [2001:db8::1]:443"), "{text}");
+        let text = explain_route(
+            "nginx",
+            None,
+            "other",
+            Outcome::Refused,
+            9,
+            Duration::from_secs(60),
+        );
+        assert!(!text.contains("nothing is listening on other"), "{text}");
+        assert!(text.contains("--max-upstreams"), "{text}");
     }
 
     #[test]

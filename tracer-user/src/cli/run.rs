@@ -12,7 +12,6 @@ use crate::{
     agent::{Agent, Happening, give_memory_back},
     aggregate::Route,
     export::{
-        api::Snapshot,
         events::{json_line, notice_json_line},
         http::{self, Handler, Response},
         metrics::Exporter,
@@ -29,7 +28,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let exporter = Arc::new(Exporter::new(agent.shared.clone(), args.max_upstreams));
     let (failures, _) = broadcast::channel::<Arc<String>>(EVENT_BACKLOG);
     let handler: Handler = {
-        let shared = agent.shared.clone();
         let failures = failures.clone();
         Arc::new(move |path| match path {
             "/metrics" => {
@@ -45,7 +43,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 body: "ok\n".into(),
             },
             "/api/snapshot" => {
-                let body = serde_json::to_string(&Snapshot::capture(&shared)).unwrap_or_default();
+                let body = serde_json::to_string(&exporter.snapshot()).unwrap_or_default();
                 give_memory_back();
                 Response::Body {
                     content_type: "application/json",

@@ -39,6 +39,20 @@ pub struct RouteSnapshot {
 }
 
 impl RouteSnapshot {
+    /// Adds another route's counts to this one's (folding routes together).
+    pub fn add(&mut self, other: &RouteSnapshot) {
+        for (outcome, n) in &other.outcomes {
+            *self.outcomes.entry(outcome.clone()).or_default() += n;
+        }
+        if self.connect_buckets.len() < other.connect_buckets.len() {
+            self.connect_buckets.resize(other.connect_buckets.len(), 0);
+        }
+        for (slot, n) in self.connect_buckets.iter_mut().zip(&other.connect_buckets) {
+            *slot += n;
+        }
+        self.connect_seconds += other.connect_seconds;
+    }
+
     pub fn count(&self, outcome: Outcome) -> u64 {
         self.outcomes.get(outcome.name()).copied().unwrap_or(0)
     }
@@ -144,6 +158,29 @@ mod tests {
         aggregate::Totals,
         decode::{Count, Route},
     };
+
+    #[test]
+    fn folded_routes_add_up() {
+        let route = |refused: u64, buckets: Vec<u64>, seconds: f64| RouteSnapshot {
+            proxy: "nginx".into(),
+            cgroup_id: 7,
+            upstream: "10.0.0.5:8000".into(),
+            outcomes: [
+                ("refused".to_string(), refused),
+                ("connected".to_string(), 2),
+            ]
+            .into(),
+            connect_buckets: buckets,
+            connect_seconds: seconds,
+        };
+        let mut other = RouteSnapshot::default();
+        other.add(&route(3, vec![1, 1], 0.5));
+        other.add(&route(4, vec![0, 1, 1], 0.25));
+        assert_eq!(other.count(Outcome::Refused), 7);
+        assert_eq!(other.count(Outcome::Connected), 4);
+        assert_eq!(other.connect_buckets, vec![1, 2, 1]);
+        assert!((other.connect_seconds - 0.75).abs() < 1e-9);
+    }
 
     #[test]
     fn snapshots_round_trip_through_json_with_outcome_names() {

@@ -17,7 +17,8 @@ use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 use crate::{
     agent::Shared,
     aggregate::{LATENCY_BUCKETS, RouteTotals},
-    decode::{Upstream, cgroup::CgroupPaths},
+    decode::cgroup::CgroupPaths,
+    export::api::{RouteSnapshot, Snapshot},
 };
 
 /// The label value for upstreams (and proxies) past the caps.
@@ -58,10 +59,10 @@ pub struct Exporter {
 
 /// What must stay the same from one scrape to the next.
 struct State {
-    /// Upstreams that have their own series, in the order they came.
-    admitted: BTreeSet<Upstream>,
+    /// Upstreams that have their own series (the first `--max-upstreams` seen).
+    admitted: BTreeSet<String>,
     /// Upstreams folded into `other`.
-    folded: BTreeSet<Upstream>,
+    folded: BTreeSet<String>,
     cgroups: CgroupPaths,
     /// Evictions seen so far (the estimate can dip; the counter must not).
     evicted: u64,
@@ -85,6 +86,24 @@ impl Labels {
     }
 }
 
+impl State {
+    /// Whether `upstream` has series of its own: it has, or there is room under the cap
+    /// (`max`) and it gets them now, for good. Otherwise it is folded into `other`.
+    fn admit(&mut self, upstream: &str, max: usize) -> bool {
+        if self.admitted.contains(upstream) {
+            return true;
+        }
+        if self.admitted.len() < max {
+            self.admitted.insert(upstream.to_string());
+            return true;
+        }
+        if !self.folded.contains(upstream) {
+            self.folded.insert(upstream.to_string());
+        }
+        false
+    }
+}
+
 impl Exporter {
     pub fn new(shared: Arc<Shared>, max_upstreams: usize) -> Exporter {
         Exporter {
@@ -102,6 +121,33 @@ impl Exporter {
         }
     }
 
+    /// The live view's snapshot, with the same upstreams folded into `other` as in the metrics,
+    /// so it stays as small as a scrape.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::capture(&self.shared);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut other: BTreeMap<(String, u64), RouteSnapshot> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(snapshot.routes.len().min(self.max_upstreams));
+        for route in snapshot.routes.drain(..) {
+            if state.admit(&route.upstream, self.max_upstreams) {
+                kept.push(route);
+            } else {
+                other
+                    .entry((route.proxy.clone(), route.cgroup_id))
+                    .or_insert_with(|| RouteSnapshot {
+                        proxy: route.proxy.clone(),
+                        cgroup_id: route.cgroup_id,
+                        upstream: OTHER.to_string(),
+                        ..RouteSnapshot::default()
+                    })
+                    .add(&route);
+            }
+        }
+        kept.extend(other.into_values());
+        snapshot.routes = kept;
+        snapshot
+    }
+
     /// The metrics in Prometheus's text exposition format, written straight from the counts:
     /// with a thousand upstreams that is ten thousand series, too many to build objects for.
     pub fn render(&self) -> String {
@@ -111,15 +157,10 @@ impl Exporter {
         // Series per label set: routes past the upstream cap share `other`.
         let mut series: BTreeMap<Labels, RouteTotals> = BTreeMap::new();
         for (route, t) in &totals.routes {
-            let upstream = if state.admitted.contains(&route.upstream) {
-                route.upstream.to_string()
-            } else if state.admitted.len() < self.max_upstreams {
-                state.admitted.insert(route.upstream.clone());
-                route.upstream.to_string()
-            } else {
-                state.folded.insert(route.upstream.clone());
-                OTHER.to_string()
-            };
+            let mut upstream = route.upstream.to_string();
+            if !state.admit(&upstream, self.max_upstreams) {
+                upstream = OTHER.to_string();
+            }
             let cgroup = state
                 .cgroups
                 .path(route.cgroup_id)
