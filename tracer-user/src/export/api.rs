@@ -10,7 +10,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracer_common::{Outcome, Stat};
 
-use crate::{agent::Shared, aggregate::Totals};
+use crate::{
+    agent::Shared,
+    aggregate::{RouteTotals, Totals},
+};
 
 /// Everything cumulative the agent knows at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -39,18 +42,22 @@ pub struct RouteSnapshot {
 }
 
 impl RouteSnapshot {
-    /// Adds another route's counts to this one's (folding routes together).
-    pub fn add(&mut self, other: &RouteSnapshot) {
-        for (outcome, n) in &other.outcomes {
-            *self.outcomes.entry(outcome.clone()).or_default() += n;
+    pub fn new(proxy: &str, cgroup_id: u64, upstream: String, t: &RouteTotals) -> RouteSnapshot {
+        RouteSnapshot {
+            proxy: proxy.to_string(),
+            cgroup_id,
+            upstream,
+            outcomes: t
+                .outcomes
+                .iter()
+                .map(|(o, (n, _))| (o.name().to_string(), *n))
+                .collect(),
+            connect_buckets: t.connect_buckets.to_vec(),
+            connect_seconds: t
+                .outcomes
+                .get(&Outcome::Connected)
+                .map_or(0.0, |(_, d)| d.as_secs_f64()),
         }
-        if self.connect_buckets.len() < other.connect_buckets.len() {
-            self.connect_buckets.resize(other.connect_buckets.len(), 0);
-        }
-        for (slot, n) in self.connect_buckets.iter_mut().zip(&other.connect_buckets) {
-            *slot += n;
-        }
-        self.connect_seconds += other.connect_seconds;
     }
 
     pub fn count(&self, outcome: Outcome) -> u64 {
@@ -99,22 +106,20 @@ impl Snapshot {
         let routes = totals
             .routes
             .iter()
-            .map(|(route, t)| RouteSnapshot {
-                proxy: route.proxy.clone(),
-                cgroup_id: route.cgroup_id,
-                upstream: route.upstream.to_string(),
-                outcomes: t
-                    .outcomes
-                    .iter()
-                    .map(|(o, (n, _))| (o.name().to_string(), *n))
-                    .collect(),
-                connect_buckets: t.connect_buckets.to_vec(),
-                connect_seconds: t
-                    .outcomes
-                    .get(&Outcome::Connected)
-                    .map_or(0.0, |(_, d)| d.as_secs_f64()),
+            .map(|(route, t)| {
+                RouteSnapshot::new(&route.proxy, route.cgroup_id, route.upstream.to_string(), t)
             })
             .collect();
+        Snapshot::with_routes(routes, totals, health, at)
+    }
+
+    /// A snapshot of `routes`, with `totals`' overflow counts.
+    pub fn with_routes(
+        routes: Vec<RouteSnapshot>,
+        totals: &Totals,
+        health: Health,
+        at: SystemTime,
+    ) -> Snapshot {
         Snapshot {
             time_ms: at
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -158,29 +163,6 @@ mod tests {
         aggregate::Totals,
         decode::{Count, Route},
     };
-
-    #[test]
-    fn folded_routes_add_up() {
-        let route = |refused: u64, buckets: Vec<u64>, seconds: f64| RouteSnapshot {
-            proxy: "nginx".into(),
-            cgroup_id: 7,
-            upstream: "10.0.0.5:8000".into(),
-            outcomes: [
-                ("refused".to_string(), refused),
-                ("connected".to_string(), 2),
-            ]
-            .into(),
-            connect_buckets: buckets,
-            connect_seconds: seconds,
-        };
-        let mut other = RouteSnapshot::default();
-        other.add(&route(3, vec![1, 1], 0.5));
-        other.add(&route(4, vec![0, 1, 1], 0.25));
-        assert_eq!(other.count(Outcome::Refused), 7);
-        assert_eq!(other.count(Outcome::Connected), 4);
-        assert_eq!(other.connect_buckets, vec![1, 2, 1]);
-        assert!((other.connect_seconds - 0.75).abs() < 1e-9);
-    }
 
     #[test]
     fn snapshots_round_trip_through_json_with_outcome_names() {

@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::{Display, Write as _},
     sync::{Arc, Mutex, atomic::Ordering},
+    time::SystemTime,
 };
 
 use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
@@ -18,7 +19,7 @@ use crate::{
     agent::Shared,
     aggregate::{LATENCY_BUCKETS, RouteTotals},
     decode::cgroup::CgroupPaths,
-    export::api::{RouteSnapshot, Snapshot},
+    export::api::{Health, RouteSnapshot, Snapshot},
 };
 
 /// The label value for upstreams (and proxies) past the caps.
@@ -122,30 +123,31 @@ impl Exporter {
     }
 
     /// The live view's snapshot, with the same upstreams folded into `other` as in the metrics,
-    /// so it stays as small as a scrape.
+    /// so it stays as small as a scrape (folded before any route's snapshot is built).
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot::capture(&self.shared);
+        let totals = self.shared.totals();
+        let health = Health::of(&self.shared);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut other: BTreeMap<(String, u64), RouteSnapshot> = BTreeMap::new();
-        let mut kept = Vec::with_capacity(snapshot.routes.len().min(self.max_upstreams));
-        for route in snapshot.routes.drain(..) {
-            if state.admit(&route.upstream, self.max_upstreams) {
-                kept.push(route);
+        let mut routes = Vec::new();
+        let mut other: BTreeMap<(&str, u64), RouteTotals> = BTreeMap::new();
+        for (route, t) in &totals.routes {
+            let upstream = route.upstream.to_string();
+            if state.admit(&upstream, self.max_upstreams) {
+                routes.push(RouteSnapshot::new(
+                    &route.proxy,
+                    route.cgroup_id,
+                    upstream,
+                    t,
+                ));
             } else {
-                other
-                    .entry((route.proxy.clone(), route.cgroup_id))
-                    .or_insert_with(|| RouteSnapshot {
-                        proxy: route.proxy.clone(),
-                        cgroup_id: route.cgroup_id,
-                        upstream: OTHER.to_string(),
-                        ..RouteSnapshot::default()
-                    })
-                    .add(&route);
+                merge(other.entry((&route.proxy, route.cgroup_id)).or_default(), t);
             }
         }
-        kept.extend(other.into_values());
-        snapshot.routes = kept;
-        snapshot
+        drop(state);
+        for ((proxy, cgroup_id), t) in &other {
+            routes.push(RouteSnapshot::new(proxy, *cgroup_id, OTHER.to_string(), t));
+        }
+        Snapshot::with_routes(routes, &totals, health, SystemTime::now())
     }
 
     /// The metrics in Prometheus's text exposition format, written straight from the counts:
