@@ -8,6 +8,16 @@ use std::{
     time::Duration,
 };
 
+/// Makes `n` connects to `upstream` from inside `ns`, each refused (nothing listens there).
+pub fn refuse(ns: &crate::netns::Netns, upstream: SocketAddr, n: usize) {
+    ns.run(|| {
+        for _ in 0..n {
+            let error = TcpStream::connect(upstream).expect_err("nothing listens");
+            assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{upstream}");
+        }
+    });
+}
+
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: upstream\r\n\r\n";
 
 /// Connects, sends one request and reads the whole response (Content-Length bodies).

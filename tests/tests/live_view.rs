@@ -2,13 +2,13 @@
 //! the terminal is given back and the programs detached on `q` and on SIGTERM.
 
 use std::{
-    net::{SocketAddr, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
 
 use tracer_tests::{
     bpf::{program_loaded, programs_held_by},
+    client::refuse,
     kernel_tests_enabled,
     netns::Netns,
     tracer_process::tracer_bin,
@@ -104,14 +104,6 @@ impl Drop for Session {
             .args(["kill-session", "-t", &self.name])
             .status();
     }
-}
-
-fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {
-    ns.run(|| {
-        for _ in 0..n {
-            TcpStream::connect(upstream).expect_err("nothing listens");
-        }
-    });
 }
 
 #[test]

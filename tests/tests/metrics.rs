@@ -9,6 +9,7 @@ use std::{
 };
 
 use tracer_tests::{
+    client::refuse,
     http::{encode, free_port, get},
     kernel_tests_enabled,
     netns::Netns,
@@ -23,14 +24,6 @@ fn agent(extra: &[&str]) -> (Tracer, SocketAddr) {
     let mut args = vec!["run", "--listen", listen.as_str()];
     args.extend_from_slice(extra);
     (Tracer::start(&args), addr)
-}
-
-fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {
-    ns.run(|| {
-        for _ in 0..n {
-            TcpStream::connect(upstream).expect_err("nothing listens");
-        }
-    });
 }
 
 /// The value of the sample `series` (name and labels as printed) in a scrape.

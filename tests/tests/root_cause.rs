@@ -10,6 +10,7 @@ use std::{
 
 use serde_json::Value;
 use tracer_tests::{
+    client::refuse,
     kernel_tests_enabled,
     netns::Netns,
     process::{MemoryCgroup, UpstreamProcess},
@@ -20,15 +21,6 @@ const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(500);
 /// How upstream-process shows in the kernel (comm is 15 bytes at most).
 const COMM: &str = "upstream-proces";
-
-fn refuse(ns: &Netns, upstream: SocketAddr, n: usize) {
-    ns.run(|| {
-        for _ in 0..n {
-            let error = TcpStream::connect(upstream).expect_err("nobody listens");
-            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
-        }
-    });
-}
 
 fn failures<'a>(events: &'a [Value], upstream: &str) -> Vec<&'a Value> {
     events

@@ -14,7 +14,8 @@ use std::{
 use tracer_tests::{
     assert_failures,
     client::{
-        connect_with_syn_count, connect_with_timeout, exchange, request, request_with_timeout,
+        connect_with_syn_count, connect_with_timeout, exchange, refuse, request,
+        request_with_timeout,
     },
     kernel_tests_enabled,
     netns::Netns,
@@ -49,12 +50,7 @@ fn proxy_is_refused_when_nothing_listens_on_the_upstream() {
     let ns = Netns::new("refused");
     let upstream = addr("127.77.1.1:8001");
     let tracer = Tracer::events(&["--upstream", "127.77.1.1:8001"]);
-    ns.run(|| {
-        for _ in 0..N {
-            let error = TcpStream::connect(upstream).expect_err("nothing listens");
-            assert_eq!(error.kind(), ErrorKind::ConnectionRefused);
-        }
-    });
+    refuse(&ns, upstream, N);
     let events = tracer.collect(N, WAIT, SETTLE);
     for event in assert_failures(&events, "127.77.1.1:8001", "refused", N) {
         assert_eq!(event["errno_name"], "ECONNREFUSED");
@@ -78,11 +74,7 @@ fn proxy_is_refused_by_an_ipv6_upstream() {
     ns.ip(&["addr", "add", "fd00:77::1/128", "dev", "lo", "nodad"]);
     let upstream = addr("[fd00:77::1]:8001");
     let tracer = Tracer::events(&["--upstream", "[fd00:77::1]:8001"]);
-    ns.run(|| {
-        for _ in 0..N {
-            TcpStream::connect(upstream).expect_err("nothing listens");
-        }
-    });
+    refuse(&ns, upstream, N);
     let events = tracer.collect(N, WAIT, SETTLE);
     assert_failures(&events, "[fd00:77::1]:8001", "refused", N);
     tracer.stop();
@@ -433,12 +425,7 @@ fn v4_mapped_upstream_from_an_ipv6_socket_is_refused_and_shown_as_ipv6() {
     // A dual-stack proxy (Envoy, a JVM) reaching an IPv4 upstream through an IPv6 socket.
     let upstream = addr("[::ffff:127.77.20.1]:8020");
     let tracer = Tracer::events(&["--upstream", "[::ffff:127.77.20.1]:8020"]);
-    ns.run(|| {
-        for _ in 0..N {
-            let error = TcpStream::connect(upstream).expect_err("nothing listens");
-            assert_eq!(error.kind(), ErrorKind::ConnectionRefused);
-        }
-    });
+    refuse(&ns, upstream, N);
     let events = tracer.collect(N, WAIT, SETTLE);
     assert_failures(&events, "[::ffff:127.77.20.1]:8020", "refused", N);
     tracer.stop();
