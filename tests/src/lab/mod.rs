@@ -86,6 +86,13 @@ pub struct UpstreamSpec {
     pub root_cause: Option<&'static str>,
 }
 
+impl UpstreamSpec {
+    /// The upstream tracer names for its failures (`none` for `fd_exhausted`).
+    pub fn tracer_upstream(&self) -> String {
+        report::as_tracer_names_it(&self.addr.to_string(), self.expected.unwrap_or(""))
+    }
+}
+
 /// Which of the lab's nginx servers a route goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proxy {

@@ -135,7 +135,7 @@ impl LabReport {
         // expected cause that nobody reported shows as a missing row.
         for spec in &matrix.upstreams {
             let cause = spec.expected.unwrap_or("(healthy)").to_string();
-            let upstream = as_tracer_names_it(&spec.addr.to_string(), &cause);
+            let upstream = spec.tracer_upstream();
             if !counts.keys().any(|(u, _)| *u == upstream) || spec.expected.is_some() {
                 counts.entry((upstream, cause)).or_default();
             }
@@ -162,22 +162,15 @@ impl LabReport {
                 .upstreams
                 .iter()
                 .filter(|u| u.must_fail)
-                .filter_map(|u| {
-                    let cause = u.expected?;
-                    Some((
-                        as_tracer_names_it(&u.addr.to_string(), cause),
-                        cause.to_string(),
-                    ))
-                })
+                .filter_map(|u| Some((u.tracer_upstream(), u.expected?.to_string())))
                 .collect(),
             root_causes: matrix
                 .upstreams
                 .iter()
                 .filter_map(|u| {
-                    let cause = u.expected?;
                     Some((
-                        as_tracer_names_it(&u.addr.to_string(), cause),
-                        cause.to_string(),
+                        u.tracer_upstream(),
+                        u.expected?.to_string(),
                         u.root_cause?.to_string(),
                     ))
                 })
