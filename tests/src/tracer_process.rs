@@ -44,13 +44,16 @@ impl Tracer {
         Tracer::start(&all)
     }
 
-    /// Starts `tracer <args>` and waits until its probes are attached.
+    /// Starts `tracer <args>` and waits until its probes are attached. `$TRACER_TEST_SKIP_PROBES`
+    /// (probes separated by commas) adds a `--skip-probe` for each: the tests then run on the
+    /// path of a kernel that lacks them (`tcp_sendmsg_locked`: every kernel before 6.16).
     pub fn start(args: &[&str]) -> Tracer {
         let mut command = Command::new(tracer_bin());
-        command
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.args(args);
+        for probe in skipped_probes() {
+            command.args(["--skip-probe", &probe]);
+        }
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe. If this process dies, tracer gets SIGTERM and
         // detaches itself, so no run leaves a tracer behind.
         unsafe {
@@ -185,6 +188,17 @@ impl Drop for Tracer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The probes `$TRACER_TEST_SKIP_PROBES` names.
+pub fn skipped_probes() -> Vec<String> {
+    std::env::var("TRACER_TEST_SKIP_PROBES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn parse(line: &str) -> Value {

@@ -11,6 +11,7 @@ use tracer_tests::{
     kernel_tests_enabled,
     tracer_process::{Tracer, tracer_bin},
 };
+use tracer_user::capture::{PROBES_IN_USE, REQUEST_PROBES};
 
 #[test]
 fn check_lists_every_probe_as_attached() {
@@ -27,20 +28,58 @@ fn check_lists_every_probe_as_attached() {
         "tracer check failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let mut standby = Vec::new();
     for probe in &tracer_user::capture::PROBES {
-        let probe = probe.tracepoint();
+        let name = probe.tracepoint();
         let line = stdout
             .lines()
-            .find(|l| l.contains(&format!("probe {probe} ")))
-            .unwrap_or_else(|| panic!("no line for {probe}:\n{stdout}"));
-        assert!(
-            line.starts_with("ok") && line.contains("attached"),
-            "{line}"
-        );
+            .find(|l| l.contains(&format!("probe {name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{stdout}"));
+        assert!(line.starts_with("ok"), "{line}");
+        if line.contains("standby") {
+            standby.push(probe.program);
+        } else {
+            assert!(line.contains("attached"), "{line}");
+        }
     }
-    let all = tracer_user::capture::PROBES.len();
+    // Of the two probes that see requests, this kernel uses one.
+    assert_eq!(standby.len(), 1, "{stdout}");
+    assert!(REQUEST_PROBES.contains(&standby[0]), "{stdout}");
     assert!(
-        stdout.contains(&format!("{all}/{all} attached")),
+        stdout.contains(&format!("{PROBES_IN_USE}/{PROBES_IN_USE} attached")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_on_the_path_of_kernels_before_6_16_infers_requests_at_tcp_probe() {
+    if !kernel_tests_enabled(
+        "check_on_the_path_of_kernels_before_6_16_infers_requests_at_tcp_probe",
+    ) {
+        return;
+    }
+    // What every kernel before 6.16 does (it has no tcp_sendmsg_locked), forced here.
+    let out = Command::new(tracer_bin())
+        .args(["check", "--skip-probe", "tcp_sendmsg_locked"])
+        .output()
+        .expect("tracer check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = |probe: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&format!("probe raw:{probe} ")))
+            .unwrap_or_else(|| panic!("{probe} listed:\n{stdout}"))
+    };
+    assert!(line("tcp_probe").starts_with("ok"), "{stdout}");
+    assert!(line("tcp_probe").contains("attached"), "{stdout}");
+    let sendmsg = line("tcp_sendmsg_locked");
+    assert!(
+        sendmsg.contains("standby") && sendmsg.contains("inferred at raw:tcp_probe"),
+        "{sendmsg}"
+    );
+    assert!(
+        stdout.contains(&format!("{PROBES_IN_USE}/{PROBES_IN_USE} attached")),
         "{stdout}"
     );
 }
@@ -160,9 +199,8 @@ fn a_skipped_probe_is_reported_and_its_pair_skipped_too() {
             "{line}"
         );
     }
-    let all = tracer_user::capture::PROBES.len();
     assert!(
-        stdout.contains(&format!("{}/{all} attached", all - 2)),
+        stdout.contains(&format!("{}/{PROBES_IN_USE} attached", PROBES_IN_USE - 2)),
         "{stdout}"
     );
 }

@@ -60,7 +60,7 @@ fn systemd_units_capabilities_are_enough_without_root() {
         ok,
         "tracer check as nobody with the unit's capabilities failed:\n{text}"
     );
-    let all = tracer_user::capture::PROBES.len();
+    let all = tracer_user::capture::PROBES_IN_USE;
     assert!(text.contains(&format!("{all}/{all} attached")), "{text}");
     // Each one is needed, and its absence is explained.
     let without = |cap: u32| -> Vec<u32> { caps.iter().copied().filter(|c| *c != cap).collect() };

@@ -115,7 +115,7 @@ fn top_shows_the_refused_upstream_within_two_seconds_and_q_detaches() {
     let pid = session.tracer_pid();
     let held = programs_held_by(pid);
     assert!(
-        held.len() >= tracer_user::capture::PROBES.len(),
+        held.len() >= tracer_user::capture::PROBES_IN_USE,
         "tracer top holds its programs: {held:?}"
     );
 
@@ -133,7 +133,7 @@ fn top_shows_the_refused_upstream_within_two_seconds_and_q_detaches() {
         screen.contains("nothing is listening on 127.77.50.1:8050"),
         "{screen}"
     );
-    let all = tracer_user::capture::PROBES.len();
+    let all = tracer_user::capture::PROBES_IN_USE;
     assert!(screen.contains(&format!("{all}/{all} probes")), "{screen}");
 
     // The filter narrows the table to what matches.

@@ -29,6 +29,15 @@ pub struct KernelOffsets {
     /// `sock`).
     pub tcp_bytes_received: u32,
     pub tcp_bytes_acked: u32,
+    /// `tcp_sock.write_seq` (the end of what the proxy has written) and `tcp_clock_cache` (when
+    /// the kernel last sent or received on the connection, CLOCK_MONOTONIC ns;
+    /// [`KernelOffsets::MISSING`] where absent): where sends are inferred.
+    pub tcp_write_seq: u32,
+    pub tcp_clock_cache: u32,
+    /// `sk_buff.len` and `sk_buff.data`: an incoming segment's length and where its TCP
+    /// header starts (at `tcp:tcp_probe`).
+    pub skb_len: u32,
+    pub skb_data: u32,
     /// `struct task_struct` members.
     pub task_group_leader: u32,
     pub task_comm: u32,
@@ -56,6 +65,11 @@ pub struct KernelOffsets {
     pub socket_type: u32,
     /// `sock.sk_max_ack_backlog`: a listener's listen() backlog.
     pub sk_max_ack_backlog: u32,
+}
+
+impl KernelOffsets {
+    /// The offset of an optional field this kernel's structs lack.
+    pub const MISSING: u32 = u32::MAX;
 }
 
 /// Offsets of the fields of the classic syscall tracepoints, from their tracefs format files.
@@ -102,8 +116,9 @@ pub struct Config {
     pub min_wait_ns: u64,
     /// Non-zero once user space filled the offsets in: the programs do nothing until then.
     pub ready: u32,
-    /// Non-zero when the `tcp_sendmsg_locked` probe is attached, so requests are seen.
-    pub sends_tracked: u32,
+    /// How the proxy's requests are seen: [`Config::SENDS_UNSEEN`], [`Config::SENDS_TRACED`]
+    /// or [`Config::SENDS_INFERRED`].
+    pub sends: u32,
     /// At most this many failure events per second per route, cause and CPU reach user space
     /// (0: no limit); the counts are exact regardless.
     pub events_per_second: u32,
@@ -114,6 +129,14 @@ impl Config {
     /// The default for [`Config::min_wait_ns`]: 50 ms. Real connect and read timeouts are longer;
     /// clients that hang up and parallel connects that lose are usually faster.
     pub const DEFAULT_MIN_WAIT_NS: u64 = 50_000_000;
+
+    /// [`Config::sends`]: requests are not seen (once connected, only resets are told apart).
+    pub const SENDS_UNSEEN: u32 = 0;
+    /// [`Config::sends`]: `tcp:tcp_sendmsg_locked` (Linux 6.16+) sees each send.
+    pub const SENDS_TRACED: u32 = 1;
+    /// [`Config::sends`]: sends are inferred from `write_seq` at `tcp:tcp_probe` and at the
+    /// connection's end (older kernels; see `ConnTrack::on_write_seq`).
+    pub const SENDS_INFERRED: u32 = 2;
 
     /// The default for [`Config::events_per_second`].
     pub const DEFAULT_EVENTS_PER_SECOND: u32 = 1000;
@@ -137,6 +160,10 @@ impl Config {
             sk_err: 0,
             tcp_bytes_received: 0,
             tcp_bytes_acked: 0,
+            tcp_write_seq: 0,
+            tcp_clock_cache: KernelOffsets::MISSING,
+            skb_len: 0,
+            skb_data: 0,
             task_group_leader: 0,
             task_comm: 0,
             task_files: 0,
@@ -172,7 +199,7 @@ impl Config {
         },
         min_wait_ns: Config::DEFAULT_MIN_WAIT_NS,
         ready: 0,
-        sends_tracked: 0,
+        sends: Config::SENDS_UNSEEN,
         events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
         _pad: 0,
     };

@@ -9,6 +9,14 @@
 //! starts sending on the connection (`tcp:tcp_sendmsg_locked` fires before any byte of that send
 //! leaves), the record keeps the connection's `bytes_received` counter. When the connection ends,
 //! `bytes_received` equal to that snapshot means no response byte arrived after the last request.
+//!
+//! Kernels before 6.16 have no `tcp_sendmsg_locked`. There the sends are inferred
+//! ([`ConnTrack::on_write_seq`]): the proxy's `write_seq` (the end of what it has written) only
+//! moves in sendmsg(), and `bytes_received` only moves while an incoming segment is processed.
+//! So the record looks at `write_seq` before each incoming data segment is processed
+//! (`tcp:tcp_probe`) and before the connection's end: if it moved since the last look, the proxy
+//! sent in between, when `bytes_received` was what it is now. Sends between two incoming data
+//! segments count as one.
 
 use crate::{net::Endpoint, outcome::Outcome};
 
@@ -131,7 +139,10 @@ pub struct ConnTrack {
     pub reset_received: u8,
     /// Non-zero when the upstream's FIN was seen (the socket went to CLOSE_WAIT or CLOSING).
     pub fin_received: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Where sends are inferred ([`ConnTrack::on_write_seq`]): the proxy's `tcp_sock.write_seq`
+    /// at the last look.
+    pub seen_write_seq: u32,
 }
 
 /// The decision about a connection that reached TCP_CLOSE.
@@ -184,8 +195,31 @@ impl ConnTrack {
             end: EndKind::Open as u8,
             reset_received: 0,
             fin_received: 0,
-            _pad: [0; 5],
+            _pad: 0,
+            seen_write_seq: 0,
         }
+    }
+
+    /// Makes this record a new attempt toward `upstream` started at `now_ns`, in place (the
+    /// kernel builds records in scratch memory, not on its small stack); the caller fills in
+    /// `proxy`.
+    #[inline(always)]
+    pub fn begin(&mut self, upstream: &Endpoint, local: &Endpoint, now_ns: u64) {
+        self.upstream = *upstream;
+        self.local = *local;
+        self.connect_ns = now_ns;
+        self.established_ns = 0;
+        self.end_ns = 0;
+        self.last_send_ns = 0;
+        self.rx_at_last_send = 0;
+        self.sends = 0;
+        self.syn_retransmits = 0;
+        self.retransmits = 0;
+        self.end = EndKind::Open as u8;
+        self.reset_received = 0;
+        self.fin_received = 0;
+        self._pad = 0;
+        self.seen_write_seq = 0;
     }
 
     /// SYN_SENT→ESTABLISHED. Returns how long the connect took.
@@ -209,6 +243,25 @@ impl ConnTrack {
         self.sends = self.sends.saturating_add(1);
         self.last_send_ns = now_ns;
         self.rx_at_last_send = bytes_received;
+    }
+
+    /// Where no probe sees sends (before Linux 6.16): the proxy's `write_seq` now, the
+    /// connection's `bytes_received` now, and when the kernel last sent or received on it
+    /// (`tcp_sock.tcp_clock_cache`). Called at SYN_SENT→ESTABLISHED (which only notes where
+    /// `write_seq` starts), before each incoming data segment is processed, and before the
+    /// connection ends. A `write_seq` that moved since the last look means the proxy sent in
+    /// between: before any byte of the segment being processed arrived.
+    pub fn on_write_seq(&mut self, write_seq: u32, bytes_received: u64, sent_ns: u64) {
+        if write_seq != self.seen_write_seq {
+            self.seen_write_seq = write_seq;
+            self.on_send(sent_ns, bytes_received);
+        }
+    }
+
+    /// SYN_SENT→ESTABLISHED where sends are inferred: the proxy's `write_seq` then (after the
+    /// SYN) is where its requests start.
+    pub fn start_write_seq(&mut self, write_seq: u32) {
+        self.seen_write_seq = write_seq;
     }
 
     /// `tcp:tcp_receive_reset`.
@@ -729,6 +782,83 @@ mod tests {
         upstream_closes(&mut c, 1_100);
         assert_eq!(c.data_received(LAST_ACK, 41), 40);
         assert_eq!(c.data_received(LAST_ACK, 0), 0);
+    }
+
+    /// Where sends are inferred: established with the proxy's `write_seq` at 1,000 after its SYN.
+    fn established_inferring() -> ConnTrack {
+        let mut c = established();
+        c.start_write_seq(1_000);
+        c
+    }
+
+    #[test]
+    fn inferred_request_then_upstream_fin_is_closed_before_response() {
+        let mut c = established_inferring();
+        // The 78-byte request left at 1,002 ms; its ACK (no data) is not looked at. The FIN
+        // arrives at 1,500 ms: before it is processed, write_seq has moved.
+        c.on_write_seq(1_078, 0, 1_002 * MS);
+        upstream_closes(&mut c, 1_500);
+        // At the proxy's close, before its FIN: nothing more was sent.
+        c.on_write_seq(1_078, 1, 1_500 * MS);
+        let v = close_from(&mut c, LAST_ACK, 1_500, 0, 1);
+        assert_outcome(v, Some(Outcome::ClosedBeforeResponse), 498);
+        assert_eq!(c.sends, 1);
+    }
+
+    #[test]
+    fn inferred_request_answered_then_idle_close_is_not_a_failure() {
+        let mut c = established_inferring();
+        // The response's first segment: the request was sent before it, with nothing received.
+        c.on_write_seq(1_078, 0, 1_002 * MS);
+        // Its second segment: nothing new was sent.
+        c.on_write_seq(1_078, 1_448, 1_003 * MS);
+        // Keep-alive: 60 s later the upstream closes the idle connection (its FIN).
+        c.on_write_seq(1_078, 2_000, 61_000 * MS);
+        upstream_closes(&mut c, 61_000);
+        c.on_write_seq(1_078, 2_001, 61_000 * MS);
+        assert_eq!(close_from(&mut c, LAST_ACK, 61_000, 0, 2_001).outcome, None);
+        assert_eq!(c.sends, 1);
+    }
+
+    #[test]
+    fn inferred_second_request_without_answer_is_response_timeout() {
+        let mut c = established_inferring();
+        c.on_write_seq(1_078, 0, 1_002 * MS);
+        // 2,000 response bytes came; the second request left at 5,000 ms and only its ACK came.
+        // The proxy gives up at 6,000 ms: its close transition looks at write_seq first.
+        c.on_write_seq(1_156, 2_000, 5_000 * MS);
+        proxy_closes(&mut c, 6_000);
+        let v = close_from(&mut c, FIN_WAIT2, 6_000, 0, 2_000);
+        assert_outcome(v, Some(Outcome::ResponseTimeout), 1_000);
+        assert_eq!(c.sends, 2);
+    }
+
+    #[test]
+    fn inferred_request_then_rst_is_reset_before_response_and_mid_response_after_bytes() {
+        let mut before = established_inferring();
+        // The RST's segment is looked at before it is processed.
+        before.on_write_seq(1_078, 0, 1_002 * MS);
+        before.on_reset_received(1_300 * MS);
+        let v = close_from(&mut before, ESTABLISHED, 1_300, 104, 0);
+        assert_outcome(v, Some(Outcome::ResetBeforeResponse), 298);
+
+        let mut mid = established_inferring();
+        mid.on_write_seq(1_078, 0, 1_002 * MS);
+        mid.on_write_seq(1_078, 1_448, 1_010 * MS);
+        mid.on_reset_received(1_020 * MS);
+        let v = close_from(&mut mid, ESTABLISHED, 1_020, 104, 1_448);
+        assert_eq!(v.outcome, Some(Outcome::ResetMidResponse));
+    }
+
+    #[test]
+    fn inferred_sends_between_two_answers_count_as_one_and_wrap_around() {
+        let mut c = established();
+        c.start_write_seq(u32::MAX - 10);
+        // Two pipelined requests before any answer: one send, seen once.
+        c.on_write_seq(50, 0, 1_002 * MS);
+        c.on_write_seq(50, 0, 1_003 * MS);
+        assert_eq!(c.sends, 1);
+        assert_eq!(c.last_send_ns, 1_002 * MS);
     }
 
     #[test]

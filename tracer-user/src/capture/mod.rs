@@ -67,7 +67,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 11] = [
+pub const PROBES: [Probe; 12] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -90,8 +90,15 @@ pub const PROBES: [Probe; 11] = [
         program: "tcp_sendmsg_locked",
         hook: Hook::Raw("tcp_sendmsg_locked"),
         required: false,
-        purpose: "requests the proxy sends (Linux 6.16+; without it, once connected only resets \
-                  are told apart)",
+        purpose: "requests the proxy sends (Linux 6.16+; older kernels use tcp_probe instead)",
+    },
+    Probe {
+        program: "tcp_probe",
+        hook: Hook::Raw("tcp_probe"),
+        required: false,
+        purpose: "requests the proxy sends, inferred from the segments that arrive (where \
+                  tcp_sendmsg_locked is missing; without either, once connected only resets are \
+                  told apart)",
     },
     Probe {
         program: "sys_enter_connect",
@@ -138,6 +145,13 @@ pub const PROBES: [Probe; 11] = [
         purpose: "processes the kernel's OOM killer chose (root cause upstream_oom_killed)",
     },
 ];
+
+/// How many probes a kernel uses: every one but one of the two that see requests
+/// (`tcp_sendmsg_locked` on Linux 6.16+, `tcp_probe` before), which stands by.
+pub const PROBES_IN_USE: usize = PROBES.len() - 1;
+
+/// The two probes that see the proxy's requests; a kernel uses one of them.
+pub const REQUEST_PROBES: [&str; 2] = ["tcp_sendmsg_locked", "tcp_probe"];
 
 /// Probes that only work together: skipping one skips the other.
 const PAIRED: [(&str, &str); 1] = [("sys_enter_connect", "sys_exit_connect")];
@@ -244,7 +258,10 @@ impl Default for Options {
 pub struct Capture {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
+    /// The probes in use, attached or not.
     pub probes: Vec<ProbeStatus>,
+    /// Probes not loaded because another one does their work on this kernel, and why.
+    pub standby: Vec<(&'static Probe, String)>,
     /// The tracefs used, if one was found or mounted.
     pub tracefs: Option<Tracefs>,
     events: Option<RingBuf<MapData>>,
@@ -332,6 +349,12 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_err: sock("sk_err")?,
         tcp_bytes_received: btf.member_offset("tcp_sock", "bytes_received")?,
         tcp_bytes_acked: btf.member_offset("tcp_sock", "bytes_acked")?,
+        tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
+        tcp_clock_cache: btf
+            .member_offset("tcp_sock", "tcp_clock_cache")
+            .unwrap_or(KernelOffsets::MISSING),
+        skb_len: btf.member_offset("sk_buff", "len")?,
+        skb_data: btf.member_offset("sk_buff", "data")?,
         task_group_leader: btf.member_offset("task_struct", "group_leader")?,
         task_comm: btf.member_offset("task_struct", "comm")?,
         task_files: btf.member_offset("task_struct", "files")?,
@@ -408,11 +431,20 @@ impl Capture {
         preflight::check()?;
         preflight::raise_memlock_limit();
         // Everything the programs need from BTF, read with our own light reader and dropped.
-        let (offsets, sends_visible) = {
+        let (offsets, sends) = {
             let btf = Btf::from_sys_fs()?;
+            let usable =
+                |probe: &str| btf.has_tracepoint(probe) && !is_skipped(&options.skip_probes, probe);
+            let sends = if usable("tcp_sendmsg_locked") {
+                Config::SENDS_TRACED
+            } else if usable("tcp_probe") {
+                Config::SENDS_INFERRED
+            } else {
+                Config::SENDS_UNSEEN
+            };
             (
                 kernel_offsets(&btf)?,
-                btf.has_tracepoint("tcp_sendmsg_locked"),
+                Sends::new(sends, btf.has_tracepoint("tcp_sendmsg_locked")),
             )
         };
 
@@ -420,9 +452,7 @@ impl Capture {
             offsets,
             min_wait_ns: u64::try_from(options.min_wait.as_nanos()).unwrap_or(u64::MAX),
             ready: 1,
-            sends_tracked: u32::from(
-                sends_visible && !is_skipped(&options.skip_probes, "tcp_sendmsg_locked"),
-            ),
+            sends: sends.mode,
             events_per_second: options.events_per_second,
             ..Config::UNSET
         };
@@ -446,15 +476,23 @@ impl Capture {
         }
         let tracefs = tracefs.ok();
 
-        let (mut ebpf, mut probes) = load_and_attach(&config, &formats, &options.skip_probes)?;
-        let sends_attached = probes
-            .iter()
-            .any(|p| p.probe.program == "tcp_sendmsg_locked" && p.attached());
-        if config.sends_tracked == 1 && !sends_attached {
-            // The programs were told requests are visible; they are not. Load them again.
+        let mut sends = sends;
+        let (mut ebpf, mut probes, mut standby) =
+            load_and_attach(&config, &formats, &options.skip_probes, &sends)?;
+        // The programs were told how requests are seen; if that probe did not attach, they
+        // must not count on it: load them again with the next way down.
+        while let Some(program) = sends.program() {
+            if probes
+                .iter()
+                .any(|p| p.probe.program == program && p.attached())
+            {
+                break;
+            }
             drop(ebpf);
-            config.sends_tracked = 0;
-            (ebpf, probes) = load_and_attach(&config, &formats, &options.skip_probes)?;
+            sends = sends.degraded();
+            config.sends = sends.mode;
+            (ebpf, probes, standby) =
+                load_and_attach(&config, &formats, &options.skip_probes, &sends)?;
         }
 
         let events = take(&mut ebpf, "EVENTS")?;
@@ -471,6 +509,7 @@ impl Capture {
         Ok(Capture {
             _ebpf: ebpf,
             probes,
+            standby,
             tracefs,
             events: Some(events),
             lifecycle: Some(lifecycle),
@@ -532,11 +571,72 @@ struct Formats {
     oom: Result<OomFields, String>,
 }
 
+/// How the programs see the proxy's requests, and so which of the two request probes is in use.
+#[derive(Debug, Clone, Copy)]
+struct Sends {
+    /// A `Config::SENDS_*` value.
+    mode: u32,
+    /// Whether this kernel has `tcp_sendmsg_locked` at all (Linux 6.16+).
+    kernel_has_sendmsg: bool,
+}
+
+impl Sends {
+    fn new(mode: u32, kernel_has_sendmsg: bool) -> Sends {
+        Sends {
+            mode,
+            kernel_has_sendmsg,
+        }
+    }
+
+    /// The program this mode relies on.
+    fn program(&self) -> Option<&'static str> {
+        match self.mode {
+            Config::SENDS_TRACED => Some("tcp_sendmsg_locked"),
+            Config::SENDS_INFERRED => Some("tcp_probe"),
+            _ => None,
+        }
+    }
+
+    /// The next way down when this one's probe did not attach.
+    fn degraded(self) -> Sends {
+        let mode = match self.mode {
+            Config::SENDS_TRACED => Config::SENDS_INFERRED,
+            _ => Config::SENDS_UNSEEN,
+        };
+        Sends { mode, ..self }
+    }
+
+    /// Why `program` is not loaded, when the other request probe does its work.
+    fn standby_reason(&self, program: &str, skip: &[&str]) -> Option<String> {
+        match (program, self.mode) {
+            ("tcp_probe", Config::SENDS_TRACED) => {
+                Some("not needed: tcp_sendmsg_locked sees each request".to_string())
+            }
+            ("tcp_sendmsg_locked", Config::SENDS_INFERRED) => Some(format!(
+                "{}: requests are inferred at raw:tcp_probe instead (the sends between two \
+                 answers count as one request, timed by the kernel's last activity on the \
+                 connection)",
+                if is_skipped(skip, program) {
+                    "skipped (--skip-probe)"
+                } else if self.kernel_has_sendmsg {
+                    "did not attach"
+                } else {
+                    "this kernel has no tcp_sendmsg_locked (Linux 6.16+)"
+                }
+            )),
+            _ => None,
+        }
+    }
+}
+
+type Loaded = (Ebpf, Vec<ProbeStatus>, Vec<(&'static Probe, String)>);
+
 fn load_and_attach(
     config: &Config,
     formats: &Formats,
     skip: &[&str],
-) -> Result<(Ebpf, Vec<ProbeStatus>), CaptureError> {
+    sends: &Sends,
+) -> Result<Loaded, CaptureError> {
     // No kernel BTF for aya: the programs make no CO-RE relocations (their offsets come in
     // CONFIG), and parsing vmlinux's BTF again would double tracer's peak memory.
     let mut ebpf = EbpfLoader::new()
@@ -544,7 +644,12 @@ fn load_and_attach(
         .override_global("CONFIG", config, true)
         .load(PROGRAMS)?;
     let mut probes = Vec::with_capacity(PROBES.len());
+    let mut standby = Vec::new();
     for probe in &PROBES {
+        if let Some(reason) = sends.standby_reason(probe.program, skip) {
+            standby.push((probe, reason));
+            continue;
+        }
         if is_skipped(skip, probe.program) {
             let reason = "skipped (--skip-probe)".to_string();
             probes.push(ProbeStatus {
@@ -572,7 +677,7 @@ fn load_and_attach(
         };
         probes.push(ProbeStatus { probe, state });
     }
-    Ok((ebpf, probes))
+    Ok((ebpf, probes, standby))
 }
 
 fn attach(ebpf: &mut Ebpf, probe: &Probe, formats: &Formats) -> Result<(), String> {

@@ -130,6 +130,14 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
                         note,
                     );
                 }
+                for (probe, reason) in &capture.standby {
+                    rows.row_with(
+                        &format!("probe {}", probe.tracepoint()),
+                        "standby".to_string(),
+                        "ok",
+                        reason.clone(),
+                    );
+                }
                 let attached = capture.attached();
                 let total = capture.probes.len();
                 drop(capture);

@@ -1,0 +1,139 @@
+//! Exact counting in per-CPU maps, failure reports to user space, and the health counters.
+
+use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use tracer_common::{
+    ConnTrack, CountKey, FailureEvent, LatencyKey, Outcome, RecordKind, Source, Stat, Tally,
+    counts::{EVENTS_RING_BYTES, connect_bucket},
+};
+
+use crate::{
+    kernel::now,
+    maps::{CONNECT_LATENCY, COUNT_KEY, COUNTS, EVENTS, LATENCY_KEY, OVERFLOW_COUNTS, STATS},
+};
+
+/// What a failure report adds to the connection's record.
+pub struct Report {
+    /// Whether its key's event budget lets it go to user space (counted either way).
+    pub send: bool,
+    pub close_ns: u64,
+    pub waited_ns: u64,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    pub errno: i32,
+    pub outcome: Outcome,
+    pub source: Source,
+}
+
+/// Sends a failure of `conn` to user space (or counts it as sampled out or lost). The record is
+/// written straight into the ring buffer, not built on the stack first.
+#[inline(never)]
+pub fn report(conn: &ConnTrack, report: &Report) {
+    if !report.send {
+        stat(Stat::EventsSampledOut);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
+        stat(Stat::EventsLost);
+        return;
+    };
+    // SAFETY: the reserved record, ours until it is submitted; every field is written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.kind = RecordKind::Failure as u32;
+    event._pad0 = 0;
+    event.conn = *conn;
+    event.close_ns = report.close_ns;
+    event.waited_ns = report.waited_ns;
+    event.bytes_received = report.bytes_received;
+    event.bytes_acked = report.bytes_acked;
+    event.errno = report.errno;
+    event.outcome = report.outcome as u8;
+    event.source = report.source as u8;
+    event._pad = [0; 2];
+    // Wake the agent only when the buffer fills up: it also drains on a short timer, and a
+    // wakeup per event costs more than the event.
+    let filling = EVENTS.query(BPF_RB_AVAIL_DATA as u64) > u64::from(EVENTS_RING_BYTES / 8);
+    entry.submit(if filling {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
+    stat(Stat::EventsSent);
+}
+
+/// Counts one `outcome` on `conn`'s route (proxy name × cgroup × upstream), exactly; returns
+/// whether an event may go to user space for it (the events-per-second budget of this key on
+/// this CPU).
+#[inline(never)]
+pub fn count(conn: &ConnTrack, outcome: Outcome, ns: u64) -> bool {
+    let Some(key) = COUNT_KEY.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let key = unsafe { &mut *key };
+    key.route.comm = conn.proxy.comm;
+    key.route.cgroup_id = conn.proxy.cgroup_id;
+    key.route.upstream = conn.upstream;
+    key.outcome = outcome as u8;
+    key._pad = [0; 7];
+    let key: &CountKey = key;
+    let now = now();
+    let per_second = config!(events_per_second);
+    if let Some(tally) = COUNTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of a per-CPU map entry.
+        return unsafe { (*tally).add(ns, now, per_second) };
+    }
+    let mut first = Tally::default();
+    let send = first.add(ns, now, per_second);
+    // Another CPU may create the key between the lookup and the insert: look again.
+    if COUNTS.insert(key, &first, BPF_NOEXIST as u64).is_ok() {
+        return send;
+    }
+    if let Some(tally) = COUNTS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        return unsafe { (*tally).add(ns, now, per_second) };
+    }
+    // COUNTS is full: keep the exact total per outcome.
+    stat(Stat::CountsOverflowed);
+    match OVERFLOW_COUNTS.get_ptr_mut(outcome as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate while running.
+        Some(tally) => unsafe { (*tally).add(ns, now, per_second) },
+        None => false,
+    }
+}
+
+/// Counts a successful connect of `conn` that took `ns`, in its connect-time bucket.
+#[inline(never)]
+pub fn count_latency(conn: &ConnTrack, ns: u64) {
+    let Some(key) = LATENCY_KEY.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let key = unsafe { &mut *key };
+    key.route.comm = conn.proxy.comm;
+    key.route.cgroup_id = conn.proxy.cgroup_id;
+    key.route.upstream = conn.upstream;
+    key.bucket = connect_bucket(ns);
+    key._pad = [0; 7];
+    let key: &LatencyKey = key;
+    if let Some(n) = CONNECT_LATENCY.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of a per-CPU map entry.
+        unsafe { *n += 1 };
+        return;
+    }
+    if CONNECT_LATENCY.insert(key, &1, BPF_NOEXIST as u64).is_err() {
+        match CONNECT_LATENCY.get_ptr_mut(key) {
+            // SAFETY: as above.
+            Some(n) => unsafe { *n += 1 },
+            None => stat(Stat::LatencyOverflowed),
+        }
+    }
+}
+
+/// Adds one to a health counter.
+#[inline(always)]
+pub fn stat(which: Stat) {
+    if let Some(value) = STATS.get_ptr_mut(which as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *value += 1 };
+    }
+}

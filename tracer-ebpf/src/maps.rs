@@ -1,0 +1,83 @@
+//! Every map the programs share with each other and with the agent. Sizes are in
+//! `tracer_common::counts`, where the agent reads them too.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use tracer_common::{
+    Config, ConnTrack, CountKey, LatencyKey, Stat, Tally,
+    conn::PendingConnect,
+    counts::{
+        CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
+        LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
+        UNIX_PATHS_MAX_ENTRIES,
+    },
+    net::UnixPath,
+};
+
+/// Live outbound connections, keyed by `struct sock *`.
+#[map]
+pub static CONNS: LruHashMap<u64, ConnTrack> = LruHashMap::with_max_entries(CONNS_MAX_ENTRIES, 0);
+
+/// connect() calls in flight, keyed by thread (`pid_tgid`).
+#[map]
+pub static CONNECTS: HashMap<u64, PendingConnect> =
+    HashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
+
+/// Exact counts per proxy × upstream × outcome.
+#[map]
+pub static COUNTS: PerCpuHashMap<CountKey, Tally> =
+    PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+/// Successful connects per route × connect-time bucket.
+#[map]
+pub static CONNECT_LATENCY: PerCpuHashMap<LatencyKey, u64> =
+    PerCpuHashMap::with_max_entries(LATENCY_MAX_ENTRIES, 0);
+
+/// Counts per outcome that did not fit in `COUNTS`.
+#[map]
+pub static OVERFLOW_COUNTS: PerCpuArray<Tally> = PerCpuArray::with_max_entries(OVERFLOW_SLOTS, 0);
+
+/// The agent's health counters, indexed by `Stat`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// Per-CPU scratch space (too big for the stack): the leading bytes of a `struct sock`, read in
+/// one go, or a Unix socket path.
+#[map]
+pub static SCRATCH: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for a connection's record being built (too big for the stack), before
+/// it goes into `CONNS` or into a failure report.
+#[map]
+pub static NEW_CONN: PerCpuArray<ConnTrack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for the count key being looked up.
+#[map]
+pub static COUNT_KEY: PerCpuArray<CountKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for the connect-latency key being looked up.
+#[map]
+pub static LATENCY_KEY: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// The paths of the Unix sockets connected to, by `unix_path_key` (the `Endpoint` of a Unix
+/// upstream holds only the key).
+#[map]
+pub static UNIX_PATHS: LruHashMap<u64, UnixPath> =
+    LruHashMap::with_max_entries(UNIX_PATHS_MAX_ENTRIES, 0);
+
+/// Failures, for user space.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Listeners opening and closing, OOM kills, listener owners' exits: rare, and kept apart.
+#[map]
+pub static LIFECYCLE: RingBuf = RingBuf::with_byte_size(LIFECYCLE_RING_BYTES, 0);
+
+/// Processes (tgid) that own a listener: their exits are reported. User space adds the ones
+/// that were listening before tracer started.
+#[map]
+pub static LISTENER_OWNERS: HashMap<u32, u32> =
+    HashMap::with_max_entries(LISTENER_OWNERS_MAX_ENTRIES, 0);

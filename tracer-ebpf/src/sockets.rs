@@ -1,0 +1,293 @@
+//! A connection's life, from the SYN the proxy sends to TCP_CLOSE: where it goes, what came
+//! back, what the proxy sent, and how it ended. The outcome is decided at TCP_CLOSE by
+//! `ConnTrack::on_close`.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+use tracer_common::{
+    Config, ConnTrack, Endpoint, Outcome, Source, Stat,
+    conn::{CloseFacts, tcp_state},
+    net::{AF_INET, AF_INET6, IPPROTO_TCP},
+};
+
+use crate::{
+    counting::{Report, count, count_latency, report, stat},
+    kernel::{fill_current_proxy, local_port, now, read_kernel},
+    lifecycle::listener_changed,
+    maps::{CONNECTS, CONNS, NEW_CONN, SCRATCH},
+};
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = sock_state_changed(sk, old, new);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        conn.on_reset_received(now());
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        conn.on_retransmit();
+    }
+    0
+}
+
+/// Linux 6.16+: the proxy starts sending.
+#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
+pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(conn) = tracked(sk) {
+        // Fires before this send's first byte is queued: no answer to it can be counted yet.
+        let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received));
+        conn.on_send(now(), bytes_received.unwrap_or(0));
+    }
+    0
+}
+
+/// Where `tcp_sendmsg_locked` is missing (before Linux 6.16): a segment arrives on an
+/// established connection, before it is processed. Sends are inferred here, before a data
+/// segment (or the FIN or RST) changes what was received.
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    let _ = segment_arriving(sk, skb);
+    0
+}
+
+/// TCP flags in the header's 14th byte.
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+fn segment_arriving(sk: *const u8, skb: *const u8) -> Result<(), i64> {
+    if config!(sends) != Config::SENDS_INFERRED {
+        return Ok(());
+    }
+    // Pure ACKs (most segments) return before any map lookup.
+    let len: u32 = read_kernel(skb, config!(offsets.skb_len))?;
+    let header: *const u8 = read_kernel(skb, config!(offsets.skb_data))?;
+    // Data offset (in 32-bit words) in the high nibble of byte 12, flags in byte 13.
+    let [data_offset, flags]: [u8; 2] = read_kernel(header, 12)?;
+    let carries_data = len > u32::from(data_offset >> 4) * 4;
+    if !carries_data && flags & (TCP_FIN | TCP_RST) == 0 {
+        return Ok(());
+    }
+    if let Some(conn) = tracked(sk) {
+        note_sends(sk, conn);
+    }
+    Ok(())
+}
+
+/// Where sends are inferred: tells the record where the proxy's `write_seq` stands now.
+#[inline(always)]
+fn note_sends(sk: *const u8, conn: &mut ConnTrack) {
+    let Ok(write_seq) = read_kernel::<u32>(sk, config!(offsets.tcp_write_seq)) else {
+        return;
+    };
+    let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
+    let now = now();
+    // When the kernel last sent or received on this connection: the send, unless a pure ACK
+    // (or a retransmit) came after it.
+    let clock_at = config!(offsets.tcp_clock_cache);
+    let sent_ns = if clock_at == tracer_common::KernelOffsets::MISSING {
+        now
+    } else {
+        match read_kernel::<u64>(sk, clock_at) {
+            Ok(at) if at != 0 && at <= now => at,
+            _ => now,
+        }
+    };
+    conn.on_write_seq(write_seq, bytes_received, sent_ns);
+}
+
+fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        // Inside connect(), in the proxy's own context.
+        return start_tracking(sk);
+    }
+    // A listener opens (CLOSE→LISTEN) or closes (LISTEN→CLOSE). Not LISTEN→SYN_RECV: that is
+    // the clone a listener makes for each connection it accepts.
+    if old == tcp_state::CLOSE && new == tcp_state::LISTEN {
+        return listener_changed(sk, true);
+    }
+    if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        return listener_changed(sk, false);
+    }
+    // Only these transitions can matter to a tracked connection; every server-side socket
+    // (SYN_RECV, ESTABLISHED from SYN_RECV, FIN_WAIT2, TIME_WAIT) returns before any lookup.
+    let relevant = match new {
+        tcp_state::ESTABLISHED => old == tcp_state::SYN_SENT,
+        tcp_state::CLOSE
+        | tcp_state::CLOSE_WAIT
+        | tcp_state::FIN_WAIT1
+        | tcp_state::LAST_ACK
+        | tcp_state::CLOSING => true,
+        _ => false,
+    };
+    if !relevant {
+        return Ok(());
+    }
+    let Some(conn) = tracked(sk) else {
+        return Ok(());
+    };
+    let inferred = config!(sends) == Config::SENDS_INFERRED;
+    // The proxy's last sends before its FIN (which moves write_seq) or before the end.
+    if inferred && (old == tcp_state::ESTABLISHED || old == tcp_state::CLOSE_WAIT) {
+        note_sends(sk, conn);
+    }
+    let now = now();
+    if new == tcp_state::CLOSE {
+        connection_closed(sk, conn, old, now);
+        if CONNS.remove(&(sk as u64)).is_ok() {
+            stat(Stat::ConnsClosed);
+        }
+    } else if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
+        let took = conn.on_established(now);
+        conn.local.port = local_port(sk);
+        if inferred {
+            conn.start_write_seq(read_kernel(sk, config!(offsets.tcp_write_seq)).unwrap_or(0));
+        }
+        count(conn, Outcome::Connected, took);
+        count_latency(conn, took);
+    } else {
+        conn.on_state_change(old, new, now);
+    }
+    Ok(())
+}
+
+/// CLOSE→SYN_SENT, inside connect(): a new outbound connection. Its record is built in scratch
+/// memory and copied into `CONNS`.
+fn start_tracking(sk: *const u8) -> Result<(), i64> {
+    let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    // The sock_common fields in one read (user space checked they lie in the block).
+    let block = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot; bpf_probe_read_kernel_buf copes with any address.
+    let common = unsafe {
+        bpf_probe_read_kernel_buf(sk, &mut *block).map_err(i64::from)?;
+        &*block
+    };
+    let conn = NEW_CONN.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot, written in full below before it is used.
+    let conn = unsafe { &mut *conn };
+    let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
+    let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
+    match family {
+        AF_INET => conn.begin(
+            &Endpoint::v4(field(common, config!(offsets.skc_daddr))?, dport),
+            &Endpoint::v4(field(common, config!(offsets.skc_rcv_saddr))?, 0),
+            now(),
+        ),
+        AF_INET6 => conn.begin(
+            &Endpoint::v6(field(common, config!(offsets.skc_v6_daddr))?, dport),
+            &Endpoint::v6(field(common, config!(offsets.skc_v6_rcv_saddr))?, 0),
+            now(),
+        ),
+        _ => return Ok(()),
+    }
+    let net = usize::from_ne_bytes(field(common, config!(offsets.skc_net))?) as *const u8;
+    let netns = read_kernel::<u32>(net, config!(offsets.net_ns_inum)).unwrap_or(0);
+    fill_current_proxy(&mut conn.proxy, netns);
+    let key = sk as u64;
+    match CONNS.insert(&key, conn, 0) {
+        Ok(()) => stat(Stat::ConnsTracked),
+        Err(_) => stat(Stat::ConnsUntracked),
+    }
+    // Tell the connect() in flight which socket it is about.
+    if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+        // SAFETY: a pointer into the map's value, valid while this program runs.
+        unsafe { (*pending).sk = key };
+    }
+    Ok(())
+}
+
+/// `N` bytes at `offset` in a block read from the kernel.
+#[inline(always)]
+fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
+    let offset = offset as usize;
+    let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    Ok(out)
+}
+
+/// The socket reached TCP_CLOSE from `old_state`: count the connection's outcome, and report it
+/// when it is a failure.
+#[inline(never)]
+fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) {
+    let sk_err = read_kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0);
+    let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
+    if conn.established_ns == 0 && conn.reset_received == 0 && sk_err == 0 {
+        // SYN_SENT→CLOSE with no error of its own inside connect() (no local port left): the
+        // syscall's return value says why, at sys_exit_connect.
+        if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+            // SAFETY: a pointer into the map's value, valid while this program runs.
+            let pending = unsafe { &mut *pending };
+            if pending.sk == sk as u64 {
+                pending.closed_in_call = 1;
+                return;
+            }
+        }
+    }
+    if conn.local.port == 0 {
+        conn.local.port = local_port(sk);
+    }
+    let verdict = conn.on_close(CloseFacts {
+        now_ns: now,
+        old_state,
+        sk_err,
+        bytes_received,
+        min_wait_ns: config!(min_wait_ns),
+        sends_tracked: config!(sends) != Config::SENDS_UNSEEN,
+    });
+    let Some(outcome) = verdict.outcome else {
+        return;
+    };
+    let send = count(conn, outcome, verdict.waited_ns);
+    if outcome.is_failure() {
+        let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
+        report(
+            conn,
+            &Report {
+                send,
+                close_ns: now,
+                waited_ns: verdict.waited_ns,
+                bytes_received: conn.data_received(old_state, bytes_received),
+                bytes_acked,
+                errno: sk_err,
+                outcome,
+                source: Source::SocketClosed,
+            },
+        );
+    }
+}
+
+/// The record of a tracked connection.
+#[inline(always)]
+pub fn tracked(sk: *const u8) -> Option<&'static mut ConnTrack> {
+    // SAFETY: a pointer into the map's value, valid while this program runs; the kernel runs
+    // one program per CPU at a time and a connection's events rarely race.
+    CONNS
+        .get_ptr_mut(&(sk as u64))
+        .map(|conn| unsafe { &mut *conn })
+}

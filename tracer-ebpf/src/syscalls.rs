@@ -1,0 +1,274 @@
+//! Attempts a system call decides by itself, with no TCP state to follow: connect() failing
+//! before any SYN left (no route, no local port), every connect() to a Unix socket, and
+//! socket()/accept() failing for want of file descriptors.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    Endpoint, Outcome, Source, Stat,
+    conn::{PendingConnect, errno},
+    net::{
+        AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
+        UnixPath, unix_path_key,
+    },
+};
+
+use crate::{
+    counting::{Report, count, count_latency, report, stat},
+    kernel::{current_netns, current_task, fill_current_proxy, now, read_field, read_kernel},
+    maps::{CONNECTS, CONNS, NEW_CONN, SCRATCH, UNIX_PATHS},
+};
+
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = connect_called(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = connect_returned(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_socket")]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    let _ = out_of_descriptors(&ctx, config!(syscalls.socket_ret), Source::SocketCall);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    0
+}
+
+fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    // Only where the destination is: it is read at exit, and only if connect() failed early.
+    let pending = PendingConnect {
+        uservaddr: read_field(ctx, config!(syscalls.connect_uservaddr))?,
+        addrlen: read_field(ctx, config!(syscalls.connect_addrlen))?,
+        start_ns: now(),
+        sk: 0,
+        closed_in_call: 0,
+        _pad: [0; 3],
+        fd: read_field::<u64>(ctx, config!(syscalls.connect_fd))? as u32,
+    };
+    if CONNECTS
+        .insert(&bpf_get_current_pid_tgid(), &pending, 0)
+        .is_err()
+    {
+        stat(Stat::ConnectsUntracked);
+    }
+    Ok(())
+}
+
+/// The destination of a connect() from the caller's `struct sockaddr`, if it is an IP one:
+/// written into `into`, and `false` for other families. (An out-parameter rather than an
+/// `Option<Endpoint>`: LLVM copies a `None`'s undefined payload, which the verifier rejects.)
+fn destination(uservaddr: u64, addrlen: u64, into: &mut Endpoint) -> Result<bool, i64> {
+    let sockaddr = uservaddr as *const u8;
+    // SAFETY (all reads below): bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(sockaddr.cast())? };
+    // struct sockaddr_in{,6}: port at 2 (big-endian), IPv4 address at 4, IPv6 address at 8.
+    let port = u16::from_be(unsafe { bpf_probe_read_user(sockaddr.wrapping_add(2).cast())? });
+    *into = match family {
+        AF_INET if addrlen >= 16 => Endpoint::v4(
+            unsafe { bpf_probe_read_user(sockaddr.wrapping_add(4).cast())? },
+            port,
+        ),
+        AF_INET6 if addrlen >= 28 => Endpoint::v6(
+            unsafe { bpf_probe_read_user(sockaddr.wrapping_add(8).cast())? },
+            port,
+        ),
+        _ => return Ok(false),
+    };
+    Ok(true)
+}
+
+fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
+    let thread = bpf_get_current_pid_tgid();
+    let Some(pending) = CONNECTS.get_ptr(&thread) else {
+        return Ok(());
+    };
+    // SAFETY: a pointer into the map's value; copied before the entry is removed.
+    let pending = unsafe { *pending };
+    let _ = CONNECTS.remove(&thread);
+    let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
+    // A socket that reached SYN_SENT is TCP; otherwise it may be a Unix one (the caller's
+    // sockaddr says), read only then to keep TCP connects cheap.
+    if pending.sk == 0 {
+        // SAFETY: bpf_probe_read_user copes with any user pointer.
+        let family: u16 = unsafe { bpf_probe_read_user(pending.uservaddr as *const u16)? };
+        if family == AF_UNIX {
+            return unix_connect_returned(&pending, ret);
+        }
+    }
+    let Some(outcome) = pending.on_exit(ret) else {
+        return Ok(());
+    };
+    if pending.sk != 0 {
+        // It reached SYN_SENT, so it is TCP; its record is no longer needed.
+        let _ = CONNS.remove(&pending.sk);
+    } else if !fd_is_tcp(pending.fd)? {
+        // A UDP socket's connect() failing (no route for a DNS query…) is not our business.
+        return Ok(());
+    }
+    let mut upstream = Endpoint::default();
+    if !destination(pending.uservaddr, pending.addrlen, &mut upstream)? {
+        return Ok(());
+    }
+    decided_in_call(
+        &upstream,
+        pending.start_ns,
+        outcome,
+        ret,
+        Source::ConnectCall,
+    );
+    Ok(())
+}
+
+/// A system call decided an attempt by itself (there is no TCP state to follow): counts
+/// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
+#[inline(never)]
+fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i64, source: Source) {
+    let Some(conn) = NEW_CONN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, written in full before it is used.
+    let conn = unsafe { &mut *conn };
+    conn.begin(upstream, &Endpoint::default(), start_ns);
+    fill_current_proxy(&mut conn.proxy, current_netns());
+    let now = now();
+    let waited_ns = now.saturating_sub(start_ns);
+    let send = count(conn, outcome, waited_ns);
+    if outcome == Outcome::Connected {
+        // A Unix socket connected: its connect time, as for TCP at ESTABLISHED.
+        count_latency(conn, waited_ns);
+    }
+    if outcome.is_failure() {
+        report(
+            conn,
+            &Report {
+                send,
+                close_ns: now,
+                waited_ns,
+                bytes_received: 0,
+                bytes_acked: 0,
+                errno: (-ret) as i32,
+                outcome,
+                source,
+            },
+        );
+    }
+}
+
+/// The `struct socket` behind the current task's file descriptor `fd`:
+/// current->files->fdt->fd[fd]->private_data.
+fn fd_socket(fd: u32) -> Result<*const u8, i64> {
+    let task = current_task();
+    let files: *const u8 = read_kernel(task, config!(offsets.task_files))?;
+    let fdt: *const u8 = read_kernel(files, config!(offsets.files_fdt))?;
+    let max_fds: u32 = read_kernel(fdt, config!(offsets.fdtable_max_fds))?;
+    if fd >= max_fds {
+        return Err(-1);
+    }
+    let fds: *const u8 = read_kernel(fdt, config!(offsets.fdtable_fd))?;
+    let file: *const u8 = read_kernel(fds, fd * 8)?;
+    read_kernel(file, config!(offsets.file_private_data))
+}
+
+/// Whether file descriptor `fd` of the current process is a TCP socket (socket->sk->sk_protocol).
+fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
+    let socket = fd_socket(fd)?;
+    let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
+    let protocol: u16 = read_kernel(sk, config!(offsets.sk_protocol))?;
+    Ok(protocol == IPPROTO_TCP)
+}
+
+/// socket() or accept() returned (`ret` at offset `ret_at`): out of file descriptors, the proxy
+/// can neither start an attempt (nginx: "socket() failed (24: Too many open files) while
+/// connecting to upstream") nor take a client's connection ("accept4() failed (24: …)"). No
+/// upstream is known yet.
+fn out_of_descriptors(ctx: &TracePointContext, ret_at: u32, source: Source) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let ret: i64 = read_field(ctx, ret_at)?;
+    if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
+        return Ok(());
+    }
+    decided_in_call(
+        &Endpoint::default(),
+        now(),
+        Outcome::FdExhausted,
+        ret,
+        source,
+    );
+    Ok(())
+}
+
+/// A connect() to a Unix socket returned: the whole attempt, counted (and reported when it
+/// failed) under the socket's path.
+fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> {
+    let Some(outcome) = PendingConnect::on_unix_exit(ret) else {
+        return Ok(());
+    };
+    // Only stream sockets are upstreams: a datagram socket's connect() (syslog's /dev/log
+    // with no syslog running) is not.
+    let kind: u16 = read_kernel(fd_socket(pending.fd)?, config!(offsets.socket_type))?;
+    if kind != SOCK_STREAM && kind != SOCK_SEQPACKET {
+        return Ok(());
+    }
+    let key = remember_unix_path(pending.uservaddr, pending.addrlen)?;
+    decided_in_call(
+        &Endpoint::unix(key),
+        pending.start_ns,
+        outcome,
+        ret,
+        Source::ConnectCall,
+    );
+    Ok(())
+}
+
+/// Reads a `struct sockaddr_un`'s path, stores it in `UNIX_PATHS` if it is new, returns its key.
+fn remember_unix_path(uservaddr: u64, addrlen: u64) -> Result<u64, i64> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot, at least UNIX_PATH_MAX bytes long.
+    let path: &mut UnixPath = unsafe { &mut *scratch.cast::<UnixPath>() };
+    *path = [0; UNIX_PATH_MAX];
+    // sun_path follows the 2-byte family; an abstract name runs to the address length.
+    let len = (addrlen.saturating_sub(2) as usize).min(UNIX_PATH_MAX);
+    if len > 0 {
+        // SAFETY: bpf_probe_read_user copes with any user pointer; len ≤ the buffer.
+        unsafe { bpf_probe_read_user_buf((uservaddr + 2) as *const u8, &mut path[..len])? };
+    }
+    if path[0] != 0 {
+        // A filesystem path ends at its NUL; what follows it in the caller's buffer is not
+        // part of it.
+        let mut ended = false;
+        for byte in path.iter_mut() {
+            ended |= *byte == 0;
+            if ended {
+                *byte = 0;
+            }
+        }
+    }
+    let key = unix_path_key(path);
+    if UNIX_PATHS.get_ptr(&key).is_none() {
+        let _ = UNIX_PATHS.insert(&key, path, 0);
+    }
+    Ok(key)
+}
