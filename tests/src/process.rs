@@ -109,7 +109,11 @@ impl MemoryCgroup {
         let (dir, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
             (v1.join(&name), "memory.limit_in_bytes")
         } else {
-            (PathBuf::from("/sys/fs/cgroup").join(&name), "memory.max")
+            // cgroup v2: the memory controller must be on for the root's children (systemd
+            // does that; a bare init such as a test kernel guest's does not).
+            let root = PathBuf::from("/sys/fs/cgroup");
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+            (root.join(&name), "memory.max")
         };
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         std::fs::write(dir.join(limit_file), limit_bytes.to_string())

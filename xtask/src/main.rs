@@ -2,11 +2,14 @@
 //!
 //! - `cargo xtask run [-- ARGS]`: installs what is missing, builds, runs `tracer run ARGS`.
 //! - `cargo xtask test`: installs what the tests need, builds, runs every test.
+//! - `cargo xtask test --kernel 5.10|6.1|6.12|7.x|all`: the kernel tests inside QEMU guests
+//!   booted with Debian's kernels (see `kernels.rs`).
 //! - `cargo xtask lab`: the nginx fault lab, tracer against nginx's error log.
 //! - `cargo xtask bench [-- --rounds N --seconds S --out FILE]`: overhead against running nothing
 //!   and against bpftrace, exactness and footprint (see BENCHMARKS.md).
 //! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
 
+mod kernels;
 mod setup;
 
 use std::{
@@ -56,6 +59,10 @@ enum Task {
     },
     /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
     Test {
+        /// Instead, run the kernel tests in QEMU guests booted with Debian's kernels: 5.10, 6.1,
+        /// 6.12, 7.x (several separated by commas) or all.
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Option<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -95,7 +102,11 @@ fn main() -> anyhow::Result<()> {
             }
             run_tracer(&tracer, &args)
         }
-        Task::Test { args } => test(&args),
+        Task::Test {
+            kernel: Some(which),
+            args,
+        } => test_kernels(&which, &args),
+        Task::Test { kernel: None, args } => test(&args),
         Task::Lab => tests_program("the lab", "tracer-lab", &[], &[]),
         Task::Bench { args } => {
             tests_program("the bench", "tracer-bench", setup::BENCH_PACKAGES, &args)
@@ -202,6 +213,71 @@ fn run_tracer(tracer: &Path, args: &[String]) -> anyhow::Result<()> {
         std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
+}
+
+/// Builds the kernel tests and runs them in a guest of each kernel in `which`.
+fn test_kernels(which: &str, extra: &[String]) -> anyhow::Result<()> {
+    if !extra.is_empty() {
+        bail!(
+            "--kernel runs whole test binaries; it takes no test filter ({})",
+            extra.join(" ")
+        );
+    }
+    let kernels = kernels::select(which)?;
+    require_root("the kernel matrix")?;
+    setup::toolchain()?;
+    setup::packages(setup::TEST_PACKAGES)?;
+    // The release build: under emulation a debug tracer takes many seconds to read the BTF.
+    let tracer = build(true)?;
+    let binaries = test_binaries(&kernels::GUEST_TESTS)?;
+    kernels::run(&workspace_root(), &kernels, &tracer, &binaries)
+}
+
+/// Builds the tests crate's test binaries `names` (and the programs they run) and returns
+/// where each one is.
+fn test_binaries(names: &[&str]) -> anyhow::Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "test",
+        "--no-run",
+        "--message-format=json",
+        "--package",
+        "tracer-tests",
+    ]);
+    for name in names {
+        cmd.args(["--test", name]);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the kernel tests")?;
+    if !out.status.success() {
+        bail!("building the kernel tests failed");
+    }
+    let mut binaries = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let target = &message["target"];
+        let is_test = target["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(exe)) = (
+            is_test,
+            target["name"].as_str(),
+            message["executable"].as_str(),
+        ) && names.contains(&name)
+        {
+            binaries.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    for name in names {
+        if !binaries.contains_key(*name) {
+            bail!("cargo built no test binary {name}");
+        }
+    }
+    Ok(binaries)
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

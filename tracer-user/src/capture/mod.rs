@@ -687,9 +687,7 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe, formats: &Formats) -> Result<(), Strin
     match probe.hook {
         Hook::Raw(name) => {
             let program: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            program
-                .load()
-                .map_err(|e| format!("loading: {}", error_chain(&e)))?;
+            program.load().map_err(|e| load_failed(probe, &e))?;
             program
                 .attach(name)
                 .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
@@ -703,15 +701,33 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe, formats: &Formats) -> Result<(), Strin
                 return Err(reason.clone());
             }
             let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            program
-                .load()
-                .map_err(|e| format!("loading: {}", error_chain(&e)))?;
+            program.load().map_err(|e| load_failed(probe, &e))?;
             program
                 .attach(category, name)
                 .map_err(|e| format!("attaching: {}", error_chain(&e)))?;
         }
     }
     Ok(())
+}
+
+/// Why `probe` did not load, and what to do about it. The kernel's verifier refusing a program
+/// is a defect of tracer on this kernel, not of the host.
+fn load_failed(probe: &Probe, error: &aya::programs::ProgramError) -> String {
+    let verifier = matches!(error, aya::programs::ProgramError::LoadError { .. });
+    let mut text = format!("loading: {}", error_chain(error));
+    if verifier {
+        text.push_str(
+            "; the kernel's verifier rejected the program (its reason is above): this is a \
+             tracer defect on this kernel, please report it with the output of `tracer check`",
+        );
+        if !probe.required {
+            text.push_str(&format!(
+                "; tracer runs without this probe (--skip-probe {} leaves it out)",
+                probe.program
+            ));
+        }
+    }
+    text
 }
 
 /// An error with its sources, on one line (aya's verifier log comes as a source).

@@ -43,8 +43,11 @@ impl fmt::Display for KernelVersion {
 }
 
 impl KernelVersion {
-    /// BTF tracepoints on sockets with typed arguments and ring buffers: 5.8.
+    /// Ring buffers and BTF for every kernel struct tracer reads: 5.8.
     pub const MINIMUM: KernelVersion = KernelVersion(5, 8, 0);
+
+    /// The oldest kernel the kernel matrix (`cargo xtask test --kernel all`) proves: Debian 11's.
+    pub const OLDEST_TESTED: KernelVersion = KernelVersion(5, 10, 0);
 
     /// The running kernel's release.
     pub fn current() -> Option<(KernelVersion, String)> {

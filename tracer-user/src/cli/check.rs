@@ -41,11 +41,31 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
     let mut rows = Rows(Vec::new());
 
     match KernelVersion::current() {
-        Some((version, release)) => rows.row(
+        Some((version, release)) if version < KernelVersion::MINIMUM => rows.row(
             "kernel",
             release,
-            version >= KernelVersion::MINIMUM,
+            false,
             format!("needs {} or newer", KernelVersion::MINIMUM),
+        ),
+        Some((version, release)) if version < KernelVersion::OLDEST_TESTED => rows.row_with(
+            "kernel",
+            release,
+            "warn",
+            format!(
+                "older than the oldest tested kernel ({}): the probes may load, but this kernel \
+                 is not proven",
+                KernelVersion::OLDEST_TESTED
+            ),
+        ),
+        Some((_, release)) => rows.row(
+            "kernel",
+            release,
+            true,
+            format!(
+                "needs {} or newer; tested on {} and newer",
+                KernelVersion::MINIMUM,
+                KernelVersion::OLDEST_TESTED
+            ),
         ),
         None => rows.row(
             "kernel",

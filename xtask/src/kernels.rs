@@ -1,0 +1,620 @@
+//! `cargo xtask test --kernel 5.10|6.1|6.12|7.x|all`: the kernel tests on the kernels that
+//! production hosts run, each booted in QEMU with this machine's root file system shared.
+//!
+//! - Debian's own kernel packages come from the machine's Debian archive, through a temporary
+//!   apt configuration under `target/kernels/apt` (the machine's own apt state is not touched),
+//!   and are unpacked under `target/kernels/VERSION` (the guests see the host's files, except
+//!   `/var/tmp`, `/var/log`, `/var/cache` and `/var/lib/apt`, which are empty there).
+//! - virtme-ng (`vng`, from PyPI) boots each kernel under QEMU's TCG emulation (stock kernels do
+//!   not boot under KVM on these nested VMs), with `target/kernels/run/KERNEL` writable, where the
+//!   guest leaves each test binary's output and exit code.
+//! - The guest loads the modules the tests need (veth, nftables) from the unpacked package.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::setup;
+
+/// One kernel of the matrix: a Debian suite and how its kernel packages are named.
+pub struct Kernel {
+    /// What `--kernel` takes.
+    pub name: &'static str,
+    suite: &'static str,
+    /// The image package's name is `PREFIX<version>SUFFIX`; the newest version is taken.
+    image_prefix: &'static str,
+    image_suffix: &'static str,
+    /// Kernels split into an image and a modules package (Debian's 7.x backports).
+    modules_prefix: Option<&'static str>,
+}
+
+/// The matrix: Debian 11, 12 and 13's kernels, and the newest from trixie-backports.
+pub const MATRIX: [Kernel; 4] = [
+    Kernel {
+        name: "5.10",
+        suite: "bullseye",
+        image_prefix: "linux-image-5.10.",
+        image_suffix: "-amd64-unsigned",
+        modules_prefix: None,
+    },
+    Kernel {
+        name: "6.1",
+        suite: "bookworm",
+        image_prefix: "linux-image-6.1.",
+        image_suffix: "-amd64-unsigned",
+        modules_prefix: None,
+    },
+    Kernel {
+        name: "6.12",
+        suite: "trixie",
+        image_prefix: "linux-image-6.12.",
+        image_suffix: "+deb13-amd64-unsigned",
+        modules_prefix: None,
+    },
+    Kernel {
+        name: "7.x",
+        suite: "trixie-backports",
+        image_prefix: "linux-binary-unsigned-7.",
+        image_suffix: "+deb13-amd64",
+        modules_prefix: Some("linux-modules-7."),
+    },
+];
+
+/// The test binaries (tests/tests/NAME.rs) that run in every guest: the kernel tests.
+pub const GUEST_TESTS: [&str; 6] = [
+    "tcp_failures",
+    "unix_sockets",
+    "root_cause",
+    "proxy_limits",
+    "agent",
+    "nginx_lab",
+];
+
+/// Modules the tests need that virtme-ng does not load: veth pairs between namespaces, and
+/// nftables rules that drop or reject.
+const GUEST_MODULES: &str =
+    "veth nf_tables nft_reject_inet nft_reject nf_reject_ipv4 nf_reject_ipv6";
+
+/// A whole guest run may take this long before it is stopped.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+
+/// What the guests need on the host: QEMU, depmod, a static busybox for virtme-ng's init.
+const GUEST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
+    ("busybox", "busybox-static"),
+    ("pip3", "python3-pip"),
+];
+
+/// The kernels `--kernel` names.
+pub fn select(which: &str) -> anyhow::Result<Vec<&'static Kernel>> {
+    if which == "all" {
+        return Ok(MATRIX.iter().collect());
+    }
+    let mut kernels = Vec::new();
+    for name in which.split(',') {
+        let kernel = MATRIX.iter().find(|k| k.name == name).with_context(|| {
+            let names: Vec<&str> = MATRIX.iter().map(|k| k.name).collect();
+            format!(
+                "no kernel {name} in the matrix; --kernel takes {} or all",
+                names.join(", ")
+            )
+        })?;
+        kernels.push(kernel);
+    }
+    Ok(kernels)
+}
+
+/// A kernel unpacked and ready to boot.
+struct Unpacked {
+    /// The kernel's release (`uname -r`), e.g. `6.1.0-50-amd64`.
+    release: String,
+    /// Holds `boot/vmlinuz-RELEASE` and `lib/modules/RELEASE`.
+    root: PathBuf,
+}
+
+impl Unpacked {
+    fn vmlinuz(&self) -> PathBuf {
+        self.root
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.release))
+    }
+}
+
+/// What one guest run gave, per test binary.
+pub struct GuestResult {
+    pub kernel: &'static str,
+    pub release: String,
+    /// Test binary → (passed, failed, exit code); `None` when the binary left no result.
+    pub tests: BTreeMap<String, Option<(u32, u32, i32)>>,
+    pub seconds: u64,
+}
+
+impl GuestResult {
+    pub fn passed(&self) -> bool {
+        self.tests.values().all(|r| matches!(r, Some((_, 0, 0))))
+    }
+}
+
+/// Fetches, boots and tests every kernel in `kernels`; prints a table and fails when any test
+/// failed in any guest. `tracer` and the test binaries are already built.
+pub fn run(
+    workspace: &Path,
+    kernels: &[&'static Kernel],
+    tracer: &Path,
+    test_binaries: &BTreeMap<String, PathBuf>,
+) -> anyhow::Result<()> {
+    setup::packages(GUEST_PACKAGES)?;
+    let vng = virtme_ng()?;
+    let base = workspace.join("target").join("kernels");
+    let mut results = Vec::new();
+    for kernel in kernels {
+        let unpacked = fetch(&base, kernel)
+            .with_context(|| format!("fetching Debian's {} kernel", kernel.name))?;
+        println!(
+            "xtask: booting {} ({}) in QEMU (TCG) to run the kernel tests",
+            kernel.name, unpacked.release
+        );
+        let result = boot_and_test(&base, &vng, kernel, &unpacked, tracer, test_binaries)?;
+        println!("{}", table(std::slice::from_ref(&result)));
+        results.push(result);
+    }
+    println!("{}", table(&results));
+    let (passed, failed) =
+        results
+            .iter()
+            .flat_map(|r| r.tests.values())
+            .fold((0, 0), |(p, f), r| match r {
+                Some((pass, fail, _)) => (p + pass, f + fail),
+                None => (p, f + 1),
+            });
+    println!("kernel matrix: {passed} passed, {failed} failed");
+    if results.iter().any(|r| !r.passed()) {
+        bail!("kernel tests failed on some kernels; see the table above and target/kernels/run/");
+    }
+    Ok(())
+}
+
+/// The per-kernel table, as Markdown.
+fn table(results: &[GuestResult]) -> String {
+    let mut text = String::from("| kernel | release | test | passed | failed | result |\n");
+    text.push_str("|---|---|---|---|---|---|\n");
+    for r in results {
+        for (test, outcome) in &r.tests {
+            let (passed, failed, verdict) = match outcome {
+                Some((p, 0, 0)) => (p.to_string(), "0".to_string(), "ok"),
+                Some((p, f, _)) => (p.to_string(), f.to_string(), "FAILED"),
+                None => ("-".into(), "-".into(), "NO RESULT"),
+            };
+            let _ = writeln!(
+                text,
+                "| {} | {} | {test} | {passed} | {failed} | {verdict} |",
+                r.kernel, r.release
+            );
+        }
+        let _ = writeln!(
+            text,
+            "| {} | {} | (guest run) | | | {} s |",
+            r.kernel, r.release, r.seconds
+        );
+    }
+    text
+}
+
+/// The `vng` command, installed from PyPI when missing.
+fn virtme_ng() -> anyhow::Result<PathBuf> {
+    let find = || {
+        if let Ok(scripts) = capture(
+            "python3",
+            &[
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ],
+        ) {
+            let path = Path::new(scripts.trim()).join("vng");
+            if path.is_file() {
+                return Some(path);
+            }
+        }
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("vng"))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(vng) = find() {
+        return Ok(vng);
+    }
+    println!("xtask: installing virtme-ng from PyPI (boots the test kernels)");
+    setup::run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--break-system-packages",
+        "virtme-ng",
+    ]))
+    .context("installing virtme-ng with pip")?;
+    find().context("virtme-ng was installed but its vng command is not found")
+}
+
+/// apt-get or apt-cache with a configuration of our own under `dir`: the suites of the matrix
+/// from the machine's own Debian archive.
+fn apt(dir: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg(format!(
+        "-o=Dir::Etc::SourceList={}",
+        dir.join("sources.list").display()
+    ))
+    .arg("-o=Dir::Etc::SourceParts=/dev/null")
+    .arg(format!(
+        "-o=Dir::State::Lists={}",
+        dir.join("lists").display()
+    ))
+    .arg(format!("-o=Dir::Cache={}", dir.join("cache").display()))
+    .arg("-o=Debug::NoLocking=1")
+    .env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// The machine's Debian archive (the first `URIs:` of its deb822 sources, or the first `deb`
+/// line of sources.list).
+fn debian_archive() -> anyhow::Result<String> {
+    let deb822 =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    if let Some(uri) = deb822
+        .lines()
+        .filter_map(|l| l.strip_prefix("URIs:"))
+        .flat_map(str::split_whitespace)
+        .find(|u| u.ends_with("/debian") || u.ends_with("/debian/"))
+    {
+        return Ok(uri.trim_end_matches('/').to_string());
+    }
+    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    list.lines()
+        .filter(|l| l.starts_with("deb "))
+        .flat_map(str::split_whitespace)
+        .find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"))
+        .map(|u| u.trim_end_matches('/').to_string())
+        .context(
+            "no Debian archive in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list",
+        )
+}
+
+/// Makes the temporary apt configuration and reads the suites' package lists (once a run).
+fn apt_update(dir: &Path) -> anyhow::Result<()> {
+    let archive = debian_archive()?;
+    std::fs::create_dir_all(dir.join("lists").join("partial"))?;
+    std::fs::create_dir_all(dir.join("cache").join("archives").join("partial"))?;
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    let mut sources = String::new();
+    for kernel in &MATRIX {
+        let _ = writeln!(
+            sources,
+            "deb [signed-by={keyring}] {archive} {} main",
+            kernel.suite
+        );
+    }
+    std::fs::write(dir.join("sources.list"), sources)?;
+    let mut cmd = apt(dir, "apt-get");
+    cmd.arg("update").stdout(Stdio::null());
+    setup::run(&mut cmd).context("apt-get update with the kernel suites")
+}
+
+/// The newest version of `prefix*suffix` among the package names apt knows.
+fn newest_package(apt_dir: &Path, prefix: &str, suffix: &str) -> anyhow::Result<String> {
+    let pattern = format!("^{}[0-9].*{}$", regex_escape(prefix), regex_escape(suffix));
+    let out = apt(apt_dir, "apt-cache")
+        .args(["search", "--names-only", &pattern])
+        .output()
+        .context("running apt-cache search")?;
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        // The generic flavour only: not -cloud- (no 9p to see the host's files) nor -rt-.
+        .filter(|n| {
+            n.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(suffix))
+                .is_some_and(|version| {
+                    version
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+                })
+        })
+        .map(str::to_string)
+        .collect();
+    names
+        .into_iter()
+        .max_by(|a, b| version_key(a).cmp(&version_key(b)))
+        .with_context(|| format!("no package {prefix}*{suffix} in the archive"))
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if ".+*?()[]{}|^$\\".contains(c) {
+                vec!['\\', c]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// The numbers in a package name, for comparing versions (`6.1.0-50` < `6.1.0-57`).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Downloads and unpacks `kernel` under `base`, once; later runs reuse it.
+fn fetch(base: &Path, kernel: &Kernel) -> anyhow::Result<Unpacked> {
+    let marker = base.join(format!("{}.release", kernel.name));
+    if let Ok(release) = std::fs::read_to_string(&marker) {
+        let unpacked = Unpacked {
+            release: release.trim().to_string(),
+            root: base.join(release.trim()),
+        };
+        if unpacked.vmlinuz().is_file() {
+            return Ok(unpacked);
+        }
+    }
+    let apt_dir = base.join("apt");
+    if !apt_dir.join("updated").exists() {
+        println!("xtask: reading the package lists of Debian's kernel suites");
+        apt_update(&apt_dir)?;
+        std::fs::write(apt_dir.join("updated"), "")?;
+    }
+    let image = newest_package(&apt_dir, kernel.image_prefix, kernel.image_suffix)?;
+    let mut packages = vec![image.clone()];
+    // linux-image-6.1.0-50-amd64-unsigned → 6.1.0-50-amd64;
+    // linux-binary-unsigned-7.3.4+deb13-amd64 → 7.3.4+deb13-amd64.
+    let release = image
+        .trim_start_matches("linux-image-")
+        .trim_start_matches("linux-binary-unsigned-")
+        .trim_end_matches("-unsigned")
+        .to_string();
+    if let Some(prefix) = kernel.modules_prefix {
+        packages.push(format!("linux-modules-{release}"));
+        debug_assert!(packages[1].starts_with(prefix));
+    }
+    println!("xtask: downloading {}", packages.join(", "));
+    let download = base.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
+    let mut cmd = apt(&apt_dir, "apt-get");
+    cmd.arg("download")
+        .args(&packages)
+        .current_dir(&download)
+        .stdout(Stdio::null());
+    setup::run(&mut cmd).context("apt-get download")?;
+    let root = base.join(&release);
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    for entry in std::fs::read_dir(&download)? {
+        let deb = entry?.path();
+        setup::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
+            .with_context(|| format!("unpacking {}", deb.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&download);
+    // Newer packages keep modules under usr/lib (merged /usr); virtme-ng looks in lib/.
+    if !root.join("lib").exists() && root.join("usr/lib/modules").is_dir() {
+        std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    }
+    let modules = root.join("lib/modules").join(&release);
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.is_file() {
+        // The 7.x packages keep the image beside the modules.
+        let image = std::fs::read_dir(&modules)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz"))
+            })
+            .with_context(|| {
+                format!(
+                    "no vmlinuz in {} or {}",
+                    vmlinuz.display(),
+                    modules.display()
+                )
+            })?;
+        std::fs::create_dir_all(root.join("boot"))?;
+        std::fs::copy(&image, &vmlinuz)?;
+    }
+    // The guest's modprobe needs the dependency files of the unpacked modules.
+    setup::run(
+        Command::new("depmod")
+            .arg("-b")
+            .arg(&root)
+            .arg(&release)
+            .stderr(Stdio::null()),
+    )
+    .context("depmod over the unpacked modules")?;
+    std::fs::write(&marker, &release)?;
+    Ok(Unpacked { release, root })
+}
+
+/// Boots `unpacked` and runs every test binary in it, one after the other.
+fn boot_and_test(
+    base: &Path,
+    vng: &Path,
+    kernel: &'static Kernel,
+    unpacked: &Unpacked,
+    tracer: &Path,
+    test_binaries: &BTreeMap<String, PathBuf>,
+) -> anyhow::Result<GuestResult> {
+    let out = base.join("run").join(kernel.name);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let mut script =
+        String::from("#!/bin/sh\n# Written by cargo xtask test --kernel; runs inside the guest.\n");
+    let _ = writeln!(script, "exec > {}/guest.log 2>&1", out.display());
+    let _ = writeln!(script, "uname -r");
+    let _ = writeln!(
+        script,
+        "modprobe -a -d {} {GUEST_MODULES} || echo 'some modules did not load'",
+        unpacked.root.display()
+    );
+    let _ = writeln!(
+        script,
+        "export CI=true TRACER_BIN={} RUST_BACKTRACE=1",
+        tracer.display()
+    );
+    let _ = writeln!(script, "export TRACER_TEST_GUEST={}", kernel.name);
+    let _ = writeln!(script, "mkdir -p /tmp/tracer-guest && cd /tmp/tracer-guest");
+    // One test at a time: two of agent's tests at once hung a 5.10 guest (not investigated
+    // yet; each passes alone), and emulation leaves little spare CPU anyway.
+    for (name, binary) in test_binaries {
+        let log = out.join(format!("{name}.log"));
+        let _ = writeln!(script, "echo \"== {name} $(date +%T)\"");
+        let _ = writeln!(
+            script,
+            "{} --test-threads=1 > {} 2>&1; echo $? > {}",
+            binary.display(),
+            log.display(),
+            out.join(format!("{name}.rc")).display()
+        );
+    }
+    let _ = writeln!(script, "echo \"== done $(date +%T)\"");
+    let script_path = out.join("guest.sh");
+    std::fs::write(&script_path, script)?;
+
+    let started = Instant::now();
+    let mut child = Command::new(vng)
+        .args(["-v", "--disable-kvm", "-m", "4G", "-p", "2"])
+        .arg(format!("--rwdir={}", out.display()))
+        .arg("-r")
+        .arg(unpacked.vmlinuz())
+        .arg("-e")
+        .arg(format!("sh {}", script_path.display()))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out.join("vng.log"))?)
+        .stderr(Stdio::from(std::fs::File::create(out.join("vng.stderr"))?))
+        .spawn()
+        .context("starting vng")?;
+    // vng's exit code says little (255 even when the guest's command succeeded): the results
+    // are the files the guest wrote.
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > GUEST_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            println!(
+                "xtask: the {} guest ran out of time ({} s)",
+                kernel.name,
+                GUEST_TIMEOUT.as_secs()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let seconds = started.elapsed().as_secs();
+    let mut tests = BTreeMap::new();
+    for name in test_binaries.keys() {
+        let rc = std::fs::read_to_string(out.join(format!("{name}.rc")))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        let log = std::fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
+        let counts = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("test result: "))
+            .and_then(parse_result);
+        let result = match (rc, counts) {
+            (Some(rc), Some((passed, failed))) => Some((passed, failed, rc)),
+            (Some(rc), None) if rc != 0 => Some((0, 1, rc)),
+            _ => None,
+        };
+        if !matches!(result, Some((_, 0, 0))) {
+            println!("---- {name} on {} ({}):", kernel.name, unpacked.release);
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            for line in tail.into_iter().rev() {
+                println!("    {line}");
+            }
+        }
+        tests.insert(name.clone(), result);
+    }
+    Ok(GuestResult {
+        kernel: kernel.name,
+        release: unpacked.release.clone(),
+        tests,
+        seconds,
+    })
+}
+
+/// `ok. 16 passed; 0 failed; …` → (16, 0).
+fn parse_result(text: &str) -> Option<(u32, u32)> {
+    let number_before = |word: &str| {
+        text.split(';')
+            .find(|part| part.trim_end().ends_with(word))
+            .and_then(|part| part.split_whitespace().rev().nth(1))
+            .and_then(|n| n.parse().ok())
+    };
+    Some((number_before("passed")?, number_before("failed")?))
+}
+
+fn capture(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        bail!("{program} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_kernel_package_wins_by_its_numbers() {
+        let mut names = [
+            "linux-image-6.1.0-50-amd64-unsigned",
+            "linux-image-6.1.0-9-amd64-unsigned",
+            "linux-image-6.1.0-57-amd64-unsigned",
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names[2], "linux-image-6.1.0-57-amd64-unsigned");
+        assert!(
+            version_key("linux-binary-unsigned-7.3.4+deb13-amd64")
+                > version_key("linux-binary-unsigned-7.2.12+deb13-amd64")
+        );
+    }
+
+    #[test]
+    fn a_test_summary_line_gives_its_counts() {
+        assert_eq!(
+            parse_result(
+                "ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 15.12s"
+            ),
+            Some((16, 0))
+        );
+        assert_eq!(
+            parse_result("FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_result("nonsense"), None);
+    }
+
+    #[test]
+    fn kernels_are_chosen_by_name_or_all() {
+        assert_eq!(select("all").unwrap().len(), MATRIX.len());
+        let picked = select("6.1,7.x").unwrap();
+        assert_eq!(
+            picked.iter().map(|k| k.name).collect::<Vec<_>>(),
+            ["6.1", "7.x"]
+        );
+        assert!(select("4.19").is_err());
+    }
+}
