@@ -473,13 +473,14 @@ fn boot_and_test(
     let _ = writeln!(script, "export TRACER_TEST_GUEST={}", kernel.name);
     let _ = writeln!(script, "mkdir -p /tmp/tracer-guest && cd /tmp/tracer-guest");
     // One test at a time: two of agent's tests at once hung a 5.10 guest (not investigated
-    // yet; each passes alone), and emulation leaves little spare CPU anyway.
+    // yet; each passes alone), and emulation leaves little spare CPU anyway. Everything the
+    // tests print is kept (the lab's agreement table among it).
     for (name, binary) in test_binaries {
         let log = out.join(format!("{name}.log"));
         let _ = writeln!(script, "echo \"== {name} $(date +%T)\"");
         let _ = writeln!(
             script,
-            "{} --test-threads=1 > {} 2>&1; echo $? > {}",
+            "{} --test-threads=1 --nocapture > {} 2>&1; echo $? > {}",
             binary.display(),
             log.display(),
             out.join(format!("{name}.rc")).display()

@@ -257,9 +257,11 @@ impl Notice {
                 death,
             } => {
                 let how = match death {
-                    Some(Death::OomKilled { anon_rss_kb }) => {
+                    Some(Death::OomKilled { anon_rss_kb }) if *anon_rss_kb > 0 => {
                         format!("was OOM-killed (anon-rss {})", bytes(anon_rss_kb * 1024))
                     }
+                    // Kernels before 6.0 give oom:mark_victim no memory fields.
+                    Some(Death::OomKilled { .. }) => "was OOM-killed".to_string(),
                     Some(Death::Crashed { signal }) => {
                         format!("crashed ({})", signal_name(*signal))
                     }
