@@ -174,7 +174,7 @@ pub fn run(
                 Some((pass, fail, _)) => (p + pass, f + fail),
                 None => (p, f + 1),
             });
-    println!("kernel matrix: {passed} passed, {failed} failed");
+    println!("matrix: {passed} passed, {failed} failed");
     if results.iter().any(|r| !r.passed()) {
         bail!("kernel tests failed on some kernels; see the table above and target/kernels/run/");
     }
