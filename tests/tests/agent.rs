@@ -13,6 +13,15 @@ use tracer_tests::{
 };
 use tracer_user::capture::{PROBES_IN_USE, REQUEST_PROBES};
 
+/// The line of `tracer check`'s output about the probe on `tracepoint` (`category:name`).
+#[track_caller]
+fn probe_line<'a>(stdout: &'a str, tracepoint: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.contains(&format!("probe {tracepoint} ")))
+        .unwrap_or_else(|| panic!("no line for {tracepoint}:\n{stdout}"))
+}
+
 #[test]
 fn check_lists_every_probe_as_attached() {
     if !kernel_tests_enabled("check_lists_every_probe_as_attached") {
@@ -30,11 +39,7 @@ fn check_lists_every_probe_as_attached() {
     );
     let mut standby = Vec::new();
     for probe in &tracer_user::capture::PROBES {
-        let name = probe.tracepoint();
-        let line = stdout
-            .lines()
-            .find(|l| l.contains(&format!("probe {name} ")))
-            .unwrap_or_else(|| panic!("no line for {name}:\n{stdout}"));
+        let line = probe_line(&stdout, &probe.tracepoint());
         assert!(line.starts_with("ok"), "{line}");
         if line.contains("standby") {
             standby.push(probe.program);
@@ -65,15 +70,10 @@ fn check_on_the_path_of_kernels_before_6_16_infers_requests_at_tcp_probe() {
         .expect("tracer check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    let line = |probe: &str| {
-        stdout
-            .lines()
-            .find(|l| l.contains(&format!("probe raw:{probe} ")))
-            .unwrap_or_else(|| panic!("{probe} listed:\n{stdout}"))
-    };
-    assert!(line("tcp_probe").starts_with("ok"), "{stdout}");
-    assert!(line("tcp_probe").contains("attached"), "{stdout}");
-    let sendmsg = line("tcp_sendmsg_locked");
+    let tcp_probe = probe_line(&stdout, "raw:tcp_probe");
+    assert!(tcp_probe.starts_with("ok"), "{stdout}");
+    assert!(tcp_probe.contains("attached"), "{stdout}");
+    let sendmsg = probe_line(&stdout, "raw:tcp_sendmsg_locked");
     assert!(
         sendmsg.contains("standby") && sendmsg.contains("inferred at raw:tcp_probe"),
         "{sendmsg}"
@@ -190,10 +190,7 @@ fn a_skipped_probe_is_reported_and_its_pair_skipped_too() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     for probe in ["sys_enter_connect", "sys_exit_connect"] {
-        let line = stdout
-            .lines()
-            .find(|l| l.contains(&format!("probe syscalls:{probe} ")))
-            .unwrap_or_else(|| panic!("{probe} listed:\n{stdout}"));
+        let line = probe_line(&stdout, &format!("syscalls:{probe}"));
         assert!(
             line.starts_with("warn") && line.contains("skipped (--skip-probe)"),
             "{line}"

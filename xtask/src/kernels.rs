@@ -30,8 +30,9 @@ pub struct Kernel {
     /// The image package's name is `PREFIX<version>SUFFIX`; the newest version is taken.
     image_prefix: &'static str,
     image_suffix: &'static str,
-    /// Kernels split into an image and a modules package (Debian's 7.x backports).
-    modules_prefix: Option<&'static str>,
+    /// Whether the modules come in a package of their own, `linux-modules-RELEASE` (Debian's
+    /// 7.x backports).
+    modules_apart: bool,
 }
 
 /// The matrix: Debian 11, 12 and 13's kernels, and the newest from trixie-backports.
@@ -41,28 +42,28 @@ pub const MATRIX: [Kernel; 4] = [
         suite: "bullseye",
         image_prefix: "linux-image-5.10.",
         image_suffix: "-amd64-unsigned",
-        modules_prefix: None,
+        modules_apart: false,
     },
     Kernel {
         name: "6.1",
         suite: "bookworm",
         image_prefix: "linux-image-6.1.",
         image_suffix: "-amd64-unsigned",
-        modules_prefix: None,
+        modules_apart: false,
     },
     Kernel {
         name: "6.12",
         suite: "trixie",
         image_prefix: "linux-image-6.12.",
         image_suffix: "+deb13-amd64-unsigned",
-        modules_prefix: None,
+        modules_apart: false,
     },
     Kernel {
         name: "7.x",
         suite: "trixie-backports",
         image_prefix: "linux-binary-unsigned-7.",
         image_suffix: "+deb13-amd64",
-        modules_prefix: Some("linux-modules-7."),
+        modules_apart: true,
     },
 ];
 
@@ -210,7 +211,7 @@ fn table(results: &[GuestResult]) -> String {
 /// The `vng` command, installed from PyPI when missing.
 fn virtme_ng() -> anyhow::Result<PathBuf> {
     let find = || {
-        if let Ok(scripts) = capture(
+        if let Ok(scripts) = setup::output(
             "python3",
             &[
                 "-c",
@@ -382,9 +383,8 @@ fn fetch(base: &Path, kernel: &Kernel) -> anyhow::Result<Unpacked> {
         .trim_start_matches("linux-binary-unsigned-")
         .trim_end_matches("-unsigned")
         .to_string();
-    if let Some(prefix) = kernel.modules_prefix {
+    if kernel.modules_apart {
         packages.push(format!("linux-modules-{release}"));
-        debug_assert!(packages[1].starts_with(prefix));
     }
     println!("xtask: downloading {}", packages.join(", "));
     let download = base.join("download");
@@ -564,14 +564,6 @@ fn parse_result(text: &str) -> Option<(u32, u32)> {
             .and_then(|n| n.parse().ok())
     };
     Some((number_before("passed")?, number_before("failed")?))
-}
-
-fn capture(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        bail!("{program} failed");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

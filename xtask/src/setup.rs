@@ -192,7 +192,7 @@ pub fn has_command(command: &str) -> bool {
             .any(|dir| Path::new(dir).join(command).is_file())
 }
 
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
