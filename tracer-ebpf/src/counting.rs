@@ -2,13 +2,14 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
-    ConnTrack, CountKey, FailureEvent, LatencyKey, Outcome, RecordKind, Source, Stat, Tally,
+    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Proxy, RecordKind, RouteKey,
+    Source, Stat, Tally,
     counts::{EVENTS_RING_BYTES, connect_bucket},
 };
 
 use crate::{
     kernel::now,
-    maps::{CONNECT_LATENCY, COUNT_KEY, COUNTS, EVENTS, LATENCY_KEY, OVERFLOW_COUNTS, STATS},
+    maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, STATS},
 };
 
 /// What a failure report adds to the connection's record.
@@ -24,10 +25,11 @@ pub struct Report {
     pub source: Source,
 }
 
-/// Sends a failure of `conn` to user space (or counts it as sampled out or lost). The record is
-/// written straight into the ring buffer, not built on the stack first.
+/// Sends a failure to user space (or counts it as sampled out or lost). The record is written
+/// straight into the ring buffer, not built on the stack first; `conn_into` writes the
+/// connection's record into it.
 #[inline(never)]
-pub fn report(conn: &ConnTrack, report: &Report) {
+pub fn report(report: &Report, conn_into: impl FnOnce(&mut ConnTrack)) {
     if !report.send {
         stat(Stat::EventsSampledOut);
         return;
@@ -40,7 +42,7 @@ pub fn report(conn: &ConnTrack, report: &Report) {
     let event = unsafe { &mut *entry.as_mut_ptr() };
     event.kind = RecordKind::Failure as u32;
     event._pad0 = 0;
-    event.conn = *conn;
+    conn_into(&mut event.conn);
     event.close_ns = report.close_ns;
     event.waited_ns = report.waited_ns;
     event.bytes_received = report.bytes_received;
@@ -60,35 +62,40 @@ pub fn report(conn: &ConnTrack, report: &Report) {
     stat(Stat::EventsSent);
 }
 
-/// Counts one `outcome` on `conn`'s route (proxy name × cgroup × upstream), exactly; returns
-/// whether an event may go to user space for it (the events-per-second budget of this key on
-/// this CPU).
+/// The route (proxy name × cgroup × upstream) a count goes under.
+#[inline(always)]
+fn route(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
+    RouteKey {
+        comm: proxy.comm,
+        cgroup_id: proxy.cgroup_id,
+        upstream: *upstream,
+    }
+}
+
+/// Counts one `outcome` of `proxy` toward `upstream`, exactly; returns whether an event may go
+/// to user space for it (the events-per-second budget of this key on this CPU). The key is on
+/// this function's own stack: per-CPU scratch is not private where the kernel can preempt a
+/// program (7.x), or where a softirq interrupts one.
 #[inline(never)]
-pub fn count(conn: &ConnTrack, outcome: Outcome, ns: u64) -> bool {
-    let Some(key) = COUNT_KEY.get_ptr_mut(0) else {
-        return false;
+pub fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) -> bool {
+    let key = CountKey {
+        route: route(proxy, upstream),
+        outcome: outcome as u8,
+        _pad: [0; 7],
     };
-    // SAFETY: this CPU's scratch slot.
-    let key = unsafe { &mut *key };
-    key.route.comm = conn.proxy.comm;
-    key.route.cgroup_id = conn.proxy.cgroup_id;
-    key.route.upstream = conn.upstream;
-    key.outcome = outcome as u8;
-    key._pad = [0; 7];
-    let key: &CountKey = key;
     let now = now();
     let per_second = config!(events_per_second);
-    if let Some(tally) = COUNTS.get_ptr_mut(key) {
+    if let Some(tally) = COUNTS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry.
         return unsafe { (*tally).add(ns, now, per_second) };
     }
     let mut first = Tally::default();
     let send = first.add(ns, now, per_second);
     // Another CPU may create the key between the lookup and the insert: look again.
-    if COUNTS.insert(key, &first, BPF_NOEXIST as u64).is_ok() {
+    if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() {
         return send;
     }
-    if let Some(tally) = COUNTS.get_ptr_mut(key) {
+    if let Some(tally) = COUNTS.get_ptr_mut(&key) {
         // SAFETY: as above.
         return unsafe { (*tally).add(ns, now, per_second) };
     }
@@ -101,27 +108,25 @@ pub fn count(conn: &ConnTrack, outcome: Outcome, ns: u64) -> bool {
     }
 }
 
-/// Counts a successful connect of `conn` that took `ns`, in its connect-time bucket.
+/// Counts a successful connect of `proxy` to `upstream` that took `ns`, in its connect-time
+/// bucket.
 #[inline(never)]
-pub fn count_latency(conn: &ConnTrack, ns: u64) {
-    let Some(key) = LATENCY_KEY.get_ptr_mut(0) else {
-        return;
+pub fn count_latency(proxy: &Proxy, upstream: &Endpoint, ns: u64) {
+    let key = LatencyKey {
+        route: route(proxy, upstream),
+        bucket: connect_bucket(ns),
+        _pad: [0; 7],
     };
-    // SAFETY: this CPU's scratch slot.
-    let key = unsafe { &mut *key };
-    key.route.comm = conn.proxy.comm;
-    key.route.cgroup_id = conn.proxy.cgroup_id;
-    key.route.upstream = conn.upstream;
-    key.bucket = connect_bucket(ns);
-    key._pad = [0; 7];
-    let key: &LatencyKey = key;
-    if let Some(n) = CONNECT_LATENCY.get_ptr_mut(key) {
+    if let Some(n) = CONNECT_LATENCY.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry.
         unsafe { *n += 1 };
         return;
     }
-    if CONNECT_LATENCY.insert(key, &1, BPF_NOEXIST as u64).is_err() {
-        match CONNECT_LATENCY.get_ptr_mut(key) {
+    if CONNECT_LATENCY
+        .insert(&key, &1, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        match CONNECT_LATENCY.get_ptr_mut(&key) {
             // SAFETY: as above.
             Some(n) => unsafe { *n += 1 },
             None => stat(Stat::LatencyOverflowed),

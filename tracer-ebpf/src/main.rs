@@ -19,8 +19,11 @@
 //! | `kernel.rs`    |                                                           | reading kernel memory and the current task |
 //!
 //! Stack: kernels before 6.13 allow 512 bytes for a program and the functions it calls
-//! together. Records larger than a few words (a connection's record, ring-buffer records) are
-//! built in per-CPU scratch maps or in the ring buffer itself, never on the stack.
+//! together. Ring-buffer records are written in place; a new connection's record and the count
+//! keys are built on the stack of functions of their own (`#[inline(never)]`), so that no
+//! chain of calls holds two of them. Not in per-CPU scratch maps: a softirq can interrupt a
+//! program, and newer kernels (7.x) can preempt one, and either would overwrite the scratch
+//! under it (seen in the kernel matrix as counts under the wrong upstream and cause).
 #![no_std]
 #![no_main]
 #![allow(

@@ -49,19 +49,6 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 
 pub static SCRATCH: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch space for a connection's record being built (too big for the stack), before
-/// it goes into `CONNS` or into a failure report.
-#[map]
-pub static NEW_CONN: PerCpuArray<ConnTrack> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU scratch space for the count key being looked up.
-#[map]
-pub static COUNT_KEY: PerCpuArray<CountKey> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU scratch space for the connect-latency key being looked up.
-#[map]
-pub static LATENCY_KEY: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
-
 /// The paths of the Unix sockets connected to, by `unix_path_key` (the `Endpoint` of a Unix
 /// upstream holds only the key).
 #[map]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    Config, ConnTrack, Endpoint, Outcome, Source, Stat,
+    Config, ConnTrack, Endpoint, Outcome, Proxy, Source, Stat,
     conn::{CloseFacts, tcp_state},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
@@ -17,7 +17,7 @@ use crate::{
     counting::{Report, count, count_latency, report, stat},
     kernel::{fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
-    maps::{CONNECTS, CONNS, NEW_CONN, SCRATCH},
+    maps::{CONNECTS, CONNS, SCRATCH},
 };
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -149,8 +149,15 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
         return Ok(());
     };
     let inferred = config!(sends) == Config::SENDS_INFERRED;
-    // The proxy's last sends before its FIN (which moves write_seq) or before the end.
-    if inferred && (old == tcp_state::ESTABLISHED || old == tcp_state::CLOSE_WAIT) {
+    // The proxy's last sends before its FIN (which moves write_seq: ESTABLISHED→FIN_WAIT1,
+    // CLOSE_WAIT→LAST_ACK) or before an end without one (→CLOSE). The upstream's FIN was
+    // already looked at in tcp_probe.
+    let proxy_may_have_sent = old == tcp_state::ESTABLISHED || old == tcp_state::CLOSE_WAIT;
+    let ends_here = matches!(
+        new,
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK | tcp_state::CLOSE
+    );
+    if inferred && proxy_may_have_sent && ends_here {
         note_sends(sk, conn);
     }
     let now = now();
@@ -165,16 +172,18 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
         if inferred {
             conn.start_write_seq(read_kernel(sk, config!(offsets.tcp_write_seq)).unwrap_or(0));
         }
-        count(conn, Outcome::Connected, took);
-        count_latency(conn, took);
+        count(&conn.proxy, &conn.upstream, Outcome::Connected, took);
+        count_latency(&conn.proxy, &conn.upstream, took);
     } else {
         conn.on_state_change(old, new, now);
     }
     Ok(())
 }
 
-/// CLOSE→SYN_SENT, inside connect(): a new outbound connection. Its record is built in scratch
-/// memory and copied into `CONNS`.
+/// CLOSE→SYN_SENT, inside connect(): a new outbound connection. Its record is built on this
+/// function's own stack (per-CPU scratch is not private where the kernel can preempt a
+/// program) and copied into `CONNS`.
+#[inline(never)]
 fn start_tracking(sk: *const u8) -> Result<(), i64> {
     let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
     if protocol != IPPROTO_TCP {
@@ -187,29 +196,30 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         bpf_probe_read_kernel_buf(sk, &mut *block).map_err(i64::from)?;
         &*block
     };
-    let conn = NEW_CONN.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's scratch slot, written in full below before it is used.
-    let conn = unsafe { &mut *conn };
     let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
     let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
+    let mut conn = ConnTrack::connecting(
+        Proxy::default(),
+        Endpoint::default(),
+        Endpoint::default(),
+        now(),
+    );
     match family {
-        AF_INET => conn.begin(
-            &Endpoint::v4(field(common, config!(offsets.skc_daddr))?, dport),
-            &Endpoint::v4(field(common, config!(offsets.skc_rcv_saddr))?, 0),
-            now(),
-        ),
-        AF_INET6 => conn.begin(
-            &Endpoint::v6(field(common, config!(offsets.skc_v6_daddr))?, dport),
-            &Endpoint::v6(field(common, config!(offsets.skc_v6_rcv_saddr))?, 0),
-            now(),
-        ),
+        AF_INET => {
+            conn.upstream = Endpoint::v4(field(common, config!(offsets.skc_daddr))?, dport);
+            conn.local = Endpoint::v4(field(common, config!(offsets.skc_rcv_saddr))?, 0);
+        }
+        AF_INET6 => {
+            conn.upstream = Endpoint::v6(field(common, config!(offsets.skc_v6_daddr))?, dport);
+            conn.local = Endpoint::v6(field(common, config!(offsets.skc_v6_rcv_saddr))?, 0);
+        }
         _ => return Ok(()),
     }
     let net = usize::from_ne_bytes(field(common, config!(offsets.skc_net))?) as *const u8;
     let netns = read_kernel::<u32>(net, config!(offsets.net_ns_inum)).unwrap_or(0);
     fill_current_proxy(&mut conn.proxy, netns);
     let key = sk as u64;
-    match CONNS.insert(&key, conn, 0) {
+    match CONNS.insert(&key, &conn, 0) {
         Ok(()) => stat(Stat::ConnsTracked),
         Err(_) => stat(Stat::ConnsUntracked),
     }
@@ -263,11 +273,10 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     let Some(outcome) = verdict.outcome else {
         return;
     };
-    let send = count(conn, outcome, verdict.waited_ns);
+    let send = count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns);
     if outcome.is_failure() {
         let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
         report(
-            conn,
             &Report {
                 send,
                 close_ns: now,
@@ -278,6 +287,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
                 outcome,
                 source: Source::SocketClosed,
             },
+            |into| *into = *conn,
         );
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Endpoint, Outcome, Source, Stat,
+    Endpoint, Outcome, Proxy, Source, Stat,
     conn::{PendingConnect, errno},
     net::{
         AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
@@ -19,7 +19,7 @@ use tracer_common::{
 use crate::{
     counting::{Report, count, count_latency, report, stat},
     kernel::{current_netns, current_task, fill_current_proxy, now, read_field, read_kernel},
-    maps::{CONNECTS, CONNS, NEW_CONN, SCRATCH, UNIX_PATHS},
+    maps::{CONNECTS, CONNS, SCRATCH, UNIX_PATHS},
 };
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -144,23 +144,17 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
 /// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
 #[inline(never)]
 fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i64, source: Source) {
-    let Some(conn) = NEW_CONN.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's scratch slot, written in full before it is used.
-    let conn = unsafe { &mut *conn };
-    conn.begin(upstream, &Endpoint::default(), start_ns);
-    fill_current_proxy(&mut conn.proxy, current_netns());
+    let mut proxy = Proxy::default();
+    fill_current_proxy(&mut proxy, current_netns());
     let now = now();
     let waited_ns = now.saturating_sub(start_ns);
-    let send = count(conn, outcome, waited_ns);
+    let send = count(&proxy, upstream, outcome, waited_ns);
     if outcome == Outcome::Connected {
         // A Unix socket connected: its connect time, as for TCP at ESTABLISHED.
-        count_latency(conn, waited_ns);
+        count_latency(&proxy, upstream, waited_ns);
     }
     if outcome.is_failure() {
         report(
-            conn,
             &Report {
                 send,
                 close_ns: now,
@@ -170,6 +164,10 @@ fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i6
                 errno: (-ret) as i32,
                 outcome,
                 source,
+            },
+            |into| {
+                into.begin(upstream, &Endpoint::default(), start_ns);
+                into.proxy = proxy;
             },
         );
     }
