@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    Config, ConnTrack, CountKey, LatencyKey, Stat, Tally,
+    ConnTrack, CountKey, LatencyKey, Stat, Tally,
     conn::PendingConnect,
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
@@ -42,12 +42,6 @@ pub static OVERFLOW_COUNTS: PerCpuArray<Tally> = PerCpuArray::with_max_entries(O
 /// The agent's health counters, indexed by `Stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-
-/// Per-CPU scratch space (too big for the stack): the leading bytes of a `struct sock`, read in
-/// one go, or a Unix socket path.
-#[map]
-pub static SCRATCH: PerCpuArray<[u8; Config::SOCK_COMMON_BLOCK as usize]> =
-    PerCpuArray::with_max_entries(1, 0);
 
 /// The paths of the Unix sockets connected to, by `unix_path_key` (the `Endpoint` of a Unix
 /// upstream holds only the key).

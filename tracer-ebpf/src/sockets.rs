@@ -17,7 +17,7 @@ use crate::{
     counting::{Report, count, count_latency, report, stat},
     kernel::{fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
-    maps::{CONNECTS, CONNS, SCRATCH},
+    maps::{CONNECTS, CONNS},
 };
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -190,12 +190,10 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         return Ok(());
     }
     // The sock_common fields in one read (user space checked they lie in the block).
-    let block = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's scratch slot; bpf_probe_read_kernel_buf copes with any address.
-    let common = unsafe {
-        bpf_probe_read_kernel_buf(sk, &mut *block).map_err(i64::from)?;
-        &*block
-    };
+    let mut block = [0u8; Config::SOCK_COMMON_BLOCK as usize];
+    // SAFETY: bpf_probe_read_kernel_buf copes with any address.
+    unsafe { bpf_probe_read_kernel_buf(sk, &mut block).map_err(i64::from)? };
+    let common = &block;
     let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
     let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
     let mut conn = ConnTrack::connecting(

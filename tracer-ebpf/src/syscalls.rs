@@ -19,7 +19,7 @@ use tracer_common::{
 use crate::{
     counting::{Report, count, count_latency, report, stat},
     kernel::{current_netns, current_task, fill_current_proxy, now, read_field, read_kernel},
-    maps::{CONNECTS, CONNS, SCRATCH, UNIX_PATHS},
+    maps::{CONNECTS, CONNS, UNIX_PATHS},
 };
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -242,11 +242,10 @@ fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> 
 }
 
 /// Reads a `struct sockaddr_un`'s path, stores it in `UNIX_PATHS` if it is new, returns its key.
+/// The path is on this function's own stack (per-CPU scratch is not private, see main.rs).
+#[inline(never)]
 fn remember_unix_path(uservaddr: u64, addrlen: u64) -> Result<u64, i64> {
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's scratch slot, at least UNIX_PATH_MAX bytes long.
-    let path: &mut UnixPath = unsafe { &mut *scratch.cast::<UnixPath>() };
-    *path = [0; UNIX_PATH_MAX];
+    let mut path: UnixPath = [0; UNIX_PATH_MAX];
     // sun_path follows the 2-byte family; an abstract name runs to the address length.
     let len = (addrlen.saturating_sub(2) as usize).min(UNIX_PATH_MAX);
     if len > 0 {
@@ -264,9 +263,9 @@ fn remember_unix_path(uservaddr: u64, addrlen: u64) -> Result<u64, i64> {
             }
         }
     }
-    let key = unix_path_key(path);
+    let key = unix_path_key(&path);
     if UNIX_PATHS.get_ptr(&key).is_none() {
-        let _ = UNIX_PATHS.insert(&key, path, 0);
+        let _ = UNIX_PATHS.insert(&key, &path, 0);
     }
     Ok(key)
 }
