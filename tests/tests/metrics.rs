@@ -182,6 +182,21 @@ fn a_real_scrape_passes_promtool_check_metrics() {
         out.status.success() && complaints.trim().is_empty(),
         "promtool: {complaints}"
     );
+    // What the kernel skipped: one series per attached program, adding up to what bpftool
+    // shows for the programs tracer holds (names are compared only in sum: the kernel keeps 15
+    // characters of a name, so sys_exit_accept and sys_exit_accept4 look alike there).
+    let exported: Vec<f64> = scrape
+        .lines()
+        .filter(|l| l.starts_with("tracer_program_misses_total{program=\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        exported.len(),
+        tracer_user::capture::PROBES_IN_USE,
+        "{scrape}"
+    );
+    let in_kernel: u64 = tracer_tests::bpf::program_misses(tracer.pid()).iter().sum();
+    assert_eq!(exported.iter().sum::<f64>(), in_kernel as f64, "{scrape}");
     let (status, health) = get(agent_addr, "/healthz").unwrap();
     assert_eq!((status, health.as_str()), (200, "ok\n"));
     tracer.stop();

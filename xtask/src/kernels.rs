@@ -492,7 +492,7 @@ fn boot_and_test(
 
     let started = Instant::now();
     let mut child = Command::new(vng)
-        .args(["-v", "--disable-kvm", "-m", "4G", "-p", "2"])
+        .args(["-v", "--disable-kvm", "-m", "4G", "-p", "1"])
         .arg(format!("--rwdir={}", out.display()))
         .arg("-r")
         .arg(unpacked.vmlinuz())

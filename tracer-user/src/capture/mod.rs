@@ -280,6 +280,8 @@ pub struct Counters {
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, u64, ConnTrack>,
     unix_paths: BpfHashMap<MapData, u64, UnixPath>,
+    /// The attached programs, by name, to ask the kernel how often it skipped them.
+    programs: Vec<(&'static str, std::os::fd::OwnedFd)>,
 }
 
 impl UnixPaths for Counters {
@@ -324,6 +326,18 @@ impl Counters {
             .get(&(which as u32), 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
+    }
+
+    /// Per attached program, how many times the kernel did not run it because it was already
+    /// running on that CPU (`bpf_prog_info.recursion_misses`, Linux 5.12+): a program
+    /// preempted by a task that hits the same tracepoint (kernels that preempt kernel code,
+    /// such as 7.x's lazy preemption) loses that second run. Counts stay exact for everything
+    /// the kernel ran; these say what it did not.
+    pub fn program_misses(&self) -> Vec<(&'static str, u64)> {
+        self.programs
+            .iter()
+            .map(|(name, fd)| (*name, recursion_misses(fd).unwrap_or(0)))
+            .collect()
     }
 
     /// How many connections the kernel is following right now.
@@ -495,6 +509,15 @@ impl Capture {
                 load_and_attach(&config, &formats, &options.skip_probes, &sends)?;
         }
 
+        let programs = probes
+            .iter()
+            .filter(|p| p.attached())
+            .filter_map(|p| {
+                let fd = ebpf.program(p.probe.program)?.fd().ok()?;
+                let owned = std::os::fd::AsFd::as_fd(fd).try_clone_to_owned().ok()?;
+                Some((p.probe.program, owned))
+            })
+            .collect();
         let events = take(&mut ebpf, "EVENTS")?;
         let lifecycle = take(&mut ebpf, "LIFECYCLE")?;
         let listener_owners = take(&mut ebpf, "LISTENER_OWNERS")?;
@@ -505,6 +528,7 @@ impl Capture {
             stats: take(&mut ebpf, "STATS")?,
             conns: take(&mut ebpf, "CONNS")?,
             unix_paths: take(&mut ebpf, "UNIX_PATHS")?,
+            programs,
         };
         Ok(Capture {
             _ebpf: ebpf,
@@ -546,6 +570,39 @@ impl Capture {
             .ok_or(CaptureError::NoMap("LIFECYCLE (already taken)"))?;
         Ok((Events::new(failures)?, Events::new(lifecycle)?))
     }
+}
+
+/// `bpf_prog_info.recursion_misses` of the program behind `fd` (0 before Linux 5.12, where the
+/// field does not exist and stays zero).
+fn recursion_misses(fd: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: bpf_prog_info is plain old data; all zeroes is what the kernel expects.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    // union bpf_attr's info member, as BPF_OBJ_GET_INFO_BY_FD reads it.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    // SAFETY: attr points at a live buffer of info_len bytes; the kernel writes at most that.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoByFd>() as libc::c_long,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 fn sum_tallies<'a>(tallies: impl Iterator<Item = &'a Tally>) -> Tally {

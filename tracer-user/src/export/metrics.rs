@@ -339,6 +339,14 @@ impl Exporter {
         ] {
             full.sample(&[("map", map)], shared.stat(stat));
         }
+        let mut misses = text.family(
+            "tracer_program_misses_total",
+            "Times the kernel did not run a program of tracer's because it was already running on that CPU (preempted or interrupted): what it saw then is not counted.",
+            COUNTER,
+        );
+        for (program, n) in shared.counters.program_misses() {
+            misses.sample(&[("program", program)], n);
+        }
         let mut probes = text.family(
             "tracer_probe_attached",
             "1 when the probe is attached, 0 when this kernel lacks it (see tracer check).",
