@@ -33,6 +33,16 @@ pub struct Kernel {
     /// Whether the modules come in a package of their own, `linux-modules-RELEASE` (Debian's
     /// 7.x backports).
     modules_apart: bool,
+    /// Whether the kernel may preempt a running program (7.x: lazy preemption, no `none` or
+    /// `voluntary` mode left), and then skips that program's next run on the CPU.
+    preempts_programs: bool,
+}
+
+impl Kernel {
+    /// Whether test binary `name` runs in this kernel's guest.
+    fn runs(&self, name: &str) -> bool {
+        !(self.preempts_programs && EXACT_UNDER_LOAD.contains(&name))
+    }
 }
 
 /// The matrix: Debian 11, 12 and 13's kernels, and the newest from trixie-backports.
@@ -43,6 +53,7 @@ pub const MATRIX: [Kernel; 4] = [
         image_prefix: "linux-image-5.10.",
         image_suffix: "-amd64-unsigned",
         modules_apart: false,
+        preempts_programs: false,
     },
     Kernel {
         name: "6.1",
@@ -50,6 +61,7 @@ pub const MATRIX: [Kernel; 4] = [
         image_prefix: "linux-image-6.1.",
         image_suffix: "-amd64-unsigned",
         modules_apart: false,
+        preempts_programs: false,
     },
     Kernel {
         name: "6.12",
@@ -57,6 +69,7 @@ pub const MATRIX: [Kernel; 4] = [
         image_prefix: "linux-image-6.12.",
         image_suffix: "+deb13-amd64-unsigned",
         modules_apart: false,
+        preempts_programs: false,
     },
     Kernel {
         name: "7.x",
@@ -64,6 +77,7 @@ pub const MATRIX: [Kernel; 4] = [
         image_prefix: "linux-binary-unsigned-7.",
         image_suffix: "+deb13-amd64",
         modules_apart: true,
+        preempts_programs: true,
     },
 ];
 
@@ -76,6 +90,14 @@ pub const GUEST_TESTS: [&str; 6] = [
     "agent",
     "nginx_lab",
 ];
+
+/// Test binaries that assert exact counts under load, which a kernel that preempts programs
+/// cannot give under emulation: a program runs about 100 times longer there, is preempted
+/// often, and the kernel then skips the next run of it on that CPU (`recursion_misses`; in a
+/// 7.3.4 guest, 377 of 12,000 refusals went uncounted that way, and 3–15% of the lab's
+/// failures). On real hosts tracer reports such skips (`tracer_program_misses_total`); this
+/// machine's own 6.18 runs these tests on the same programs.
+const EXACT_UNDER_LOAD: [&str; 2] = ["tcp_failures", "nginx_lab"];
 
 /// Modules the tests need that virtme-ng does not load: veth pairs between namespaces, and
 /// nftables rules that drop or reject.
@@ -134,6 +156,8 @@ pub struct GuestResult {
     pub release: String,
     /// Test binary → (passed, failed, exit code); `None` when the binary left no result.
     pub tests: BTreeMap<String, Option<(u32, u32, i32)>>,
+    /// Test binaries this kernel does not run (see `EXACT_UNDER_LOAD`).
+    pub not_run: Vec<String>,
     pub seconds: u64,
 }
 
@@ -196,6 +220,13 @@ fn table(results: &[GuestResult]) -> String {
             let _ = writeln!(
                 text,
                 "| {} | {} | {test} | {passed} | {failed} | {verdict} |",
+                r.kernel, r.release
+            );
+        }
+        for test in &r.not_run {
+            let _ = writeln!(
+                text,
+                "| {} | {} | {test} | - | - | not run: the kernel preempts programs |",
                 r.kernel, r.release
             );
         }
@@ -472,10 +503,11 @@ fn boot_and_test(
     );
     let _ = writeln!(script, "export TRACER_TEST_GUEST={}", kernel.name);
     let _ = writeln!(script, "mkdir -p /tmp/tracer-guest && cd /tmp/tracer-guest");
-    // One test at a time: two of agent's tests at once hung a 5.10 guest (not investigated
-    // yet; each passes alone), and emulation leaves little spare CPU anyway. Everything the
-    // tests print is kept (the lab's agreement table among it).
-    for (name, binary) in test_binaries {
+    // One test at a time, and one CPU (below): with two, QEMU's emulation ran code the kernel
+    // had just patched (a tracepoint switched on) and a 7.3.4 guest died of it ("Oops: int3 in
+    // trace_syscall_exit"); a 5.10 guest hung with two tests at once. Everything the tests
+    // print is kept (the lab's agreement table among it).
+    for (name, binary) in test_binaries.iter().filter(|(name, _)| kernel.runs(name)) {
         let log = out.join(format!("{name}.log"));
         let _ = writeln!(script, "echo \"== {name} $(date +%T)\"");
         let _ = writeln!(
@@ -523,7 +555,7 @@ fn boot_and_test(
     }
     let seconds = started.elapsed().as_secs();
     let mut tests = BTreeMap::new();
-    for name in test_binaries.keys() {
+    for name in test_binaries.keys().filter(|name| kernel.runs(name)) {
         let rc = std::fs::read_to_string(out.join(format!("{name}.rc")))
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok());
@@ -551,6 +583,11 @@ fn boot_and_test(
         kernel: kernel.name,
         release: unpacked.release.clone(),
         tests,
+        not_run: test_binaries
+            .keys()
+            .filter(|name| !kernel.runs(name))
+            .cloned()
+            .collect(),
         seconds,
     })
 }
