@@ -31,9 +31,8 @@ pub fn program_loaded(id: u32) -> bool {
         .success()
 }
 
-/// For each program process `pid` holds, how many times the kernel skipped it because it was
-/// already running on that CPU (`recursion_misses`).
-pub fn program_misses(pid: u32) -> Vec<u64> {
+/// bpftool's record (JSON) of each program process `pid` holds.
+fn held_programs(pid: u32) -> Vec<serde_json::Value> {
     let held = programs_held_by(pid);
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
@@ -41,12 +40,20 @@ pub fn program_misses(pid: u32) -> Vec<u64> {
         .expect("bpftool (cargo xtask setup installs it)");
     let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     programs
-        .iter()
+        .into_iter()
         .filter(|p| {
             p["id"]
                 .as_u64()
                 .is_some_and(|id| held.contains(&(id as u32)))
         })
+        .collect()
+}
+
+/// For each program process `pid` holds, how many times the kernel skipped it because it was
+/// already running on that CPU (`recursion_misses`).
+pub fn program_misses(pid: u32) -> Vec<u64> {
+    held_programs(pid)
+        .iter()
         .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
         .collect()
 }
@@ -54,19 +61,8 @@ pub fn program_misses(pid: u32) -> Vec<u64> {
 /// Per program of process `pid`, by name: how many times it ran and for how long in all (ns).
 /// The kernel keeps these only while `kernel.bpf_stats_enabled` is 1 ([`BpfStats`]).
 pub fn program_stats(pid: u32) -> BTreeMap<String, (u64, u64)> {
-    let held = programs_held_by(pid);
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
-    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    programs
+    held_programs(pid)
         .iter()
-        .filter(|p| {
-            p["id"]
-                .as_u64()
-                .is_some_and(|id| held.contains(&(id as u32)))
-        })
         .filter_map(|p| {
             Some((
                 p["name"].as_str()?.to_string(),
