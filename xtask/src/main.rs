@@ -63,7 +63,8 @@ enum Task {
         /// 6.12, 7.x (several separated by commas) or all.
         #[arg(long, value_name = "KERNEL")]
         kernel: Option<String>,
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. a test name filter); with --kernel, the test
+        /// binaries to run (e.g. nginx_lab), all when none is named.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -215,12 +216,16 @@ fn run_tracer(tracer: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the kernel tests and runs them in a guest of each kernel in `which`.
+/// Builds the kernel tests and runs them in a guest of each kernel in `which`: all of them, or
+/// the test binaries named in `extra` (e.g. `nginx_lab`).
 fn test_kernels(which: &str, extra: &[String]) -> anyhow::Result<()> {
-    if !extra.is_empty() {
+    if let Some(unknown) = extra
+        .iter()
+        .find(|name| !kernels::GUEST_TESTS.contains(&name.as_str()))
+    {
         bail!(
-            "--kernel runs whole test binaries; it takes no test filter ({})",
-            extra.join(" ")
+            "--kernel runs whole test binaries, and `{unknown}` is none of them: name some of {}, or none for all",
+            kernels::GUEST_TESTS.join(", ")
         );
     }
     let kernels = kernels::select(which)?;
@@ -229,7 +234,12 @@ fn test_kernels(which: &str, extra: &[String]) -> anyhow::Result<()> {
     setup::packages(setup::TEST_PACKAGES)?;
     // The release build: under emulation a debug tracer takes many seconds to read the BTF.
     let tracer = build(true)?;
-    let binaries = test_binaries(&kernels::GUEST_TESTS)?;
+    let names: Vec<&str> = if extra.is_empty() {
+        kernels::GUEST_TESTS.to_vec()
+    } else {
+        extra.iter().map(String::as_str).collect()
+    };
+    let binaries = test_binaries(&names)?;
     kernels::run(&workspace_root(), &kernels, &tracer, &binaries)
 }
 

@@ -154,7 +154,12 @@ impl LabReport {
             .collect();
 
         let requests = requests_in(access_log);
-        let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &tracer);
+        let groups: BTreeMap<u16, Vec<String>> = matrix
+            .routes
+            .iter()
+            .map(|r| (r.listen_port, r.upstreams.iter().map(|u| u.to_string()).collect()))
+            .collect();
+        let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &groups, &tracer);
         LabReport {
             target: options.target,
             cells,
@@ -245,6 +250,16 @@ impl LabReport {
                 self.unexplained.len(),
                 self.gateway_errors
             ));
+            for r in self.unexplained.iter().take(10) {
+                problems.push(format!(
+                    "    unexplained: {} on port {} at {:.3} after {:.3} s, upstreams tried: [{}]",
+                    r.status,
+                    r.port,
+                    r.end,
+                    r.duration,
+                    r.upstreams.join(", ")
+                ));
+            }
         }
         problems
     }
@@ -254,13 +269,23 @@ impl LabReport {
     }
 }
 
+/// How long nginx holds a server of a group down after a failed attempt (`fail_timeout`'s
+/// default).
+const FAIL_TIMEOUT: f64 = 10.0;
+
 /// Matches every 502/504 to a tracer failure on one of the upstreams nginx tried for it, within
 /// the request's lifetime; each failure explains one response at most. A 500 is what nginx
-/// answers when socket() fails: it needs an `fd_exhausted` failure (upstream `none`).
+/// answers when socket() fails: it needs an `fd_exhausted` failure (upstream `none`). A 502 for
+/// which nginx tried no server at all ("no live upstreams": every server of the group was held
+/// down after a failure) needs a failure on a server of its group (`groups`, by listening port)
+/// within `FAIL_TIMEOUT` before it.
 fn explain_gateway_errors(
     requests: &[LoggedRequest],
+    groups: &BTreeMap<u16, Vec<String>>,
     tracer: &[TracerFailure],
 ) -> (usize, Vec<LoggedRequest>) {
+    let mut tracer: Vec<&TracerFailure> = tracer.iter().collect();
+    tracer.sort_by(|a, b| a.time.total_cmp(&b.time));
     // nginx stamps its log lines with a clock it caches once per event-loop turn: on a loaded
     // machine, and much more in a kernel guest under emulation (`cargo xtask test --kernel`
     // sets TRACER_TEST_GUEST), a turn takes long and the stamps lag. The counts per upstream
@@ -275,11 +300,24 @@ fn explain_gateway_errors(
         .iter()
         .filter(|r| matches!(r.status, 500 | 502 | 504))
         .collect();
+    // Windows in order of their ends, each taking the earliest failure that fits it: the
+    // greedy pairing that leaves no response unexplained when some pairing would explain all.
     gateway.sort_by(|a, b| a.end.total_cmp(&b.end));
     let mut unexplained = Vec::new();
     for request in &gateway {
-        let start = request.end - request.duration - slack;
         let end = request.end + slack;
+        if request.status == 502 && request.upstreams.is_empty() {
+            let group = groups.get(&request.port);
+            let start = request.end - request.duration - FAIL_TIMEOUT - slack;
+            let held_down = tracer.iter().any(|f| {
+                group.is_some_and(|g| g.contains(&f.upstream)) && (start..=end).contains(&f.time)
+            });
+            if !held_down {
+                unexplained.push((*request).clone());
+            }
+            continue;
+        }
+        let start = request.end - request.duration - slack;
         let upstreams = &request.upstreams;
         let found = tracer.iter().enumerate().find(|(i, f)| {
             let on_its_upstream = if request.status == 500 {
@@ -379,5 +417,70 @@ impl fmt::Display for LabReport {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(upstream: &str, time: f64) -> TracerFailure {
+        TracerFailure {
+            upstream: upstream.to_string(),
+            cause: "refused".to_string(),
+            root_cause: None,
+            time,
+        }
+    }
+
+    fn request(end: f64, duration: f64, status: u16, upstreams: &[&str]) -> LoggedRequest {
+        LoggedRequest {
+            end,
+            duration,
+            status,
+            port: 8109,
+            upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+        }
+    }
+
+    const A: &str = "10.88.0.2:9001";
+    const B: &str = "10.88.0.2:9008";
+
+    #[test]
+    fn pairing_takes_the_earliest_failure_that_fits_whatever_the_event_order() {
+        // The first request to end (10..15) could take either failure; the second (14.5..20)
+        // only the one at 14.7. Taking the earliest failure that fits explains both, in
+        // whatever order the events came.
+        let tracer = [failure(A, 14.7), failure(A, 10.5)];
+        let requests = [request(20.0, 5.5, 504, &[A]), request(15.0, 5.0, 504, &[A])];
+        let (total, unexplained) = explain_gateway_errors(&requests, &BTreeMap::new(), &tracer);
+        assert_eq!((total, unexplained.len()), (2, 0));
+    }
+
+    #[test]
+    fn each_failure_explains_one_response_and_only_on_its_upstream() {
+        let tracer = [failure(A, 10.0), failure(B, 10.0)];
+        let requests = [
+            request(10.05, 0.1, 502, &[A]),
+            request(10.06, 0.1, 502, &[A]),
+            request(10.07, 0.1, 200, &[A]),
+        ];
+        let (total, unexplained) = explain_gateway_errors(&requests, &BTreeMap::new(), &tracer);
+        assert_eq!(total, 2);
+        assert_eq!(unexplained, vec![requests[1].clone()]);
+    }
+
+    #[test]
+    fn no_live_upstreams_is_explained_by_a_recent_failure_in_its_group() {
+        let groups = BTreeMap::from([(8109, vec![A.to_string(), B.to_string()])]);
+        let tracer = [failure(B, 100.0)];
+        let held_down = [request(105.0, 0.0, 502, &[])];
+        let (_, unexplained) = explain_gateway_errors(&held_down, &groups, &tracer);
+        assert!(unexplained.is_empty());
+        // Long after the failure, or with no failure in its group, nothing explains it.
+        let late = [request(100.0 + FAIL_TIMEOUT + 1.0, 0.0, 502, &[])];
+        assert_eq!(explain_gateway_errors(&late, &groups, &tracer).1.len(), 1);
+        let elsewhere = [failure("10.88.0.2:9999", 104.0)];
+        assert_eq!(explain_gateway_errors(&held_down, &groups, &elsewhere).1.len(), 1);
     }
 }
