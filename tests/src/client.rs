@@ -102,6 +102,154 @@ pub fn connect_with_timeout(addr: SocketAddr, patience: Duration) -> io::Result<
     Ok(still_connecting)
 }
 
+/// How a proxy learns the outcome of a non-blocking connect().
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polling {
+    /// connect() again on the same socket until it stops saying EALREADY (HAProxy): the
+    /// attempt's error, or EISCONN once connected.
+    ConnectAgain,
+    /// getsockopt(SO_ERROR) until the socket is connected or has an error.
+    SoError,
+    /// poll() for POLLOUT, then SO_ERROR (nginx without epoll, Apache).
+    Poll,
+    /// epoll_wait() for EPOLLOUT, then SO_ERROR (nginx, Envoy).
+    Epoll,
+}
+
+impl Polling {
+    pub const ALL: [Polling; 4] = [
+        Polling::ConnectAgain,
+        Polling::SoError,
+        Polling::Poll,
+        Polling::Epoll,
+    ];
+}
+
+/// Starts a non-blocking connect() to `addr` and learns how it ended the way `how` says.
+/// Returns the connected socket, or the error the attempt ended with.
+pub fn connect_polled(addr: SocketAddr, how: Polling) -> io::Result<TcpStream> {
+    let socket = raw_socket(addr)?;
+    set_nonblocking(&socket)?;
+    match raw_connect(&socket, addr) {
+        Ok(()) => return Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let fd = socket.as_raw_fd();
+    let error = match how {
+        Polling::ConnectAgain => loop {
+            match raw_connect(&socket, addr) {
+                Ok(()) => break 0,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EISCONN) => break 0,
+                    Some(libc::EALREADY | libc::EINPROGRESS)
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Some(errno) => break errno,
+                    None => return Err(e),
+                },
+            }
+        },
+        Polling::SoError => loop {
+            let errno = so_error(fd)?;
+            if errno != 0 || socket.peer_addr().is_ok() || std::time::Instant::now() > deadline {
+                break errno;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        },
+        Polling::Poll => {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 5_000) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            so_error(fd)?
+        }
+        Polling::Epoll => {
+            // SAFETY: plain epoll calls on descriptors we own; the epoll one is closed below.
+            unsafe {
+                let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+                if epoll < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut event = libc::epoll_event {
+                    events: libc::EPOLLOUT as u32,
+                    u64: 0,
+                };
+                let rc = libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event);
+                let waited = if rc == 0 {
+                    libc::epoll_wait(epoll, &mut event, 1, 5_000)
+                } else {
+                    rc
+                };
+                let failed = io::Error::last_os_error();
+                libc::close(epoll);
+                if waited < 0 {
+                    return Err(failed);
+                }
+            }
+            so_error(fd)?
+        }
+    };
+    if error == 0 {
+        Ok(socket)
+    } else {
+        Err(io::Error::from_raw_os_error(error))
+    }
+}
+
+/// Makes `attempts` non-blocking attempts to `addr` one after the other on the same socket,
+/// each learnt by calling connect() again (after an error, the next connect() starts anew).
+/// Returns the errno each attempt ended with (0 when it connected).
+pub fn attempts_on_one_socket(addr: SocketAddr, attempts: usize) -> io::Result<Vec<i32>> {
+    let socket = raw_socket(addr)?;
+    set_nonblocking(&socket)?;
+    let mut ended = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ended.len() < attempts && std::time::Instant::now() < deadline {
+        match raw_connect(&socket, addr).map_err(|e| e.raw_os_error()) {
+            Ok(()) | Err(Some(libc::EISCONN)) => {
+                ended.push(0);
+                break;
+            }
+            // A new attempt began, or the last one is still under way.
+            Err(Some(libc::EINPROGRESS | libc::EALREADY)) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(Some(errno)) => ended.push(errno),
+            Err(None) => return Err(io::Error::other("connect() failed without an errno")),
+        }
+    }
+    Ok(ended)
+}
+
+/// The socket's pending error (getsockopt SO_ERROR), which reading clears.
+fn so_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid output buffer of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(err)
+}
+
 /// A blocking connect that lets the kernel retransmit the SYN only `syn_count` times (TCP_SYNCNT),
 /// so that the kernel itself gives up quickly.
 pub fn connect_with_syn_count(addr: SocketAddr, syn_count: i32) -> io::Result<TcpStream> {

@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::Outcome;
 use tracer_tests::{
-    client::request,
+    client::{Polling, connect_polled, request},
     kernel_tests_enabled,
     netns::Netns,
     own_comm,
@@ -92,4 +92,58 @@ async fn kernel_counts_every_attempt_exactly() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(agent.shared.stat(tracer_common::Stat::EventsLost), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_a_connect_counts_it_once_whichever_way() {
+    if !kernel_tests_enabled("polling_a_connect_counts_it_once_whichever_way") {
+        return;
+    }
+    let agent = Agent::start(&Options::default()).expect("tracer starts");
+    let ns = Netns::new("pollcounts");
+    let (refused, connected) = (25, 15);
+    let mut expected = Vec::new();
+    let mut listeners = Vec::new();
+    for (i, how) in Polling::ALL.iter().enumerate() {
+        let port = 8040 + 2 * i as u16;
+        let closed: SocketAddr = format!("127.77.21.1:{port}").parse().unwrap();
+        let open: SocketAddr = format!("127.77.21.1:{}", port + 1).parse().unwrap();
+        listeners.push(Upstream::start(
+            &ns,
+            open,
+            Behaviour::Answer {
+                idle_close: Duration::from_millis(100),
+            },
+        ));
+        ns.run(|| {
+            for _ in 0..refused {
+                connect_polled(closed, *how).expect_err("refused");
+            }
+            for _ in 0..connected {
+                drop(connect_polled(open, *how).expect("connected"));
+            }
+        });
+        expected.push((closed, Outcome::Refused, refused));
+        expected.push((closed, Outcome::ConnectError, 0));
+        expected.push((open, Outcome::Connected, connected));
+    }
+    let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let totals = agent.totals();
+        let got: Vec<u64> = expected
+            .iter()
+            .map(|(u, o, _)| count(&totals, *u, *o))
+            .collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts {got:?}, expected {want:?} (refused, connect_error, connected per way: {:?})",
+            Polling::ALL
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(listeners);
 }

@@ -14,8 +14,8 @@ use std::{
 use tracer_tests::{
     assert_failures,
     client::{
-        connect_with_syn_count, connect_with_timeout, exchange, refuse, request,
-        request_with_timeout,
+        Polling, attempts_on_one_socket, connect_polled, connect_with_syn_count,
+        connect_with_timeout, exchange, refuse, request, request_with_timeout,
     },
     kernel_tests_enabled,
     netns::Netns,
@@ -77,6 +77,68 @@ fn proxy_is_refused_by_an_ipv6_upstream() {
     refuse(&ns, upstream, N);
     let events = tracer.collect(N, WAIT, SETTLE);
     assert_failures(&events, "[fd00:77::1]:8001", "refused", N);
+    tracer.stop();
+}
+
+#[test]
+fn each_refused_attempt_is_one_failure_however_the_proxy_learns_of_it() {
+    if !kernel_tests_enabled("each_refused_attempt_is_one_failure_however_the_proxy_learns_of_it") {
+        return;
+    }
+    let ns = Netns::new("polling");
+    // One closed port and one listening port per way of polling, so that each way's count is
+    // its own. The listener shows that a successful poll reports nothing either.
+    let ways: Vec<(Polling, SocketAddr, SocketAddr)> = Polling::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, how)| {
+            let port = 8030 + 2 * i as u16;
+            (
+                *how,
+                addr(&format!("127.77.3.1:{port}")),
+                addr(&format!("127.77.3.1:{}", port + 1)),
+            )
+        })
+        .collect();
+    let listeners: Vec<Upstream> = ways
+        .iter()
+        .map(|(_, _, open)| {
+            Upstream::start(
+                &ns,
+                *open,
+                Behaviour::Answer {
+                    idle_close: Duration::from_millis(100),
+                },
+            )
+        })
+        .collect();
+    let tracer = Tracer::events(&["--upstream", "127.77.3.1"]);
+    ns.run(|| {
+        for (how, closed, open) in &ways {
+            for _ in 0..N {
+                let error = connect_polled(*closed, *how).expect_err("nothing listens");
+                assert_eq!(error.raw_os_error(), Some(libc::ECONNREFUSED), "{how:?}");
+                let stream = connect_polled(*open, *how).expect("it listens");
+                drop(stream);
+            }
+        }
+        // Attempts one after the other on one socket, each learnt by connect() again: after
+        // its error is collected, the next connect() is an attempt of its own.
+        let errors = attempts_on_one_socket(addr("127.77.3.1:8029"), 3).expect("attempts");
+        assert_eq!(errors, vec![libc::ECONNREFUSED; 3]);
+    });
+    let want = N * ways.len() + 3;
+    let events = tracer.collect(want, WAIT, SETTLE);
+    for (how, closed, open) in &ways {
+        for event in assert_failures(&events, &closed.to_string(), "refused", N) {
+            assert_eq!(event["seen_at"], "socket_closed", "{how:?}: {event}");
+            assert_eq!(event["ended_by"], "upstream_reset", "{how:?}: {event}");
+        }
+        assert_failures(&events, &open.to_string(), "", 0);
+    }
+    assert_failures(&events, "127.77.3.1:8029", "refused", 3);
+    assert_eq!(events.len(), want, "{events:?}");
+    drop(listeners);
     tracer.stop();
 }
 

@@ -63,6 +63,9 @@ pub struct KernelOffsets {
     pub nsproxy_net_ns: u32,
     /// `struct socket.type` (SOCK_STREAM…), to tell a Unix upstream from a datagram socket.
     pub socket_type: u32,
+    /// `struct socket.state` (SS_CONNECTING…), to tell a connect() that starts an attempt
+    /// from one that only collects the outcome of an attempt already under way.
+    pub socket_state: u32,
     /// `sock.sk_max_ack_backlog`: a listener's listen() backlog.
     pub sk_max_ack_backlog: u32,
 }
@@ -181,6 +184,7 @@ impl Config {
             task_nsproxy: 0,
             nsproxy_net_ns: 0,
             socket_type: 0,
+            socket_state: 0,
             sk_max_ack_backlog: 0,
         },
         syscalls: SyscallFields {

@@ -426,7 +426,12 @@ pub struct PendingConnect {
     /// Non-zero when the socket went SYN_SENT→CLOSE inside this call with no error of its own:
     /// connect() itself failed after choosing a route, and its return value says why.
     pub closed_in_call: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero when the socket was already connecting (or connected) as the call began: the
+    /// call starts no attempt. A proxy that learns how its non-blocking connect() ended by
+    /// calling connect() again (HAProxy) gets the error of an attempt whose own record has
+    /// already counted it, or EISCONN, or EALREADY.
+    pub repeat: u8,
+    pub _pad: [u8; 2],
     /// The socket's file descriptor.
     pub fd: u32,
 }
@@ -435,8 +440,11 @@ impl PendingConnect {
     /// What connect()'s return value means for a Unix socket: each call is a whole attempt,
     /// decided here (there is no TCP state to follow). `None` when the call did not finish
     /// (interrupted, or already connected).
-    pub const fn on_unix_exit(ret: i64) -> Option<Outcome> {
+    pub const fn on_unix_exit(&self, ret: i64) -> Option<Outcome> {
         use errno::*;
+        if self.repeat != 0 {
+            return None;
+        }
         if ret >= 0 {
             return Some(Outcome::Connected);
         }
@@ -452,7 +460,7 @@ impl PendingConnect {
 
     /// What connect()'s return value means for this attempt.
     pub const fn on_exit(&self, ret: i64) -> Option<Outcome> {
-        if ret >= 0 {
+        if ret >= 0 || self.repeat != 0 {
             return None;
         }
         if self.sk != 0 && self.closed_in_call == 0 {
@@ -474,33 +482,36 @@ mod tests {
     const MS: u64 = 1_000_000;
     const MIN_WAIT: u64 = 50 * MS;
 
+    /// A connect() that starts an attempt on a socket not yet connecting.
+    const FRESH: PendingConnect = PendingConnect {
+        uservaddr: 0x7ffd_0000_1000,
+        addrlen: 16,
+        start_ns: 0,
+        sk: 0,
+        closed_in_call: 0,
+        repeat: 0,
+        _pad: [0; 2],
+        fd: 3,
+    };
+
     #[test]
     fn unix_connects_are_decided_by_their_return_value() {
         let e = |errno: i32| -i64::from(errno);
-        assert_eq!(PendingConnect::on_unix_exit(0), Some(Outcome::Connected));
+        assert_eq!(FRESH.on_unix_exit(0), Some(Outcome::Connected));
+        assert_eq!(FRESH.on_unix_exit(e(ENOENT)), Some(Outcome::UnixMissing));
         assert_eq!(
-            PendingConnect::on_unix_exit(e(ENOENT)),
-            Some(Outcome::UnixMissing)
-        );
-        assert_eq!(
-            PendingConnect::on_unix_exit(e(ECONNREFUSED)),
+            FRESH.on_unix_exit(e(ECONNREFUSED)),
             Some(Outcome::UnixRefused)
         );
         assert_eq!(
-            PendingConnect::on_unix_exit(e(EAGAIN)),
+            FRESH.on_unix_exit(e(EAGAIN)),
             Some(Outcome::UnixBacklogFull)
         );
+        assert_eq!(FRESH.on_unix_exit(e(EACCES)), Some(Outcome::UnixPermission));
+        assert_eq!(FRESH.on_unix_exit(e(EPERM)), Some(Outcome::UnixPermission));
+        assert_eq!(FRESH.on_unix_exit(e(EINTR)), None);
         assert_eq!(
-            PendingConnect::on_unix_exit(e(EACCES)),
-            Some(Outcome::UnixPermission)
-        );
-        assert_eq!(
-            PendingConnect::on_unix_exit(e(EPERM)),
-            Some(Outcome::UnixPermission)
-        );
-        assert_eq!(PendingConnect::on_unix_exit(e(EINTR)), None);
-        assert_eq!(
-            PendingConnect::on_unix_exit(e(ETIMEDOUT)),
+            FRESH.on_unix_exit(e(ETIMEDOUT)),
             Some(Outcome::ConnectError)
         );
     }
@@ -896,13 +907,9 @@ mod tests {
     #[test]
     fn connect_failing_before_any_syn_is_decided_by_its_return_value() {
         let pending = |sk, closed_in_call| PendingConnect {
-            uservaddr: 0x7ffd_0000_1000,
-            addrlen: 16,
-            start_ns: 0,
             sk,
             closed_in_call,
-            _pad: [0; 3],
-            fd: 3,
+            ..FRESH
         };
         // No route: connect() fails before SYN_SENT.
         let no_route = pending(0, 0).on_exit(-i64::from(EHOSTUNREACH));
@@ -920,5 +927,27 @@ mod tests {
             Some(Outcome::ConnectError)
         );
         assert_eq!(pending(0, 0).on_exit(0), None);
+    }
+
+    #[test]
+    fn connect_called_again_on_a_connecting_socket_is_no_attempt_of_its_own() {
+        // HAProxy learns how a non-blocking connect() ended by calling connect() again: the
+        // second call returns the attempt's error (counted already by the connection's own
+        // record when it closed), or EISCONN, or EALREADY while it is still under way.
+        let again = PendingConnect { repeat: 1, ..FRESH };
+        for errno in [ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH, EISCONN, EALREADY] {
+            assert_eq!(again.on_exit(-i64::from(errno)), None, "errno {errno}");
+            assert_eq!(again.on_unix_exit(-i64::from(errno)), None, "errno {errno}");
+        }
+        assert_eq!(again.on_unix_exit(0), None);
+        // The same errors from a first call are failures of their own.
+        assert_eq!(
+            FRESH.on_exit(-i64::from(EHOSTUNREACH)),
+            Some(Outcome::Unreachable)
+        );
+        assert_eq!(
+            FRESH.on_unix_exit(-i64::from(ECONNREFUSED)),
+            Some(Outcome::UnixRefused)
+        );
     }
 }

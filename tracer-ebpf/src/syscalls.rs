@@ -57,14 +57,16 @@ fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // Only where the destination is: it is read at exit, and only if connect() failed early.
+    let fd = read_field::<u64>(ctx, config!(syscalls.connect_fd))? as u32;
     let pending = PendingConnect {
         uservaddr: read_field(ctx, config!(syscalls.connect_uservaddr))?,
         addrlen: read_field(ctx, config!(syscalls.connect_addrlen))?,
         start_ns: now(),
         sk: 0,
         closed_in_call: 0,
-        _pad: [0; 3],
-        fd: read_field::<u64>(ctx, config!(syscalls.connect_fd))? as u32,
+        repeat: u8::from(already_connecting(fd)),
+        _pad: [0; 2],
+        fd,
     };
     if CONNECTS
         .insert(&bpf_get_current_pid_tgid(), &pending, 0)
@@ -188,6 +190,18 @@ fn fd_socket(fd: u32) -> Result<*const u8, i64> {
     read_kernel(file, config!(offsets.file_private_data))
 }
 
+/// Whether file descriptor `fd` of the current process is a socket that is connecting or
+/// connected already (`socket.state` past SS_UNCONNECTED): a connect() on it starts nothing.
+fn already_connecting(fd: u32) -> bool {
+    const SS_UNCONNECTED: u32 = 1;
+    match fd_socket(fd) {
+        Ok(socket) => read_kernel::<u32>(socket, config!(offsets.socket_state))
+            .is_ok_and(|state| state > SS_UNCONNECTED),
+        // Not a file this process has: connect() fails with EBADF, which is no attempt either.
+        Err(_) => false,
+    }
+}
+
 /// Whether file descriptor `fd` of the current process is a TCP socket (socket->sk->sk_protocol).
 fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
     let socket = fd_socket(fd)?;
@@ -221,7 +235,7 @@ fn out_of_descriptors(ctx: &TracePointContext, ret_at: u32, source: Source) -> R
 /// A connect() to a Unix socket returned: the whole attempt, counted (and reported when it
 /// failed) under the socket's path.
 fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> {
-    let Some(outcome) = PendingConnect::on_unix_exit(ret) else {
+    let Some(outcome) = pending.on_unix_exit(ret) else {
         return Ok(());
     };
     // Only stream sockets are upstreams: a datagram socket's connect() (syslog's /dev/log

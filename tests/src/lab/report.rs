@@ -157,7 +157,12 @@ impl LabReport {
         let groups: BTreeMap<u16, Vec<String>> = matrix
             .routes
             .iter()
-            .map(|r| (r.listen_port, r.upstreams.iter().map(|u| u.to_string()).collect()))
+            .map(|r| {
+                (
+                    r.listen_port,
+                    r.upstreams.iter().map(|u| u.to_string()).collect(),
+                )
+            })
             .collect();
         let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &groups, &tracer);
         LabReport {
@@ -481,6 +486,11 @@ mod tests {
         let late = [request(100.0 + FAIL_TIMEOUT + 1.0, 0.0, 502, &[])];
         assert_eq!(explain_gateway_errors(&late, &groups, &tracer).1.len(), 1);
         let elsewhere = [failure("10.88.0.2:9999", 104.0)];
-        assert_eq!(explain_gateway_errors(&held_down, &groups, &elsewhere).1.len(), 1);
+        assert_eq!(
+            explain_gateway_errors(&held_down, &groups, &elsewhere)
+                .1
+                .len(),
+            1
+        );
     }
 }

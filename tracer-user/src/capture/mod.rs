@@ -386,6 +386,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
         socket_type: btf.member_offset("socket", "type")?,
+        socket_state: btf.member_offset("socket", "state")?,
         sk_max_ack_backlog: sock("sk_max_ack_backlog")?,
     };
     // The programs read these from one block of Config::SOCK_COMMON_BLOCK bytes.
