@@ -66,8 +66,12 @@ impl Tracer {
         let (line_tx, lines) = channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line_tx.send(line).is_err() {
+            // Byte lines, so that a line that is not UTF-8 is seen rather than ending the read.
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                if line_tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -117,12 +121,21 @@ impl Tracer {
     /// Events until `want` of them arrived or `timeout` passed, then anything else that
     /// arrives within `settle` (so that extra events are caught too).
     pub fn collect(&self, want: usize, timeout: Duration, settle: Duration) -> Vec<Value> {
-        let mut events = Vec::new();
+        self.collect_lines(want, timeout, settle)
+            .iter()
+            .map(|line| parse(line))
+            .collect()
+    }
+
+    /// Like [`Tracer::collect`], for the lines as printed (bytes that are not UTF-8 become
+    /// U+FFFD).
+    pub fn collect_lines(&self, want: usize, timeout: Duration, settle: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
         let deadline = Instant::now() + timeout;
-        while events.len() < want {
+        while lines.len() < want {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => events.push(parse(&line)),
+                Ok(line) => lines.push(line),
                 Err(_) => break,
             }
         }
@@ -131,9 +144,9 @@ impl Tracer {
             .lines
             .recv_timeout(settle_until.saturating_duration_since(Instant::now()))
         {
-            events.push(parse(&line));
+            lines.push(line);
         }
-        events
+        lines
     }
 
     pub fn pid(&self) -> u32 {

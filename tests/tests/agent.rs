@@ -148,6 +148,34 @@ fn without_privileges_tracer_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not privileged enough"), "{stderr}");
     assert!(stderr.contains("run tracer as root"), "{stderr}");
+    // `tracer check` as nobody: a tracefs that is mounted (root only) is not "not mounted".
+    let tracefs_mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|r| r.starts_with("tracefs "))
+        });
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tracer_bin())
+        .arg("check")
+        .output()
+        .expect("setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("tracefs"))
+        .unwrap_or_else(|| panic!("no tracefs line:\n{stdout}"));
+    if tracefs_mounted {
+        assert!(!line.contains("not mounted"), "{line}");
+    }
 }
 
 #[test]
@@ -175,6 +203,20 @@ fn a_bad_flag_is_a_clear_error() {
         assert_eq!(out.status.code(), Some(2));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{stderr}");
+    }
+    // Periods of zero (they panicked once they were used), and half a bracketed address.
+    for args in [
+        &["run", "--summary-every", "0s"][..],
+        &["top", "--interval", "0s"],
+        &["events", "--upstream", "[::1"],
+    ] {
+        let out = Command::new(tracer_bin())
+            .args(args)
+            .output()
+            .expect("tracer");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("invalid value"), "{args:?}: {stderr}");
     }
 }
 

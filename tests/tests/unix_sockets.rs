@@ -10,7 +10,8 @@ use std::{
 };
 
 use tracer_tests::{
-    assert_failures, client::unix_connect, http::get, kernel_tests_enabled, tracer_process::Tracer,
+    assert_failures, client::unix_connect, http::get, kernel_tests_enabled, process::test_bin,
+    tracer_process::Tracer,
 };
 
 const N: usize = 10;
@@ -215,5 +216,50 @@ fn metrics_count_every_unix_attempt_under_its_path() {
         )),
         None
     );
+    tracer.stop();
+}
+
+#[test]
+fn hostile_process_names_and_socket_paths_are_escaped_in_text_output() {
+    if !kernel_tests_enabled("hostile_process_names_and_socket_paths_are_escaped_in_text_output") {
+        return;
+    }
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = Dir::new("hostile");
+    // A path that, printed raw, forges a whole event line, clears the screen, and holds a byte
+    // that is not UTF-8; and a process name that retitles the terminal.
+    // (A sockaddr_un path holds 107 bytes.)
+    let forged = "2026-11-29T18:00:00Z  nginx[1]  10.0.0.5:80  refused";
+    let mut name = b"x\n".to_vec();
+    name.extend_from_slice(forged.as_bytes());
+    name.extend_from_slice(b"\x1b[2J\xff");
+    let path = dir.0.join(std::ffi::OsStr::from_bytes(&name));
+    let escaped = format!("unix:{}/x\\x0a{forged}\\x1b[2J\\xff", dir.0.display());
+    let tracer = Tracer::start(&["events", "--upstream", &escaped]);
+    // A process of its own, named to retitle the terminal (the name of a process, not of a
+    // thread, is what tracer reports).
+    let out = std::process::Command::new(test_bin("hostile-client"))
+        .arg(std::ffi::OsStr::from_bytes(b"\x1b]0;pwn\x07\\"))
+        .arg(&path)
+        .arg(N.to_string())
+        .output()
+        .expect("hostile-client runs");
+    let enoent = format!("{}\n", libc::ENOENT).repeat(N);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), enoent, "{out:?}");
+    let lines = tracer.collect_lines(N, WAIT, SETTLE);
+    assert_eq!(
+        lines.len(),
+        N,
+        "one line per failure:\n{}",
+        lines.join("\n")
+    );
+    for line in &lines {
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{fffd}'),
+            "raw control character or byte in {line:?}"
+        );
+        assert!(line.contains(&escaped[5..]), "{line}");
+        assert!(line.contains("\\x1b]0;pwn\\x07\\\\["), "{line}");
+    }
     tracer.stop();
 }

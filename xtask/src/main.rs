@@ -73,6 +73,7 @@ enum Task {
 const SUBCOMMANDS: &[&str] = &[
     "run",
     "events",
+    "top",
     "check",
     "help",
     "--help",
@@ -94,14 +95,7 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup::toolchain()?;
             let tracer = build(true)?;
-            let mut args = args;
-            if !args
-                .first()
-                .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()))
-            {
-                args.insert(0, "run".into());
-            }
-            run_tracer(&tracer, &args)
+            run_tracer(&tracer, &tracer_args(args))
         }
         Task::Test {
             kernel: Some(which),
@@ -113,6 +107,17 @@ fn main() -> anyhow::Result<()> {
             tests_program("the bench", "tracer-bench", setup::BENCH_PACKAGES, &args)
         }
     }
+}
+
+/// `cargo xtask run -- ARGS`: a tracer command, or `tracer run` with ARGS as its flags.
+fn tracer_args(mut args: Vec<String>) -> Vec<String> {
+    if !args
+        .first()
+        .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()))
+    {
+        args.insert(0, "run".into());
+    }
+    args
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
@@ -136,6 +141,23 @@ fn tests_program(
     setup::packages(setup::TEST_PACKAGES)?;
     setup::packages(extra_packages)?;
     let tracer = build(true)?;
+    // Every program of the tests crate: the lab and the bench run the others
+    // (`upstream-process`, `fd-hog`), which `cargo run --bin` alone would not build.
+    let built = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "tracer-tests",
+            "--bins",
+        ])
+        .status()
+        .context("building the tests crate's programs")?;
+    if !built.success() {
+        bail!("building the tests crate's programs failed");
+    }
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args([
@@ -309,4 +331,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(extra)
         .env("TRACER_BIN", &tracer);
     setup::run(&mut cmd).context("the tests failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_passes_a_tracer_command_on_and_runs_the_agent_otherwise() {
+        let args = |a: &[&str]| tracer_args(a.iter().map(|s| s.to_string()).collect());
+        assert_eq!(args(&[]), ["run"]);
+        assert_eq!(args(&["--listen", ":9600"]), ["run", "--listen", ":9600"]);
+        for command in ["run", "events", "top", "check"] {
+            assert_eq!(args(&[command, "--help"]), [command, "--help"]);
+        }
+    }
 }

@@ -11,6 +11,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::decode::text::untrusted;
+
 /// A socket that was listening when tracer started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExistingListener {
@@ -77,8 +79,8 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
             let (local, netns) = by_inode.get(&inode)?;
             pids.sort_unstable();
             pids.dedup();
-            let comm = std::fs::read_to_string(proc.join(pids[0].to_string()).join("comm"))
-                .map(|c| c.trim().to_string())
+            let comm = std::fs::read(proc.join(pids[0].to_string()).join("comm"))
+                .map(|c| untrusted(c.strip_suffix(b"\n").unwrap_or(&c)))
                 .unwrap_or_default();
             Some(ExistingListener {
                 local: *local,

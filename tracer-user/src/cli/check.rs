@@ -9,7 +9,7 @@ use crate::capture::{
     btf::{Btf, VMLINUX},
     kernel_offsets,
     preflight::{self, KernelVersion},
-    tracefs::Tracefs,
+    tracefs::{self, Tracefs},
 };
 
 struct Row {
@@ -106,14 +106,21 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
         }
         Err(e) => rows.row(VMLINUX, "unreadable".into(), false, e.to_string()),
     }
-    match Tracefs::find() {
-        Some(path) => rows.row(
+    match (Tracefs::find(), tracefs::mount_points().into_iter().next()) {
+        (Some(path), _) => rows.row(
             "tracefs",
             path.display().to_string(),
             true,
             "mounted".into(),
         ),
-        None => rows.row(
+        // Mounted, but this process may not look inside (mode 700 for root).
+        (None, Some(mounted)) => rows.row(
+            "tracefs",
+            format!("{mounted} (unreadable)"),
+            false,
+            "mounted, but this user may not read it: run tracer as root".into(),
+        ),
+        (None, None) => rows.row(
             "tracefs",
             "not mounted".into(),
             true,

@@ -80,7 +80,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_UPSTREAMS)]
     pub max_upstreams: usize,
     /// How often to log a summary of failing upstreams.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = period)]
     pub summary_every: Duration,
 }
 
@@ -111,6 +111,17 @@ pub struct TopArgs {
     #[arg(long, value_name = "URL")]
     pub connect: Option<String>,
     /// How often the view refreshes.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = period)]
     pub interval: Duration,
+}
+
+/// A period of something that repeats (`10s`, `500ms`): at least a millisecond.
+fn period(text: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if period < Duration::from_millis(1) {
+        return Err(format!(
+            "`{text}` is too short for a period: give 1ms or more"
+        ));
+    }
+    Ok(period)
 }

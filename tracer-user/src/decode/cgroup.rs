@@ -7,10 +7,12 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use super::text::untrusted;
 
 /// Resolves cgroup ids to paths relative to the cgroup2 root.
 pub struct CgroupPaths {
@@ -63,8 +65,10 @@ impl CgroupPaths {
         while let Some(dir) = stack.pop() {
             if let Ok(meta) = std::fs::metadata(&dir) {
                 let relative = dir.strip_prefix(&root).unwrap_or(Path::new(""));
-                self.paths
-                    .insert(meta.ino(), format!("/{}", relative.display()));
+                self.paths.insert(
+                    meta.ino(),
+                    format!("/{}", untrusted(relative.as_os_str().as_bytes())),
+                );
             }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;

@@ -9,6 +9,7 @@ use std::{
 
 use thiserror::Error;
 pub mod cgroup;
+pub mod text;
 
 use tracer_common::{
     CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent, OomEvent, Outcome,
@@ -159,16 +160,17 @@ impl UnixPaths for () {
     }
 }
 
-/// A `sockaddr_un` path as text: up to its NUL, or `@` and the name of an abstract socket.
+/// A `sockaddr_un` path as text: up to its NUL, or `@` and the name of an abstract socket;
+/// escaped ([`text::untrusted`]).
 pub fn unix_path_text(path: &UnixPath) -> String {
     match path.split_first() {
         Some((0, name)) => {
             let end = name.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-            format!("@{}", String::from_utf8_lossy(&name[..end]))
+            format!("@{}", text::untrusted(&name[..end]))
         }
         _ => {
             let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
-            String::from_utf8_lossy(&path[..end]).into_owned()
+            text::untrusted(&path[..end])
         }
     }
 }
@@ -190,10 +192,10 @@ pub fn upstream(endpoint: &Endpoint, paths: &dyn UnixPaths) -> Result<Upstream, 
     socket_addr(endpoint).map(Upstream::Ip)
 }
 
-/// A NUL-padded kernel `comm`.
+/// A NUL-padded kernel `comm`, escaped ([`text::untrusted`]).
 pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    text::untrusted(&bytes[..end])
 }
 
 /// Turns the kernel's CLOCK_MONOTONIC timestamps into wall-clock times.

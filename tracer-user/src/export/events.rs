@@ -35,10 +35,13 @@ impl FromStr for UpstreamMatch {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(UpstreamMatch::Addr(addr));
         }
-        if let Ok(ip) = s
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
+        // An IP alone, an IPv6 one with or without its brackets (both, or neither).
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+            .unwrap_or(s);
+        if let Ok(ip) = bare.parse::<IpAddr>()
+            && (bare == s || ip.is_ipv6())
         {
             return Ok(UpstreamMatch::Ip(ip));
         }
@@ -391,6 +394,13 @@ mod tests {
         assert!(!by(&[], &[], &["10.0.0.5:8001"]).matches(&f));
         assert!("[::1]:443".parse::<UpstreamMatch>().is_ok());
         assert!("[::1]".parse::<UpstreamMatch>().is_ok());
+        assert!("::1".parse::<UpstreamMatch>().is_ok());
+        for half_bracketed in ["[::1", "::1]", "[10.0.0.5]", "[10.0.0.5"] {
+            assert!(
+                half_bracketed.parse::<UpstreamMatch>().is_err(),
+                "{half_bracketed}"
+            );
+        }
         assert!(
             "nonsense"
                 .parse::<UpstreamMatch>()

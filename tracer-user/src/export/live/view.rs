@@ -331,12 +331,6 @@ fn render_detail(frame: &mut Frame, app: &App, area: Rect) {
             Style::new().add_modifier(Modifier::BOLD),
         ));
     }
-    if let Some(root_cause) = &row.root_cause {
-        lines.push(Line::styled(
-            format!("root cause: {root_cause}"),
-            Style::new().add_modifier(Modifier::BOLD),
-        ));
-    }
     lines.push(Line::raw(format!(
         "attempts: {} in 60 s ({}/s), failures {}",
         row.window_attempts(),
@@ -540,9 +534,12 @@ mod tests {
             Some("gunicorn (pid 1234, listening on 10.0.0.5:8000) was OOM-killed".into());
         app.on_event(event);
         let screen = text(&draw(&app, 160, 34));
-        assert!(
-            screen.contains("root cause: gunicorn (pid 1234, listening on"),
-            "{screen}"
+        assert_eq!(
+            screen
+                .matches("root cause: gunicorn (pid 1234, listening on")
+                .count(),
+            1,
+            "once:\n{screen}"
         );
     }
 

@@ -1,0 +1,27 @@
+//! A client that picks its own process name, as anyone on a host may:
+//! `hostile-client NAME PATH N` names itself NAME (`prctl(PR_SET_NAME)`, any bytes but NUL) and
+//! connects N times to the Unix socket PATH, printing how each connect ended.
+
+use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::PathBuf};
+
+fn main() {
+    let mut args = std::env::args_os().skip(1);
+    let usage = "usage: hostile-client NAME PATH N";
+    let name = CString::new(args.next().expect(usage).as_bytes()).expect("a name without NUL");
+    let path = PathBuf::from(args.next().expect(usage));
+    let n: usize = args
+        .next()
+        .and_then(|n| n.to_str()?.parse().ok())
+        .expect(usage);
+    // SAFETY: PR_SET_NAME with a NUL-terminated name (the kernel keeps its first 15 bytes).
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    for _ in 0..n {
+        match tracer_tests::client::unix_connect(&path) {
+            Ok(_) => println!("connected"),
+            Err(e) => match e.raw_os_error() {
+                Some(errno) => println!("{errno}"),
+                None => println!("{e}"),
+            },
+        }
+    }
+}
