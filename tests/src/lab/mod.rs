@@ -32,6 +32,19 @@ use crate::{
 /// Where the lab's Unix-socket upstreams live (the lab runs one at a time).
 pub const UNIX_DIR: &str = "/tmp/tracer-lab-unix";
 
+/// nginx's connect, send and read timeouts toward the upstreams: 1 s, and 3 s in a kernel guest
+/// under emulation (`cargo xtask test --kernel` sets TRACER_TEST_GUEST). There a healthy
+/// upstream's answer, or a refusal, can take longer than a second to reach nginx's event loop;
+/// nginx then logs a timeout for an attempt the kernel saw answered, and the lab would be
+/// comparing the emulator's speed rather than tracer.
+pub fn proxy_timeout() -> Duration {
+    if std::env::var_os("TRACER_TEST_GUEST").is_some() {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
 /// An upstream's address: TCP, or a Unix socket's path. Displayed as nginx's `server`
 /// directive and tracer's events both write it: `10.88.0.2:9001`, `unix:/tmp/…/php.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -601,7 +614,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     let load_time = load_started.elapsed();
     // Let the last timeouts fire, then stop nginx gracefully (it closes its idle
     // keep-alive connections) and tracer.
-    std::thread::sleep(Duration::from_millis(1_500));
+    std::thread::sleep(proxy_timeout() + Duration::from_millis(500));
     for nginx in &mut proxies {
         nginx.stop();
     }

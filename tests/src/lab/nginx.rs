@@ -139,11 +139,12 @@ http {{
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
-    proxy_connect_timeout 1s;
-    proxy_read_timeout 1s;
-    proxy_send_timeout 1s;
+    proxy_connect_timeout {timeout}ms;
+    proxy_read_timeout {timeout}ms;
+    proxy_send_timeout {timeout}ms;
     keepalive_timeout 0;
-"
+",
+        timeout = super::proxy_timeout().as_millis()
     );
     for route in routes {
         let servers: String = route
