@@ -31,7 +31,12 @@ async fn kernel_counts_every_attempt_exactly() {
     if !kernel_tests_enabled("kernel_counts_every_attempt_exactly") {
         return;
     }
-    let agent = Agent::start(&Options::default()).expect("tracer starts");
+    // This process makes the attempts it counts.
+    let agent = Agent::start(&Options {
+        ignore_own_process: false,
+        ..Options::default()
+    })
+    .expect("tracer starts");
     let ns = Netns::new("counts");
     let closed: SocketAddr = "127.77.20.1:8020".parse().unwrap();
     let healthy = Upstream::start(
@@ -99,7 +104,12 @@ async fn polling_a_connect_counts_it_once_whichever_way() {
     if !kernel_tests_enabled("polling_a_connect_counts_it_once_whichever_way") {
         return;
     }
-    let agent = Agent::start(&Options::default()).expect("tracer starts");
+    // This process makes the attempts it counts.
+    let agent = Agent::start(&Options {
+        ignore_own_process: false,
+        ..Options::default()
+    })
+    .expect("tracer starts");
     let ns = Netns::new("pollcounts");
     let (refused, connected) = (25, 15);
     let mut expected = Vec::new();

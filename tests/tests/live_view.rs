@@ -9,9 +9,11 @@ use std::{
 use tracer_tests::{
     bpf::{program_loaded, programs_held_by},
     client::refuse,
+    http::free_port,
     kernel_tests_enabled,
     netns::Netns,
-    tracer_process::tracer_bin,
+    own_comm,
+    tracer_process::{Tracer, tracer_bin},
 };
 
 /// A tmux session running `tracer top` under a shell that reports its exit.
@@ -188,4 +190,38 @@ fn top_gives_the_terminal_back_on_sigterm_and_fits_a_narrow_window() {
         !after.contains("FAIL/S"),
         "the terminal is back to normal:\n{after}"
     );
+}
+
+#[test]
+fn top_connected_to_a_running_agent_shows_its_counts_and_its_event_stream() {
+    if !kernel_tests_enabled(
+        "top_connected_to_a_running_agent_shows_its_counts_and_its_event_stream",
+    ) {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let agent = Tracer::start(&["run", "--listen", &addr]);
+    let session = Session::start("remote", 160, 40, &format!("--connect http://{addr}"));
+    // It reads the agent over HTTP and loads nothing itself.
+    assert!(programs_held_by(session.tracer_pid()).is_empty());
+    let ns = Netns::new("topremote");
+    refuse(&ns, "127.77.52.1:8052".parse().unwrap(), 10);
+    // The table comes from /api/snapshot; the recent failures pane from the /api/events
+    // stream, a line per failure.
+    let line = format!(
+        "{}[{}] 127.77.52.1:8052 refused",
+        own_comm(),
+        std::process::id()
+    );
+    let screen = session.wait_for(Duration::from_secs(10), |screen| {
+        screen
+            .lines()
+            .any(|l| l.contains("127.77.52.1:8052") && l.contains("100%"))
+            && screen.contains(&line)
+    });
+    assert!(screen.contains("10 connections refused"), "{screen}");
+    session.keys("q");
+    let after = session.wait_for(Duration::from_secs(10), |s| s.contains("EXITED"));
+    assert!(after.contains("EXITED 0"), "{after}");
+    agent.stop();
 }

@@ -377,3 +377,69 @@ fn a_bad_listen_address_fails_before_any_probe_is_attached() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After the command name in parentheses: state is field 3; utime and stime 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_descriptors_the_agent_backs_off_and_does_not_count_itself() {
+    if !kernel_tests_enabled("out_of_descriptors_the_agent_backs_off_and_does_not_count_itself") {
+        return;
+    }
+    let (tracer, addr) = agent(&[]);
+    // Few descriptors, the soft limit at the hard one, so that raising it cannot help.
+    let limited = Command::new("prlimit")
+        .args(["--pid", &tracer.pid().to_string(), "--nofile=128:128"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success());
+    // More idle clients than it has descriptors left: the listener stays readable and
+    // accept() fails with EMFILE.
+    let idle: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(idle.len() > 200, "{} idle clients", idle.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(tracer.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(tracer.pid()) - before;
+    // A loop on a failing accept() burns the whole 2 s (200 ticks at 100 Hz); backing off
+    // costs next to nothing.
+    assert!(
+        used < 50,
+        "the agent used {used} ticks of CPU in 2 s while out of descriptors"
+    );
+    drop(idle);
+    // Once the clients left, it serves again, and its own failed accepts are not a proxy's.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let scrape = loop {
+        match get(addr, "/metrics") {
+            Ok((200, body)) => break body,
+            other => {
+                assert!(Instant::now() < deadline, "no scrape: {other:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(
+        !scrape.lines().any(|l| l.contains("proxy=\"tracer\"")),
+        "the agent counted itself:\n{}",
+        scrape
+            .lines()
+            .filter(|l| l.contains("proxy=\"tracer\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let stderr = tracer.stop();
+    assert!(stderr.contains("cannot accept HTTP clients"), "{stderr}");
+}

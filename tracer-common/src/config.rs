@@ -125,7 +125,9 @@ pub struct Config {
     /// At most this many failure events per second per route, cause and CPU reach user space
     /// (0: no limit); the counts are exact regardless.
     pub events_per_second: u32,
-    pub _pad: u32,
+    /// A process (its tgid as the kernel numbers it) whose attempts are neither counted nor
+    /// reported: the agent itself (0: none).
+    pub ignored_tgid: u32,
 }
 
 impl Config {
@@ -205,6 +207,6 @@ impl Config {
         ready: 0,
         sends: Config::SENDS_UNSEEN,
         events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
-        _pad: 0,
+        ignored_tgid: 0,
     };
 }

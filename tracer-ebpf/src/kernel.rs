@@ -83,3 +83,10 @@ pub fn fill_current_proxy(proxy: &mut Proxy, netns: u32) {
         proxy.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
 }
+
+/// Whether the current task belongs to the process user space asked the programs to ignore
+/// (the agent: its own failed accept()s and connects are not a proxy's).
+pub fn current_is_ignored() -> bool {
+    let ignored = config!(ignored_tgid);
+    ignored != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 == ignored
+}

@@ -15,7 +15,7 @@ use tracer_common::{
 
 use crate::{
     counting::{Report, count, count_latency, report, stat},
-    kernel::{fill_current_proxy, local_port, now, read_kernel},
+    kernel::{current_is_ignored, fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
 };
@@ -186,7 +186,8 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
 #[inline(never)]
 fn start_tracking(sk: *const u8) -> Result<(), i64> {
     let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
-    if protocol != IPPROTO_TCP {
+    // CLOSE→SYN_SENT happens inside connect(), so the current task is the one connecting.
+    if protocol != IPPROTO_TCP || current_is_ignored() {
         return Ok(());
     }
     // The sock_common fields in one read (user space checked they lie in the block).

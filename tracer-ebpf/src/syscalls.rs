@@ -18,7 +18,10 @@ use tracer_common::{
 
 use crate::{
     counting::{Report, count, count_latency, report, stat},
-    kernel::{current_netns, current_task, fill_current_proxy, now, read_field, read_kernel},
+    kernel::{
+        current_is_ignored, current_netns, current_task, fill_current_proxy, now, read_field,
+        read_kernel,
+    },
     maps::{CONNECTS, CONNS, UNIX_PATHS},
 };
 
@@ -146,6 +149,9 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
 /// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
 #[inline(never)]
 fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i64, source: Source) {
+    if current_is_ignored() {
+        return;
+    }
     let mut proxy = Proxy::default();
     fill_current_proxy(&mut proxy, current_netns());
     let now = now();

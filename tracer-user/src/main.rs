@@ -15,6 +15,7 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    raise_fd_limit();
     let result = match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Events(args) => events::events(args).await,
@@ -26,6 +27,28 @@ async fn main() -> std::process::ExitCode {
         Err(error) => {
             eprintln!("tracer: error: {error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: the default soft limit (1024) is low
+/// for an agent that serves HTTP clients beside its maps and programs.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(
+                    "could not raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }

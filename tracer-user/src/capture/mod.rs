@@ -242,6 +242,9 @@ pub struct Options {
     pub events_per_second: u32,
     /// Programs not to attach (`--skip-probe`), checked with [`skippable_probe`].
     pub skip_probes: Vec<&'static str>,
+    /// Leave this process's own attempts out (its HTTP clients, its failed accept()s): true
+    /// for the agent; tests that run the agent inside the process they measure turn it off.
+    pub ignore_own_process: bool,
 }
 
 impl Default for Options {
@@ -250,6 +253,7 @@ impl Default for Options {
             min_wait: Duration::from_nanos(Config::DEFAULT_MIN_WAIT_NS),
             events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
             skip_probes: Vec::new(),
+            ignore_own_process: true,
         }
     }
 }
@@ -469,6 +473,11 @@ impl Capture {
             ready: 1,
             sends: sends.mode,
             events_per_second: options.events_per_second,
+            ignored_tgid: if options.ignore_own_process {
+                own_global_tgid().unwrap_or(0)
+            } else {
+                0
+            },
             ..Config::UNSET
         };
         // Classic tracepoints need tracefs; without it only the connect() probes are lost.
@@ -829,4 +838,14 @@ impl Events {
             each(&record);
         }
     }
+}
+
+/// This process's tgid as the kernel programs see it (in the initial PID namespace), or `None`
+/// when it runs in a PID namespace of its own (a container without the host's PID namespace):
+/// its own pid is then another number, perhaps some other process's.
+fn own_global_tgid() -> Option<u32> {
+    // The initial PID namespace's inode number (PROC_PID_INIT_INO).
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    (ns.to_str() == Some(INIT_PID_NS)).then(std::process::id)
 }

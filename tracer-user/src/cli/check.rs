@@ -114,11 +114,13 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
             "mounted".into(),
         ),
         // Mounted, but this process may not look inside (mode 700 for root).
-        (None, Some(mounted)) => rows.row(
+        (None, Some(mounted)) => rows.row_with(
             "tracefs",
             format!("{mounted} (unreadable)"),
-            false,
-            "mounted, but this user may not read it: run tracer as root".into(),
+            "warn",
+            "mounted, but this process may not read it: the probes on classic tracepoints \
+             will not attach (run tracer as root or give it CAP_DAC_READ_SEARCH)"
+                .into(),
         ),
         (None, None) => rows.row(
             "tracefs",

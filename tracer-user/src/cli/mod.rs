@@ -64,6 +64,7 @@ impl CaptureArgs {
             min_wait: self.min_wait,
             events_per_second: self.event_rate,
             skip_probes: self.skip_probe.clone(),
+            ignore_own_process: true,
         }
     }
 }

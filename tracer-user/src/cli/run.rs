@@ -5,7 +5,8 @@
 use std::{collections::BTreeMap, ops::ControlFlow, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::{io::AsyncWriteExt as _, sync::broadcast};
+use bytes::Bytes;
+use tokio::sync::broadcast;
 
 use super::RunArgs;
 use crate::{
@@ -26,7 +27,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = http::bind(args.listen).await?;
     let mut agent = Agent::start(&args.capture.options()).context("starting tracer")?;
     let exporter = Arc::new(Exporter::new(agent.shared.clone(), args.max_upstreams));
-    let (failures, _) = broadcast::channel::<Arc<String>>(EVENT_BACKLOG);
+    let (failures, _) = broadcast::channel::<Bytes>(EVENT_BACKLOG);
     let handler: Handler = {
         let failures = failures.clone();
         Arc::new(move |path| match path {
@@ -50,31 +51,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     body,
                 }
             }
-            "/api/events" => {
-                let mut receiver = failures.subscribe();
-                Response::Stream {
-                    content_type: "application/x-ndjson",
-                    write: Box::new(move |mut stream| {
-                        Box::pin(async move {
-                            loop {
-                                let line = match receiver.recv().await {
-                                    Ok(line) => line,
-                                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                                    Err(broadcast::error::RecvError::Closed) => return,
-                                };
-                                if stream.write_all(line.as_bytes()).await.is_err() {
-                                    return;
-                                }
-                            }
-                        })
-                    }),
-                }
-            }
+            "/api/events" => Response::Lines {
+                content_type: "application/x-ndjson",
+                source: failures.subscribe(),
+            },
             _ => Response::NotFound,
         })
     };
+    // The port it got, when --listen asked for any (port 0).
+    let listening = listener.local_addr().unwrap_or(args.listen);
     let server = tokio::spawn(http::serve(listener, handler));
-    eprintln!("tracer: serving http://{}/metrics", args.listen);
+    eprintln!("tracer: serving http://{listening}/metrics");
 
     // Failures per route at the last summary, to log what is new.
     let mut last: BTreeMap<Route, u64> = BTreeMap::new();
@@ -84,13 +71,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Happening::Failure(failure) => {
                     tracing::debug!("{}", failure.explain());
                     if failures.receiver_count() > 0 {
-                        let _ = failures.send(Arc::new(format!("{}\n", json_line(&failure))));
+                        let _ = failures.send(Bytes::from(format!("{}\n", json_line(&failure))));
                     }
                 }
                 Happening::Notice(notice) => {
                     tracing::info!("{}", notice.explain());
                     if failures.receiver_count() > 0 {
-                        let _ = failures.send(Arc::new(format!("{}\n", notice_json_line(&notice))));
+                        let _ =
+                            failures.send(Bytes::from(format!("{}\n", notice_json_line(&notice))));
                     }
                 }
                 Happening::Tick => {

@@ -13,7 +13,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::AsyncBufReadExt as _,
     signal::unix::{SignalKind, signal},
     sync::mpsc,
     task::JoinHandle,
@@ -99,14 +98,12 @@ impl Source {
         let stream = tokio::spawn(async move {
             loop {
                 if let Ok(mut lines) = http::get_stream(addr, "/api/events").await {
-                    let mut line = String::new();
-                    while lines.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    while let Ok(Some(line)) = lines.next_line().await {
                         if let Ok(event) = serde_json::from_str::<EventRecord>(&line)
                             && tx.try_send(event).is_err()
                         {
                             dropped.fetch_add(1, Ordering::Relaxed);
                         }
-                        line.clear();
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
