@@ -240,6 +240,7 @@ fn hostile_process_names_and_socket_paths_are_escaped_in_text_output() {
     // thread, is what tracer reports).
     let out = std::process::Command::new(test_bin("hostile-client"))
         .arg(std::ffi::OsStr::from_bytes(b"\x1b]0;pwn\x07\\"))
+        .arg("unix")
         .arg(&path)
         .arg(N.to_string())
         .output()

@@ -4,12 +4,13 @@
 //! What other tasks (the metrics endpoint, the live view) need is in [`Shared`].
 
 use std::{
+    collections::{BTreeSet, HashSet},
     ops::ControlFlow,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -17,7 +18,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracer_common::{Outcome, Stat};
 
 use crate::{
-    aggregate::{ListenerTotals, Totals},
+    aggregate::{
+        ListenerTotals, RouteTotals, Totals,
+        ledger::{EntryKey, Ledger, merge},
+    },
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
     classify::{Classified, Listeners, Notice, is_not_an_upstream},
     decode::{self, Clock, Count, ExistingListenerInfo, Failure, LatencyCount, Lifecycle, Record},
@@ -43,11 +47,16 @@ pub struct Shared {
     pub events_undecodable: AtomicU64,
     /// What became of listeners so far.
     pub listeners: Mutex<ListenerTotals>,
+    /// Retired counts and admitted upstreams (see `aggregate::ledger`).
+    pub ledger: Mutex<Ledger>,
 }
 
 impl Shared {
-    /// The kernel's exact counts, aggregated per route.
+    /// The kernel's exact counts, aggregated per route, with what was retired of them.
     pub fn totals(&self) -> Totals {
+        // Held while the kernel is read: a retiring pass moves counts from the kernel to the
+        // ledger under it, so no read sees them twice or not at all.
+        let ledger = self.ledger();
         let counts = self
             .counters
             .counts()
@@ -68,7 +77,67 @@ impl Shared {
                 *totals.overflow.entry(outcome).or_default() += tally.count;
             }
         }
+        for (route, retired) in ledger.retired() {
+            merge(totals.routes.entry(route.clone()).or_default(), retired);
+        }
         totals
+    }
+
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves kernel entries that have not changed for `idle_after` into the ledger and frees
+    /// them; lets idle upstreams give their places up.
+    pub fn reclaim(&self) {
+        let now = Instant::now();
+        let mut ledger = self.ledger();
+        let mut live_keys = HashSet::new();
+        let mut live_upstreams = BTreeSet::new();
+        for (key, tally) in self.counters.counts() {
+            let Ok(count) = Count::from_kernel(&key, tally.count, tally.sum_ns, &*self.counters)
+            else {
+                continue;
+            };
+            let entry = EntryKey::Count(key);
+            if ledger.idle(entry, tally.count, now)
+                && let Some(last) = self.counters.take_count(&key)
+            {
+                if !is_not_an_upstream(&count.route.upstream) {
+                    let mut retired = RouteTotals::default();
+                    retired.outcomes.insert(
+                        count.outcome,
+                        (last.count, Duration::from_nanos(last.sum_ns)),
+                    );
+                    ledger.retire(count.route, &retired);
+                }
+                continue;
+            }
+            live_keys.insert(entry);
+            live_upstreams.insert(count.route.upstream.to_string());
+        }
+        for (key, n) in self.counters.latency() {
+            let Ok(latency) = LatencyCount::from_kernel(&key, n, &*self.counters) else {
+                continue;
+            };
+            let entry = EntryKey::Latency(key);
+            if ledger.idle(entry, n, now)
+                && let Some(last) = self.counters.take_latency(&key)
+            {
+                if !is_not_an_upstream(&latency.route.upstream) {
+                    let mut retired = RouteTotals::default();
+                    if let Some(slot) = retired.connect_buckets.get_mut(latency.bucket) {
+                        *slot = last;
+                    }
+                    ledger.retire(latency.route, &retired);
+                }
+                continue;
+            }
+            live_keys.insert(entry);
+            live_upstreams.insert(latency.route.upstream.to_string());
+        }
+        ledger.keep_only(&live_keys);
+        ledger.settle(&live_upstreams);
     }
 
     pub fn listener_totals(&self) -> ListenerTotals {
@@ -145,6 +214,7 @@ impl Agent {
             events_received: AtomicU64::new(0),
             events_undecodable: AtomicU64::new(0),
             listeners: Mutex::new(ListenerTotals::default()),
+            ledger: Mutex::new(Ledger::new(options.max_upstreams, options.idle_after)),
         });
         // Start-up read the kernel's BTF and /proc.
         give_memory_back();
@@ -178,12 +248,20 @@ impl Agent {
         // costs more than the event); between those, this timer collects what is there.
         let mut collect = tokio::time::interval(COLLECT_EVERY);
         collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Idle kernel entries are looked for a few times per idle period (and at least once a
+        // minute): an entry is freed between idle_after and about 1.25 × idle_after.
+        let idle_after = self.shared.ledger().idle_after;
+        let mut reclaim = tokio::time::interval(
+            (idle_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+        );
+        reclaim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::new();
         loop {
             tokio::select! {
                 ready = self.failures.ready() => ready.context("reading the event ring buffer")?,
                 ready = self.lifecycle.ready() => ready.context("reading the lifecycle ring buffer")?,
                 _ = collect.tick() => {}
+                _ = reclaim.tick() => self.shared.reclaim(),
                 _ = self.interrupt.recv() => break,
                 _ = self.terminate.recv() => break,
                 _ = ticker.tick(), if tick_every.is_some() => {

@@ -82,12 +82,13 @@ pub const MATRIX: [Kernel; 4] = [
 ];
 
 /// The test binaries (tests/tests/NAME.rs) that run in every guest: the kernel tests.
-pub const GUEST_TESTS: [&str; 6] = [
+pub const GUEST_TESTS: [&str; 7] = [
     "tcp_failures",
     "unix_sockets",
     "root_cause",
     "proxy_limits",
     "agent",
+    "reclaim",
     "nginx_lab",
 ];
 

@@ -1,14 +1,16 @@
 //! A client that picks its own process name, as anyone on a host may:
-//! `hostile-client NAME PATH N` names itself NAME (`prctl(PR_SET_NAME)`, any bytes but NUL) and
-//! connects N times to the Unix socket PATH, printing how each connect ended.
+//! `hostile-client NAME unix PATH N` names itself NAME (`prctl(PR_SET_NAME)`, any bytes but
+//! NUL) and connects N times to the Unix socket PATH; `hostile-client NAME tcp ADDR N` the same
+//! to a TCP address. It prints how each connect ended (an errno, or `connected`).
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::PathBuf};
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
-    let usage = "usage: hostile-client NAME PATH N";
+    let usage = "usage: hostile-client NAME unix|tcp TARGET N";
     let name = CString::new(args.next().expect(usage).as_bytes()).expect("a name without NUL");
-    let path = PathBuf::from(args.next().expect(usage));
+    let kind = args.next().expect(usage);
+    let target = args.next().expect(usage);
     let n: usize = args
         .next()
         .and_then(|n| n.to_str()?.parse().ok())
@@ -16,8 +18,17 @@ fn main() {
     // SAFETY: PR_SET_NAME with a NUL-terminated name (the kernel keeps its first 15 bytes).
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     for _ in 0..n {
-        match tracer_tests::client::unix_connect(&path) {
-            Ok(_) => println!("connected"),
+        let result = match kind.to_str() {
+            Some("unix") => tracer_tests::client::unix_connect(&PathBuf::from(&target)).map(drop),
+            Some("tcp") => {
+                let addr: std::net::SocketAddr =
+                    target.to_str().and_then(|t| t.parse().ok()).expect(usage);
+                std::net::TcpStream::connect(addr).map(drop)
+            }
+            _ => panic!("{usage}"),
+        };
+        match result {
+            Ok(()) => println!("connected"),
             Err(e) => match e.raw_os_error() {
                 Some(errno) => println!("{errno}"),
                 None => println!("{e}"),

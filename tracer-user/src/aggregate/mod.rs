@@ -7,6 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS};
 
+pub mod ledger;
+
 pub use crate::decode::Route;
 use crate::{
     classify::Notice,

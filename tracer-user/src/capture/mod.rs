@@ -245,6 +245,10 @@ pub struct Options {
     /// Leave this process's own attempts out (its HTTP clients, its failed accept()s): true
     /// for the agent; tests that run the agent inside the process they measure turn it off.
     pub ignore_own_process: bool,
+    /// Upstreams with series of their own (`--max-upstreams`; see `aggregate::ledger`).
+    pub max_upstreams: usize,
+    /// Kernel count entries unchanged this long are moved to the agent (`--idle-after`).
+    pub idle_after: Duration,
 }
 
 impl Default for Options {
@@ -254,6 +258,8 @@ impl Default for Options {
             events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
             skip_probes: Vec::new(),
             ignore_own_process: true,
+            max_upstreams: crate::aggregate::ledger::DEFAULT_MAX_UPSTREAMS,
+            idle_after: crate::aggregate::ledger::DEFAULT_IDLE_AFTER,
         }
     }
 }
@@ -278,8 +284,9 @@ pub struct Capture {
 
 /// The kernel's exact counters, read from its maps.
 pub struct Counters {
-    counts: PerCpuHashMap<MapData, CountKey, Tally>,
-    latency: PerCpuHashMap<MapData, LatencyKey, u64>,
+    // Locked: the agent frees idle entries while scrapes read them.
+    counts: std::sync::Mutex<PerCpuHashMap<MapData, CountKey, Tally>>,
+    latency: std::sync::Mutex<PerCpuHashMap<MapData, LatencyKey, u64>>,
     overflow: PerCpuArray<MapData, Tally>,
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, u64, ConnTrack>,
@@ -297,7 +304,8 @@ impl UnixPaths for Counters {
 impl Counters {
     /// The exact counts per route × outcome, summed over CPUs.
     pub fn counts(&self) -> Vec<(CountKey, Tally)> {
-        self.counts
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts
             .iter()
             .filter_map(Result::ok)
             .map(|(key, per_cpu)| (key, sum_tallies(per_cpu.iter())))
@@ -306,11 +314,29 @@ impl Counters {
 
     /// Successful connects per route × connect-time bucket, summed over CPUs.
     pub fn latency(&self) -> Vec<(LatencyKey, u64)> {
-        self.latency
+        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        latency
             .iter()
             .filter_map(Result::ok)
             .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
             .collect()
+    }
+
+    /// Frees count entry `key`, returning its last value (read just before, to leave the
+    /// kernel as little time as possible to add to it unseen).
+    pub fn take_count(&self, key: &CountKey) -> Option<Tally> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let tally = sum_tallies(counts.get(key, 0).ok()?.iter());
+        counts.remove(key).ok()?;
+        Some(tally)
+    }
+
+    /// Frees latency entry `key`, returning its last value.
+    pub fn take_latency(&self, key: &LatencyKey) -> Option<u64> {
+        let mut latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let n = latency.get(key, 0).ok()?.iter().sum();
+        latency.remove(key).ok()?;
+        Some(n)
     }
 
     /// Counts per outcome code that did not fit in the counts map.
@@ -532,8 +558,8 @@ impl Capture {
         let lifecycle = take(&mut ebpf, "LIFECYCLE")?;
         let listener_owners = take(&mut ebpf, "LISTENER_OWNERS")?;
         let counters = Counters {
-            counts: take(&mut ebpf, "COUNTS")?,
-            latency: take(&mut ebpf, "CONNECT_LATENCY")?,
+            counts: std::sync::Mutex::new(take(&mut ebpf, "COUNTS")?),
+            latency: std::sync::Mutex::new(take(&mut ebpf, "CONNECT_LATENCY")?),
             overflow: take(&mut ebpf, "OVERFLOW_COUNTS")?,
             stats: take(&mut ebpf, "STATS")?,
             conns: take(&mut ebpf, "CONNS")?,

@@ -90,7 +90,7 @@ const NAME_SERVICE_SOCKETS: [&str; 3] = ["/var/run/nscd/", "/run/nscd/", "/run/s
 pub fn is_not_an_upstream(upstream: &Upstream) -> bool {
     match upstream {
         Upstream::Unix(path) => NAME_SERVICE_SOCKETS.iter().any(|p| path.starts_with(p)),
-        Upstream::Ip(_) | Upstream::None => false,
+        Upstream::Ip(_) | Upstream::None | Upstream::Other => false,
     }
 }
 

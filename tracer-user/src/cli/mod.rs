@@ -11,8 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use tracer_common::Config;
 
 use crate::{
+    aggregate::ledger::DEFAULT_MAX_UPSTREAMS,
     capture::{Options, skippable_probe},
-    export::{events::UpstreamMatch, metrics::DEFAULT_MAX_UPSTREAMS},
+    export::events::UpstreamMatch,
 };
 
 #[derive(Debug, Parser)]
@@ -64,7 +65,7 @@ impl CaptureArgs {
             min_wait: self.min_wait,
             events_per_second: self.event_rate,
             skip_probes: self.skip_probe.clone(),
-            ignore_own_process: true,
+            ..Options::default()
         }
     }
 }
@@ -83,6 +84,20 @@ pub struct RunArgs {
     /// How often to log a summary of failing upstreams.
     #[arg(long, default_value = "10s", value_parser = period)]
     pub summary_every: Duration,
+    /// A route whose kernel counts have not changed for this long is moved into the agent's
+    /// own totals and its kernel entry freed, so that the kernel's table never fills for good.
+    #[arg(long, default_value = "5m", value_parser = period)]
+    pub idle_after: Duration,
+}
+
+impl RunArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            max_upstreams: self.max_upstreams,
+            idle_after: self.idle_after,
+            ..self.capture.options()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,13 +19,16 @@ use crate::{
     },
 };
 
+/// At most this many routes are logged one by one in each summary; the rest in one line.
+const SUMMARY_LINES: usize = 10;
+
 /// How many failures a slow `/api/events` client may fall behind before it misses some.
 const EVENT_BACKLOG: usize = 4096;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bind first: a bad address or a port in use fails before any probe is attached.
     let listener = http::bind(args.listen).await?;
-    let mut agent = Agent::start(&args.capture.options()).context("starting tracer")?;
+    let mut agent = Agent::start(&args.options()).context("starting tracer")?;
     let exporter = Arc::new(Exporter::new(agent.shared.clone(), args.max_upstreams));
     let (failures, _) = broadcast::channel::<Bytes>(EVENT_BACKLOG);
     let handler: Handler = {
@@ -83,21 +86,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 Happening::Tick => {
                     let totals = shared.totals();
-                    for (route, t) in totals.failing() {
-                        let failures = t.failures();
-                        let before = last.insert(route.clone(), failures).unwrap_or(0);
-                        if failures > before {
-                            tracing::info!(
-                                proxy = %route.proxy,
-                                upstream = %route.upstream,
-                                "{} new failure(s) ({} of {} attempts in all); leading cause: {}",
-                                failures - before,
-                                failures,
-                                t.attempts(),
-                                t.leading_cause().map_or("none", |c| c.name()),
-                            );
-                        }
+                    let failing = totals.failing();
+                    let mut new: Vec<_> = failing
+                        .iter()
+                        .map(|(route, t)| {
+                            let before = last.get(*route).copied().unwrap_or(0);
+                            (*route, *t, t.failures().saturating_sub(before))
+                        })
+                        .filter(|(_, _, new)| *new > 0)
+                        .collect();
+                    new.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+                    for (route, t, n) in new.iter().take(SUMMARY_LINES) {
+                        tracing::info!(
+                            proxy = %route.proxy,
+                            upstream = %route.upstream,
+                            "{n} new failure(s) ({} of {} attempts in all); leading cause: {}",
+                            t.failures(),
+                            t.attempts(),
+                            t.leading_cause().map_or("none", |c| c.name()),
+                        );
                     }
+                    if new.len() > SUMMARY_LINES {
+                        let rest = &new[SUMMARY_LINES..];
+                        tracing::info!(
+                            "and {} more routes with {} new failure(s) between them (see /metrics)",
+                            rest.len(),
+                            rest.iter().map(|(_, _, n)| n).sum::<u64>()
+                        );
+                    }
+                    // Only the routes there are now: retired ones are gone or under `other`.
+                    last = failing
+                        .iter()
+                        .map(|(route, t)| ((*route).clone(), t.failures()))
+                        .collect();
                     let lost = shared.stat(tracer_common::Stat::EventsLost);
                     if lost > 0 {
                         tracing::warn!("{lost} failure events lost so far (counts stay exact)");

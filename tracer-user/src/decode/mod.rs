@@ -104,6 +104,8 @@ pub enum Upstream {
     Unix(String),
     /// Not chosen yet: the attempt failed before (`fd_exhausted`).
     None,
+    /// Upstreams past `--max-upstreams`, counted together (see `aggregate::ledger`).
+    Other,
 }
 
 impl Upstream {
@@ -111,7 +113,7 @@ impl Upstream {
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self {
             Upstream::Ip(addr) => Some(*addr),
-            Upstream::Unix(_) | Upstream::None => None,
+            Upstream::Unix(_) | Upstream::None | Upstream::Other => None,
         }
     }
 }
@@ -123,6 +125,9 @@ impl std::str::FromStr for Upstream {
     fn from_str(s: &str) -> Result<Upstream, Self::Err> {
         if s == "none" {
             return Ok(Upstream::None);
+        }
+        if s == "other" {
+            return Ok(Upstream::Other);
         }
         match s.strip_prefix("unix:") {
             Some(path) => Ok(Upstream::Unix(path.to_string())),
@@ -144,6 +149,7 @@ impl fmt::Display for Upstream {
             Upstream::Ip(addr) => addr.fmt(f),
             Upstream::Unix(path) => write!(f, "unix:{path}"),
             Upstream::None => f.write_str("none"),
+            Upstream::Other => f.write_str("other"),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt::{Display, Write as _},
     sync::{Arc, Mutex, atomic::Ordering},
     time::SystemTime,
@@ -17,7 +17,7 @@ use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 
 use crate::{
     agent::Shared,
-    aggregate::{LATENCY_BUCKETS, RouteTotals},
+    aggregate::{LATENCY_BUCKETS, RouteTotals, ledger::merge},
     decode::cgroup::CgroupPaths,
     export::api::{Health, RouteSnapshot, Snapshot},
 };
@@ -25,8 +25,7 @@ use crate::{
 /// The label value for upstreams (and proxies) past the caps.
 pub const OTHER: &str = "other";
 
-/// The default `--max-upstreams`.
-pub const DEFAULT_MAX_UPSTREAMS: usize = 1000;
+pub use crate::aggregate::ledger::DEFAULT_MAX_UPSTREAMS;
 
 /// The failure causes every route exports (zero when none happened), so rates and ratios work
 /// from the route's first scrape on.
@@ -58,12 +57,9 @@ pub struct Exporter {
     state: Mutex<State>,
 }
 
-/// What must stay the same from one scrape to the next.
+/// What must stay the same from one scrape to the next (which upstreams have series of their
+/// own is the agent's ledger's).
 struct State {
-    /// Upstreams that have their own series (the first `--max-upstreams` seen).
-    admitted: BTreeSet<String>,
-    /// Upstreams folded into `other`.
-    folded: BTreeSet<String>,
     cgroups: CgroupPaths,
     /// Evictions seen so far (the estimate can dip; the counter must not).
     evicted: u64,
@@ -87,24 +83,6 @@ impl Labels {
     }
 }
 
-impl State {
-    /// Whether `upstream` has series of its own: it has, or there is room under the cap
-    /// (`max`) and it gets them now, for good. Otherwise it is folded into `other`.
-    fn admit(&mut self, upstream: &str, max: usize) -> bool {
-        if self.admitted.contains(upstream) {
-            return true;
-        }
-        if self.admitted.len() < max {
-            self.admitted.insert(upstream.to_string());
-            return true;
-        }
-        if !self.folded.contains(upstream) {
-            self.folded.insert(upstream.to_string());
-        }
-        false
-    }
-}
-
 impl Exporter {
     pub fn new(shared: Arc<Shared>, max_upstreams: usize) -> Exporter {
         Exporter {
@@ -114,8 +92,6 @@ impl Exporter {
                 .map(|r| r.trim().to_string())
                 .unwrap_or_default(),
             state: Mutex::new(State {
-                admitted: BTreeSet::new(),
-                folded: BTreeSet::new(),
                 cgroups: CgroupPaths::new(),
                 evicted: 0,
             }),
@@ -127,12 +103,12 @@ impl Exporter {
     pub fn snapshot(&self) -> Snapshot {
         let totals = self.shared.totals();
         let health = Health::of(&self.shared);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ledger = self.shared.ledger();
         let mut routes = Vec::new();
         let mut other: BTreeMap<(&str, u64), RouteTotals> = BTreeMap::new();
         for (route, t) in &totals.routes {
             let upstream = route.upstream.to_string();
-            if state.admit(&upstream, self.max_upstreams) {
+            if ledger.admit(&route.upstream) {
                 routes.push(RouteSnapshot::new(
                     &route.proxy,
                     route.cgroup_id,
@@ -143,7 +119,7 @@ impl Exporter {
                 merge(other.entry((&route.proxy, route.cgroup_id)).or_default(), t);
             }
         }
-        drop(state);
+        drop(ledger);
         for ((proxy, cgroup_id), t) in &other {
             routes.push(RouteSnapshot::new(proxy, *cgroup_id, OTHER.to_string(), t));
         }
@@ -155,12 +131,13 @@ impl Exporter {
     pub fn render(&self) -> String {
         let totals = self.shared.totals();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ledger = self.shared.ledger();
 
         // Series per label set: routes past the upstream cap share `other`.
         let mut series: BTreeMap<Labels, RouteTotals> = BTreeMap::new();
         for (route, t) in &totals.routes {
             let mut upstream = route.upstream.to_string();
-            if !state.admit(&upstream, self.max_upstreams) {
+            if !ledger.admit(&route.upstream) {
                 upstream = OTHER.to_string();
             }
             let cgroup = state
@@ -358,9 +335,21 @@ impl Exporter {
         }
         text.single(
             "tracer_upstreams_folded",
-            "Distinct upstreams counted under upstream=\"other\" because of --max-upstreams.",
+            "Upstreams counted under upstream=\"other\" now because of --max-upstreams.",
             GAUGE,
-            state.folded.len() as u64,
+            ledger.folded_now() as u64,
+        );
+        text.single(
+            "tracer_upstreams_folded_total",
+            "Times an upstream was counted under upstream=\"other\" because of --max-upstreams.",
+            COUNTER,
+            ledger.folded_total,
+        );
+        text.single(
+            "tracer_upstreams_released_total",
+            "Upstreams idle for --idle-after that gave their series up (their counts joined upstream=\"other\") so that new ones get series.",
+            COUNTER,
+            ledger.released_total,
         );
         text.single(
             "tracer_upstream_series_limit",
@@ -381,17 +370,6 @@ impl Exporter {
             1,
         );
         text.out
-    }
-}
-
-fn merge(into: &mut RouteTotals, from: &RouteTotals) {
-    for (outcome, (n, d)) in &from.outcomes {
-        let entry = into.outcomes.entry(*outcome).or_default();
-        entry.0 += n;
-        entry.1 += *d;
-    }
-    for (slot, n) in into.connect_buckets.iter_mut().zip(from.connect_buckets) {
-        *slot += n;
     }
 }
 

@@ -1,0 +1,140 @@
+//! The kernel's count tables never fill for good: after a storm of distinct upstreams, idle
+//! routes are retired into the agent (exactly, monotonically), folded upstreams are forgotten,
+//! idle admitted ones give their places up, and new upstreams get series of their own.
+//! (A test binary of its own: the agent sees the whole host, and other tests' upstreams would
+//! take the places this one frees.)
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tracer_tests::{
+    http::{free_port, get},
+    kernel_tests_enabled,
+    netns::Netns,
+    tracer_process::Tracer,
+};
+
+/// The value of the sample `series` (name and labels as printed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The refusals of processes named `comm` in a scrape: (upstream label, count) per series.
+fn refusals_of(comm: &str, scrape: &str) -> Vec<(String, f64)> {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("tracer_upstream_failures_total{")
+                && l.contains(&format!("proxy=\"{comm}\""))
+                && l.contains("cause=\"refused\"")
+        })
+        .filter_map(|l| {
+            let upstream = l
+                .split("upstream=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .to_string();
+            Some((upstream, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect()
+}
+
+#[test]
+fn after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_series() {
+    if !kernel_tests_enabled(
+        "after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_series",
+    ) {
+        return;
+    }
+    let agent_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tracer = Tracer::start(&[
+        "run",
+        "--listen",
+        &agent_addr.to_string(),
+        "--max-upstreams",
+        "6",
+        "--idle-after",
+        "1s",
+    ]);
+    // The scrapes' own connections are a route of this process: it takes the first place.
+    get(agent_addr, "/metrics").unwrap();
+    let ns = Netns::new("storm");
+    // The storm comes from a process of its own, so that the other tests' refusals (this
+    // process's) stay apart.
+    let storm = "storm-client";
+    let refuse = |addr: &str, n: usize| {
+        let out = ns.run(|| {
+            Command::new(tracer_tests::process::test_bin("hostile-client"))
+                .args([storm, "tcp", addr, &n.to_string()])
+                .output()
+                .expect("hostile-client")
+        });
+        let refused = format!("{}\n", libc::ECONNREFUSED).repeat(n);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), refused, "{out:?}");
+    };
+    let my_refusals = |scrape: &str| refusals_of(storm, scrape);
+    // A storm of 60 distinct upstreams: 5 get series, 55 are folded into `other`.
+    for port in 9100..9160 {
+        refuse(&format!("127.77.43.1:{port}"), 2);
+    }
+    let (_, scrape) = get(agent_addr, "/metrics").unwrap();
+    let refusals = my_refusals(&scrape);
+    assert_eq!(
+        refusals.iter().map(|(_, n)| n).sum::<f64>(),
+        120.0,
+        "{refusals:?}"
+    );
+    assert_eq!(
+        sample(&scrape, "tracer_upstreams_folded"),
+        Some(55.0),
+        "{scrape}"
+    );
+    // Idle for --idle-after: the kernel entries are freed, the counts move to the agent (all
+    // under `other` now: the admitted upstreams gave their places up, as upstreams were
+    // waiting), and nothing is lost.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let scrape = loop {
+        let (_, scrape) = get(agent_addr, "/metrics").unwrap();
+        if sample(&scrape, "tracer_upstreams_released_total") == Some(5.0)
+            && sample(&scrape, "tracer_upstreams_folded") == Some(0.0)
+        {
+            break scrape;
+        }
+        assert!(Instant::now() < deadline, "nothing retired:\n{scrape}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        my_refusals(&scrape),
+        vec![("other".to_string(), 120.0)],
+        "every refusal under other, exactly"
+    );
+    assert_eq!(sample(&scrape, "tracer_upstreams_folded_total"), Some(55.0));
+    // A new upstream after the storm gets a series of its own, and the totals still add up.
+    refuse("127.77.43.2:9200", 3);
+    let (_, scrape) = get(agent_addr, "/metrics").unwrap();
+    let mut refusals = my_refusals(&scrape);
+    refusals.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        refusals,
+        vec![
+            ("127.77.43.2:9200".to_string(), 3.0),
+            ("other".to_string(), 120.0)
+        ]
+    );
+    let stderr = tracer.stop();
+    assert!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("new failure(s)"))
+            .count()
+            <= 11,
+        "the summary is capped:\n{stderr}"
+    );
+}
