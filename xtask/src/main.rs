@@ -57,6 +57,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the agent for a long time under a changing fault mix (not in CI): its memory and
+    /// CPU over time, its counts against what happened, programs left behind.
+    Soak {
+        /// Arguments for the soak: --minutes N (30), --restart-every M (10), --out FILE.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
     Test {
         /// Instead, run the kernel tests in QEMU guests booted with Debian's kernels: 5.10, 6.1,
@@ -103,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         } => test_kernels(&which, &args),
         Task::Test { kernel: None, args } => test(&args),
         Task::Lab => tests_program("the lab", "tracer-lab", &[], &[]),
+        Task::Soak { args } => tests_program("the soak", "tracer-soak", &[], &args),
         Task::Bench { args } => {
             tests_program("the bench", "tracer-bench", setup::BENCH_PACKAGES, &args)
         }
