@@ -210,15 +210,24 @@ fn upstreams_past_the_cap_are_folded_into_other_and_still_counted() {
     let (tracer, agent_addr) = agent(&["--max-upstreams", "3"]);
     let ns = Netns::new("cap");
     let per_upstream = 4;
+    // From a process of its own name: the other tests of this binary refuse too.
+    let comm = "cap-client";
     for port in 8050..8056 {
-        refuse(
-            &ns,
-            format!("127.77.42.1:{port}").parse().unwrap(),
-            per_upstream,
-        );
+        let out = ns.run(|| {
+            Command::new(tracer_tests::process::test_bin("hostile-client"))
+                .args([
+                    comm,
+                    "tcp",
+                    &format!("127.77.42.1:{port}"),
+                    &per_upstream.to_string(),
+                ])
+                .output()
+                .expect("hostile-client")
+        });
+        let refused = format!("{}\n", libc::ECONNREFUSED).repeat(per_upstream);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), refused, "{out:?}");
     }
     let (_, scrape) = get(agent_addr, "/metrics").unwrap();
-    let comm = tracer_tests::own_comm();
     let mine: Vec<&str> = scrape
         .lines()
         .filter(|l| {
@@ -263,7 +272,7 @@ fn upstreams_past_the_cap_are_folded_into_other_and_still_counted() {
         .as_array()
         .expect("routes")
         .iter()
-        .filter(|r| r["proxy"] == comm.as_str())
+        .filter(|r| r["proxy"] == comm)
         .collect();
     let refused: u64 = routes
         .iter()

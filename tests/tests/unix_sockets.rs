@@ -162,6 +162,12 @@ fn metrics_count_every_unix_attempt_under_its_path() {
         .unwrap();
     let tracer = Tracer::start(&["run", "--listen", &listen.to_string()]);
     failing_connects(&path, 3, ErrorKind::NotFound);
+    // This process listens on the path next: had it bound it right away, its last failed
+    // connect() would look like a server probing its own socket (and not count).
+    std::thread::sleep(
+        Duration::from_nanos(tracer_common::counts::SELF_PROBE_WINDOW_NS)
+            + Duration::from_millis(200),
+    );
     let listener = UnixListener::bind(&path).expect("bind");
     let accepted: Vec<_> = (0..5)
         .map(|_| unix_connect(&path).expect("accepted"))
@@ -262,5 +268,136 @@ fn hostile_process_names_and_socket_paths_are_escaped_in_text_output() {
         assert!(line.contains(&escaped[5..]), "{line}");
         assert!(line.contains("\\x1b]0;pwn\\x07\\\\["), "{line}");
     }
+    tracer.stop();
+}
+
+#[test]
+fn a_server_probing_its_own_socket_before_listening_is_not_a_failure() {
+    if !kernel_tests_enabled("a_server_probing_its_own_socket_before_listening_is_not_a_failure") {
+        return;
+    }
+    let dir = Dir::new("selfprobe");
+    let own = dir.path("php-fpm.sock");
+    let missing = dir.path("missing.sock");
+    let agent_addr = format!("127.0.0.1:{}", tracer_tests::http::free_port());
+    let agent = Tracer::start(&["run", "--listen", &agent_addr]);
+    let tracer = Tracer::events(&[
+        "--upstream",
+        &upstream(&own),
+        "--upstream",
+        &upstream(&missing),
+    ]);
+    // A server starting as php-fpm does: it connects to its own socket path (ENOENT: nobody
+    // there yet), then binds and listens on it; a client of it connects once.
+    let mut server = std::process::Command::new(test_bin("hostile-client"))
+        .args(["php-fpm8.2", "probe-listen"])
+        .arg(&own)
+        .arg("1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hostile-client");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        server.stdout.take().expect("stdout"),
+    ));
+    assert_eq!(lines.next().unwrap().unwrap(), libc::ENOENT.to_string());
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    drop(unix_connect(&own).expect("the server listens"));
+    assert!(server.wait().expect("the server ends").success());
+    // A real failure beside it, so that the events are seen at all.
+    failing_connects(&missing, 1, ErrorKind::NotFound);
+    // Past the time failures that may be probes are held back.
+    let events = tracer.collect(1, WAIT, Duration::from_secs(2));
+    assert_failures(&events, &upstream(&missing), "unix_missing", 1);
+    assert_failures(&events, &upstream(&own), "unix_missing", 0);
+    let (status, scrape) = get(agent_addr.parse().unwrap(), "/metrics").expect("a scrape");
+    assert_eq!(status, 200);
+    let count = |comm: &str, path: &Path| -> f64 {
+        scrape
+            .lines()
+            .filter(|l| {
+                l.starts_with("tracer_upstream_failures_total{")
+                    && l.contains(&format!("proxy=\"{comm}\""))
+                    && l.contains(&format!("upstream=\"{}\"", upstream(path)))
+                    && l.contains("cause=\"unix_missing\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("php-fpm8.2", &own), 0.0, "the probe is not counted");
+    assert_eq!(count(&tracer_tests::own_comm(), &missing), 1.0, "{scrape}");
+    tracer.stop();
+    agent.stop();
+}
+
+/// Debian's php-fpm binary (its name carries PHP's version).
+fn php_fpm() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/sbin")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("php-fpm"))
+        })
+}
+
+#[test]
+fn php_fpm_starting_up_is_not_a_failing_upstream() {
+    if !kernel_tests_enabled("php_fpm_starting_up_is_not_a_failing_upstream") {
+        return;
+    }
+    let Some(php_fpm) = php_fpm() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI=true: php-fpm must be installed (cargo xtask test installs it)"
+        );
+        eprintln!("skipped: no php-fpm (cargo xtask test installs it)");
+        return;
+    };
+    let dir = Dir::new("phpfpm");
+    let sock = dir.path("php-fpm.sock");
+    let missing = dir.path("missing.sock");
+    let conf = dir.path("php-fpm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\npid = {d}/php-fpm.pid\nerror_log = {d}/php-fpm.log\ndaemonize = no\n\
+             [www]\nlisten = {s}\nuser = nobody\ngroup = nogroup\npm = static\n\
+             pm.max_children = 1\n",
+            d = dir.0.display(),
+            s = sock.display()
+        ),
+    )
+    .unwrap();
+    let tracer = Tracer::events(&[
+        "--upstream",
+        &upstream(&sock),
+        "--upstream",
+        &upstream(&missing),
+    ]);
+    // As it starts, php-fpm connects to its socket path to see whether another one serves it
+    // already (ENOENT), then binds and listens on it.
+    let mut server = std::process::Command::new(&php_fpm)
+        .args(["--nodaemonize", "--fpm-config"])
+        .arg(&conf)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("php-fpm starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "php-fpm did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signalling the child we started (SIGQUIT: graceful stop).
+    unsafe { libc::kill(server.id() as i32, libc::SIGQUIT) };
+    let _ = server.wait();
+    // A real failure beside it, so that the events are seen at all.
+    failing_connects(&missing, 1, ErrorKind::NotFound);
+    let events = tracer.collect(1, WAIT, Duration::from_secs(2));
+    assert_failures(&events, &upstream(&missing), "unix_missing", 1);
+    assert_failures(&events, &upstream(&sock), "unix_missing", 0);
     tracer.stop();
 }

@@ -89,6 +89,9 @@ pub struct SyscallFields {
     pub socket_ret: u32,
     /// `syscalls:sys_exit_accept4` and `sys_exit_accept`: `ret`.
     pub accept_ret: u32,
+    /// `syscalls:sys_enter_bind`: `umyaddr`, `addrlen`.
+    pub bind_umyaddr: u32,
+    pub bind_addrlen: u32,
 }
 
 /// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
@@ -196,6 +199,8 @@ impl Config {
             connect_ret: 0,
             socket_ret: 0,
             accept_ret: 0,
+            bind_umyaddr: 0,
+            bind_addrlen: 0,
         },
         oom: OomFields {
             pid: OomFields::MISSING,

@@ -205,3 +205,27 @@ mod tests {
         assert!(CONNECT_BUCKETS_NS.windows(2).all(|w| w[0] < w[1]));
     }
 }
+
+/// The key of the kernel's `UNIX_CONNECT_FAILS`: a process and a Unix socket path it failed to
+/// connect to (missing or refused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnixFailKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub path_key: u64,
+}
+
+/// What `UNIX_CONNECT_FAILS` keeps of such a failure, to take its count back if the process
+/// binds the path soon after (a server probing its own socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixFail {
+    pub count: CountKey,
+    pub waited_ns: u64,
+    pub at_ns: u64,
+}
+
+/// How soon after its failed connect() a process must bind the path for the connect() to be
+/// its own probe.
+pub const SELF_PROBE_WINDOW_NS: u64 = 500_000_000;

@@ -15,6 +15,7 @@ pub enum RecordKind {
     Listener = 2,
     Oom = 3,
     Exit = 4,
+    SelfProbe = 5,
 }
 
 impl RecordKind {
@@ -24,6 +25,7 @@ impl RecordKind {
             2 => RecordKind::Listener,
             3 => RecordKind::Oom,
             4 => RecordKind::Exit,
+            5 => RecordKind::SelfProbe,
             _ => return None,
         })
     }
@@ -135,4 +137,17 @@ pub struct FailureEvent {
     /// A [`Source`].
     pub source: u8,
     pub _pad: [u8; 2],
+}
+
+/// A process bound the Unix socket path it had just failed to connect to: that connect() was
+/// the server probing its own socket as it starts (php-fpm does), not an upstream attempt. Its
+/// count has been taken back; user space drops its failure event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelfProbeEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub time_ns: u64,
+    /// The path's key in `UNIX_PATHS`.
+    pub path_key: u64,
 }

@@ -4,7 +4,7 @@ use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BP
 use tracer_common::{
     ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Proxy, RecordKind, RouteKey,
     Source, Stat, Tally,
-    counts::{EVENTS_RING_BYTES, connect_bucket},
+    counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
 use crate::{
@@ -78,11 +78,7 @@ fn route(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
 /// program (7.x), or where a softirq interrupts one.
 #[inline(never)]
 pub fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) -> bool {
-    let key = CountKey {
-        route: route(proxy, upstream),
-        outcome: outcome as u8,
-        _pad: [0; 7],
-    };
+    let key = count_key(proxy, upstream, outcome);
     let now = now();
     let per_second = config!(events_per_second);
     if let Some(tally) = COUNTS.get_ptr_mut(&key) {
@@ -105,6 +101,30 @@ pub fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) -> b
         // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate while running.
         Some(tally) => unsafe { (*tally).add(ns, now, per_second) },
         None => false,
+    }
+}
+
+/// The key `count` counts `outcome` of `proxy` toward `upstream` under.
+#[inline(always)]
+pub fn count_key(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome) -> CountKey {
+    CountKey {
+        route: route(proxy, upstream),
+        outcome: outcome as u8,
+        _pad: [0; 7],
+    }
+}
+
+/// Takes back one count that `count` made (a connect() that turned out to be a server probing
+/// its own socket). This CPU's value may go below zero: the values are summed over CPUs with
+/// wrapping arithmetic, and the sum is right.
+#[inline(never)]
+pub fn uncount(fail: &UnixFail) {
+    if let Some(tally) = COUNTS.get_ptr_mut(&fail.count) {
+        // SAFETY: this CPU's value of a per-CPU map entry.
+        unsafe {
+            (*tally).count = (*tally).count.wrapping_sub(1);
+            (*tally).sum_ns = (*tally).sum_ns.wrapping_sub(fail.waited_ns);
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use tracer_common::{
         LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
         UNIX_PATHS_MAX_ENTRIES,
     },
+    counts::{UnixFail, UnixFailKey},
     net::UnixPath,
 };
 
@@ -62,3 +63,9 @@ pub static LIFECYCLE: RingBuf = RingBuf::with_byte_size(LIFECYCLE_RING_BYTES, 0)
 #[map]
 pub static LISTENER_OWNERS: HashMap<u32, u32> =
     HashMap::with_max_entries(LISTENER_OWNERS_MAX_ENTRIES, 0);
+
+/// Unix socket paths a process just failed to connect to, with what was counted: if the
+/// process binds the path soon after, the connect() was its own probe and is taken back.
+#[map]
+pub static UNIX_CONNECT_FAILS: LruHashMap<UnixFailKey, UnixFail> =
+    LruHashMap::with_max_entries(1024, 0);

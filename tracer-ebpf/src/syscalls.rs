@@ -1,6 +1,8 @@
 //! Attempts a system call decides by itself, with no TCP state to follow: connect() failing
 //! before any SYN left (no route, no local port), every connect() to a Unix socket, and
-//! socket()/accept() failing for want of file descriptors.
+//! socket()/accept() failing for want of file descriptors. And bind(): a server that binds the
+//! Unix socket path it just failed to connect to was probing its own socket (php-fpm does as it
+//! starts), and that connect() is taken back.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf},
@@ -8,8 +10,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Endpoint, Outcome, Proxy, Source, Stat,
+    Endpoint, Outcome, Proxy, RecordKind, Source, Stat,
     conn::{PendingConnect, errno},
+    counts::{SELF_PROBE_WINDOW_NS, UnixFail, UnixFailKey},
+    event::SelfProbeEvent,
     net::{
         AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
         UnixPath, unix_path_key,
@@ -17,12 +21,12 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count, count_latency, report, stat},
+    counting::{Report, count, count_key, count_latency, report, stat, uncount},
     kernel::{
         current_is_ignored, current_netns, current_task, fill_current_proxy, now, read_field,
         read_kernel,
     },
-    maps::{CONNECTS, CONNS, UNIX_PATHS},
+    maps::{CONNECTS, CONNS, LIFECYCLE, UNIX_CONNECT_FAILS, UNIX_PATHS},
 };
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -34,6 +38,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let _ = connect_returned(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    let _ = bind_called(&ctx);
     0
 }
 
@@ -135,7 +145,7 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     if !destination(pending.uservaddr, pending.addrlen, &mut upstream)? {
         return Ok(());
     }
-    decided_in_call(
+    let _ = decided_in_call(
         &upstream,
         pending.start_ns,
         outcome,
@@ -147,10 +157,18 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// A system call decided an attempt by itself (there is no TCP state to follow): counts
 /// `outcome` for the current process toward `upstream`, and reports it when it is a failure.
+/// Returns how long it waited (what the count added), or [`NOT_COUNTED`]. (Not an `Option`:
+/// its out-pointer would be a sixth argument, more than BPF calls take.)
 #[inline(never)]
-fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i64, source: Source) {
+fn decided_in_call(
+    upstream: &Endpoint,
+    start_ns: u64,
+    outcome: Outcome,
+    ret: i64,
+    source: Source,
+) -> u64 {
     if current_is_ignored() {
-        return;
+        return NOT_COUNTED;
     }
     let mut proxy = Proxy::default();
     fill_current_proxy(&mut proxy, current_netns());
@@ -179,7 +197,11 @@ fn decided_in_call(upstream: &Endpoint, start_ns: u64, outcome: Outcome, ret: i6
             },
         );
     }
+    waited_ns
 }
+
+/// What [`decided_in_call`] returns when it counted nothing.
+const NOT_COUNTED: u64 = u64::MAX;
 
 /// The `struct socket` behind the current task's file descriptor `fd`:
 /// current->files->fdt->fd[fd]->private_data.
@@ -228,7 +250,7 @@ fn out_of_descriptors(ctx: &TracePointContext, ret_at: u32, source: Source) -> R
     if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
         return Ok(());
     }
-    decided_in_call(
+    let _ = decided_in_call(
         &Endpoint::default(),
         now(),
         Outcome::FdExhausted,
@@ -251,14 +273,87 @@ fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> 
         return Ok(());
     }
     let key = remember_unix_path(pending.uservaddr, pending.addrlen)?;
-    decided_in_call(
+    let waited = decided_in_call(
         &Endpoint::unix(key),
         pending.start_ns,
         outcome,
         ret,
         Source::ConnectCall,
     );
+    if waited != NOT_COUNTED && matches!(outcome, Outcome::UnixMissing | Outcome::UnixRefused) {
+        remember_unix_failure(key, outcome, waited);
+    }
     Ok(())
+}
+
+/// Notes a failed connect() to Unix socket path `path_key` by the current process, with what
+/// was counted, in case the process binds that path next (see `bind_called`).
+#[inline(never)]
+fn remember_unix_failure(path_key: u64, outcome: Outcome, waited_ns: u64) {
+    let mut proxy = Proxy::default();
+    fill_current_proxy(&mut proxy, current_netns());
+    let key = UnixFailKey {
+        tgid: proxy.tgid,
+        _pad: 0,
+        path_key,
+    };
+    let fail = UnixFail {
+        count: count_key(&proxy, &Endpoint::unix(path_key), outcome),
+        waited_ns,
+        at_ns: now(),
+    };
+    let _ = UNIX_CONNECT_FAILS.insert(&key, &fail, 0);
+}
+
+/// bind() called: when a process binds a Unix socket path it failed to connect to a moment
+/// ago, that connect() was the server probing its own socket before listening on it (php-fpm:
+/// "is another FPM already listening here?"). Its count is taken back and user space told, so
+/// that a server's restart does not look like a failing upstream.
+fn bind_called(ctx: &TracePointContext) -> Result<(), i64> {
+    if config!(ready) == 0 {
+        return Ok(());
+    }
+    let uservaddr: u64 = read_field(ctx, config!(syscalls.bind_umyaddr))?;
+    // SAFETY: bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(uservaddr as *const u16)? };
+    if family != AF_UNIX {
+        return Ok(());
+    }
+    let addrlen: u64 = read_field(ctx, config!(syscalls.bind_addrlen))?;
+    let path_key = remember_unix_path(uservaddr, addrlen)?;
+    take_back_self_probe(path_key);
+    Ok(())
+}
+
+#[inline(never)]
+fn take_back_self_probe(path_key: u64) {
+    let key = UnixFailKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        path_key,
+    };
+    let Some(fail) = UNIX_CONNECT_FAILS.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: a pointer into the map's value; copied before the entry is removed.
+    let fail = unsafe { *fail };
+    let _ = UNIX_CONNECT_FAILS.remove(&key);
+    let now = now();
+    if now.saturating_sub(fail.at_ns) > SELF_PROBE_WINDOW_NS {
+        return;
+    }
+    uncount(&fail);
+    let Some(mut entry) = LIFECYCLE.reserve::<SelfProbeEvent>(0) else {
+        stat(Stat::LifecycleLost);
+        return;
+    };
+    // SAFETY: the reserved record, ours until it is submitted; every field is written.
+    let record = unsafe { &mut *entry.as_mut_ptr() };
+    record.kind = RecordKind::SelfProbe as u32;
+    record.tgid = key.tgid;
+    record.time_ns = now;
+    record.path_key = path_key;
+    entry.submit(0);
 }
 
 /// Reads a `struct sockaddr_un`'s path, stores it in `UNIX_PATHS` if it is new, returns its key.

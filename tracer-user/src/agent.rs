@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracer_common::{Outcome, Stat};
+use tracer_common::{Endpoint, Outcome, Stat};
 
 use crate::{
     aggregate::{
@@ -23,7 +23,7 @@ use crate::{
         ledger::{EntryKey, Ledger, merge},
     },
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
-    classify::{Classified, Listeners, Notice, is_not_an_upstream},
+    classify::{Classified, Listeners, Notice, is_not_an_upstream, self_probe::SelfProbes},
     decode::{self, Clock, Count, ExistingListenerInfo, Failure, LatencyCount, Lifecycle, Record},
 };
 
@@ -176,6 +176,7 @@ pub struct Agent {
     lifecycle: Events,
     clock: Clock,
     listeners: Listeners,
+    self_probes: SelfProbes,
     pub shared: Arc<Shared>,
 }
 
@@ -226,6 +227,7 @@ impl Agent {
             lifecycle,
             clock: Clock::new(),
             listeners,
+            self_probes: SelfProbes::default(),
             shared,
         })
     }
@@ -280,6 +282,16 @@ impl Agent {
                     return Ok(());
                 }
             }
+            for failure in self.self_probes.due(Instant::now()) {
+                if handle(&self.shared, Happening::Failure(failure)).is_break() {
+                    return Ok(());
+                }
+            }
+        }
+        for failure in self.self_probes.flush() {
+            if handle(&self.shared, Happening::Failure(failure)).is_break() {
+                break;
+            }
         }
         Ok(())
     }
@@ -297,11 +309,28 @@ impl Agent {
                         return None;
                     }
                     let root_cause = self.listeners.root_cause(&failure);
-                    Some(Happening::Failure(Classified {
+                    let classified = Classified {
                         failure,
                         root_cause,
-                    }))
+                    };
+                    self.self_probes
+                        .on_failure(classified, Instant::now())
+                        .map(Happening::Failure)
                 })
+            }
+            Ok(Record::SelfProbe(probe)) => {
+                decode::upstream(&Endpoint::unix(probe.path_key), &*self.shared.counters).map(
+                    |path| {
+                        tracing::debug!(
+                            "pid {} connected to {path}, then bound it: it was probing its own \
+                             socket, not counted",
+                            probe.tgid
+                        );
+                        self.self_probes
+                            .on_self_probe(probe.tgid, path, Instant::now());
+                        None
+                    },
+                )
             }
             Ok(record) => Lifecycle::from_record(&record, &self.clock).map(|lifecycle| {
                 let notice = lifecycle.and_then(|l| self.listeners.on_lifecycle(&l))?;

@@ -26,6 +26,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("tmux", "tmux"),
+    // Debian's default PHP's FastCGI server (php8.2-fpm on bookworm): its binary carries the
+    // version, hence the pattern.
+    ("php-fpm*", "php-fpm"),
 ];
 
 /// What the benchmarks add: the load generator and the baseline tracer.
@@ -183,13 +186,22 @@ pub fn packages(needed: &[(&str, &str)]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `command` is installed; `name*` matches any command whose name starts so.
 pub fn has_command(command: &str) -> bool {
+    let in_dir = |dir: &Path| match command.strip_suffix('*') {
+        Some(prefix) => std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        }),
+        None => dir.join(command).is_file(),
+    };
     std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+        .map(|path| std::env::split_paths(&path).any(|dir| in_dir(&dir)))
         .unwrap_or(false)
         || ["/usr/sbin", "/sbin"]
             .iter()
-            .any(|dir| Path::new(dir).join(command).is_file())
+            .any(|dir| in_dir(Path::new(dir)))
 }
 
 pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {

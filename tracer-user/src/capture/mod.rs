@@ -67,7 +67,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 12] = [
+pub const PROBES: [Probe; 13] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -112,6 +112,13 @@ pub const PROBES: [Probe; 12] = [
         required: false,
         purpose: "connect() failing before any SYN (no route, no local port left), and every \
                   connect() to a Unix socket (php-fpm…)",
+    },
+    Probe {
+        program: "sys_enter_bind",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_bind"),
+        required: false,
+        purpose: "a server binding the Unix socket it just failed to connect to (php-fpm \
+                  probing its own socket as it starts): that connect() is not counted",
     },
     Probe {
         program: "sys_exit_socket",
@@ -460,6 +467,7 @@ pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> 
     let exit = tracefs.format("syscalls", "sys_exit_connect")?;
     let socket = tracefs.format("syscalls", "sys_exit_socket")?;
     let accept = tracefs.format("syscalls", "sys_exit_accept4")?;
+    let bind = tracefs.format("syscalls", "sys_enter_bind")?;
     Ok(SyscallFields {
         connect_fd: enter.offset("fd", 8)?,
         connect_uservaddr: enter.offset("uservaddr", 8)?,
@@ -467,6 +475,8 @@ pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> 
         connect_ret: exit.offset("ret", 8)?,
         socket_ret: socket.offset("ret", 8)?,
         accept_ret: accept.offset("ret", 8)?,
+        bind_umyaddr: bind.offset("umyaddr", 8)?,
+        bind_addrlen: bind.offset("addrlen", 8)?,
     })
 }
 
@@ -641,10 +651,12 @@ fn recursion_misses(fd: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
     Ok(info.recursion_misses)
 }
 
+/// The sum of a key's per-CPU values. Wrapping: a count taken back (a server's probe of its own
+/// socket) is taken on the CPU where the server binds, whose value may go below zero alone.
 fn sum_tallies<'a>(tallies: impl Iterator<Item = &'a Tally>) -> Tally {
     tallies.fold(Tally::default(), |sum, t| Tally {
-        count: sum.count + t.count,
-        sum_ns: sum.sum_ns + t.sum_ns,
+        count: sum.count.wrapping_add(t.count),
+        sum_ns: sum.sum_ns.wrapping_add(t.sum_ns),
         ..Tally::default()
     })
 }

@@ -5,6 +5,7 @@
 //! count it exactly); this stage explains it: one sentence a person on call can act on.
 
 pub mod root_cause;
+pub mod self_probe;
 
 use std::time::Duration;
 

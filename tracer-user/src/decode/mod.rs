@@ -38,6 +38,7 @@ pub enum Record {
     Listener(ListenerEvent),
     Oom(OomEvent),
     Exit(ExitEvent),
+    SelfProbe(tracer_common::event::SelfProbeEvent),
 }
 
 /// A record from a ring buffer.
@@ -55,6 +56,7 @@ pub fn record(bytes: &[u8]) -> Result<Record, DecodeError> {
             RecordKind::Listener => Record::Listener(plain(bytes)?),
             RecordKind::Oom => Record::Oom(plain(bytes)?),
             RecordKind::Exit => Record::Exit(plain(bytes)?),
+            RecordKind::SelfProbe => Record::SelfProbe(plain(bytes)?),
         },
     )
 }
@@ -461,7 +463,7 @@ impl Lifecycle {
                 process: ProxyProcess::from_kernel(&e.task),
                 ending: Ending::of(e.exit_code),
             }),
-            Record::Failure(_) => return Ok(None),
+            Record::Failure(_) | Record::SelfProbe(_) => return Ok(None),
         }))
     }
 }
