@@ -127,13 +127,9 @@ fn sigterm_leaves_no_program_loaded() {
     stops_and_leaves_nothing_loaded(libc::SIGTERM);
 }
 
-#[test]
-fn without_privileges_tracer_says_what_to_do() {
-    if !kernel_tests_enabled("without_privileges_tracer_says_what_to_do") {
-        return;
-    }
-    // Drop to nobody with no capabilities, as an ordinary user would run it.
-    let out = Command::new("setpriv")
+/// `tracer COMMAND` as nobody with no capabilities, as an ordinary user would run it.
+fn as_nobody(command: &str) -> std::process::Output {
+    Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -141,9 +137,17 @@ fn without_privileges_tracer_says_what_to_do() {
             "--inh-caps=-all",
         ])
         .arg(tracer_bin())
-        .arg("events")
+        .arg(command)
         .output()
-        .expect("setpriv (util-linux)");
+        .expect("setpriv (util-linux)")
+}
+
+#[test]
+fn without_privileges_tracer_says_what_to_do() {
+    if !kernel_tests_enabled("without_privileges_tracer_says_what_to_do") {
+        return;
+    }
+    let out = as_nobody("events");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not privileged enough"), "{stderr}");
@@ -157,17 +161,7 @@ fn without_privileges_tracer_says_what_to_do() {
                 .nth(1)
                 .is_some_and(|r| r.starts_with("tracefs "))
         });
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(tracer_bin())
-        .arg("check")
-        .output()
-        .expect("setpriv (util-linux)");
+    let out = as_nobody("check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()

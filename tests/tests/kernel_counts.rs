@@ -26,17 +26,22 @@ fn count(totals: &Totals, upstream: SocketAddr, outcome: Outcome) -> u64 {
         .sum()
 }
 
+/// The agent, in this process, counting this process's attempts (the agent's own are left out
+/// otherwise).
+fn agent_counting_this_process() -> Agent {
+    Agent::start(&Options {
+        ignore_own_process: false,
+        ..Options::default()
+    })
+    .expect("tracer starts")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_counts_every_attempt_exactly() {
     if !kernel_tests_enabled("kernel_counts_every_attempt_exactly") {
         return;
     }
-    // This process makes the attempts it counts.
-    let agent = Agent::start(&Options {
-        ignore_own_process: false,
-        ..Options::default()
-    })
-    .expect("tracer starts");
+    let agent = agent_counting_this_process();
     let ns = Netns::new("counts");
     let closed: SocketAddr = "127.77.20.1:8020".parse().unwrap();
     let healthy = Upstream::start(
@@ -104,12 +109,7 @@ async fn polling_a_connect_counts_it_once_whichever_way() {
     if !kernel_tests_enabled("polling_a_connect_counts_it_once_whichever_way") {
         return;
     }
-    // This process makes the attempts it counts.
-    let agent = Agent::start(&Options {
-        ignore_own_process: false,
-        ..Options::default()
-    })
-    .expect("tracer starts");
+    let agent = agent_counting_this_process();
     let ns = Netns::new("pollcounts");
     let (refused, connected) = (25, 15);
     let mut expected = Vec::new();

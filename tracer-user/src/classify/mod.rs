@@ -335,7 +335,7 @@ mod tests {
         }
     }
 
-    fn evidence() -> Evidence {
+    pub(super) fn evidence() -> Evidence {
         Evidence {
             errno: 0,
             connect_time: None,

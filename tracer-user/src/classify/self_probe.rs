@@ -121,17 +121,8 @@ mod tests {
                 local: None,
                 cause,
                 evidence: Evidence {
-                    errno: 2,
-                    connect_time: None,
-                    syn_retransmits: 0,
-                    retransmits: 0,
-                    requests: 0,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    waited: Duration::from_micros(20),
-                    ended_by: tracer_common::EndKind::Open,
-                    reset_received: false,
                     source: tracer_common::Source::ConnectCall,
+                    ..crate::classify::tests::evidence()
                 },
             },
             root_cause: None,
