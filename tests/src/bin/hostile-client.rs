@@ -1,7 +1,8 @@
 //! A client that picks its own process name, as anyone on a host may:
 //! `hostile-client NAME unix PATH N` names itself NAME (`prctl(PR_SET_NAME)`, any bytes but
 //! NUL) and connects N times to the Unix socket PATH; `hostile-client NAME tcp ADDR N` the same
-//! to a TCP address. It prints how each connect ended (an errno, or `connected`).
+//! to a TCP address, `tcp-range IP:FIRST-LAST N` to each port of a range N times. It prints
+//! how each connect ended (an errno, or `connected`).
 //! `hostile-client NAME probe-listen PATH N` starts as php-fpm does: it connects to the socket
 //! path it is about to serve ("is another server there?"), then binds and listens on it, and
 //! serves N connections (printing `listening` once it does).
@@ -10,7 +11,7 @@ use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::PathBuf};
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
-    let usage = "usage: hostile-client NAME unix|tcp|probe-listen TARGET N";
+    let usage = "usage: hostile-client NAME unix|tcp|tcp-range|probe-listen TARGET N";
     let name = CString::new(args.next().expect(usage).as_bytes()).expect("a name without NUL");
     let kind = args.next().expect(usage);
     let target = args.next().expect(usage);
@@ -41,6 +42,20 @@ fn main() {
                 let addr: std::net::SocketAddr =
                     target.to_str().and_then(|t| t.parse().ok()).expect(usage);
                 std::net::TcpStream::connect(addr).map(drop)
+            }
+            // Every port of IP:FIRST-LAST, N times each (a storm of distinct upstreams).
+            Some("tcp-range") => {
+                let text = target.to_str().expect(usage);
+                let (ip, ports) = text.rsplit_once(':').expect(usage);
+                let (first, last) = ports.split_once('-').expect(usage);
+                let ip: std::net::IpAddr = ip.parse().expect(usage);
+                for port in first.parse::<u16>().expect(usage)..=last.parse().expect(usage) {
+                    match std::net::TcpStream::connect((ip, port)) {
+                        Ok(_) => println!("connected"),
+                        Err(e) => println!("{}", e.raw_os_error().unwrap_or(0)),
+                    }
+                }
+                continue;
             }
             _ => panic!("{usage}"),
         };
