@@ -50,5 +50,33 @@ impl_pod!(
     ListenerEvent,
     OomEvent,
     ExitEvent,
+    event::SelfProbeEvent,
     conn::PendingConnect,
+    counts::UnixFail,
+    counts::UnixFailKey,
+);
+
+/// The size of every record the kernel and the agent share, fixed here: a layout change on one
+/// side must be made on purpose (and on both), never read silently as something else.
+macro_rules! sizes {
+    ($($t:ty = $n:expr),* $(,)?) => {
+        $(const _: () = assert!(core::mem::size_of::<$t>() == $n);)*
+    };
+}
+
+sizes!(
+    Config = 216,
+    ConnTrack = 144,
+    CountKey = 56,
+    LatencyKey = 56,
+    RouteKey = 48,
+    Tally = 32,
+    FailureEvent = 192,
+    ListenerEvent = 96,
+    OomEvent = 48,
+    ExitEvent = 64,
+    event::SelfProbeEvent = 24,
+    conn::PendingConnect = 40,
+    counts::UnixFail = 72,
+    counts::UnixFailKey = 16,
 );

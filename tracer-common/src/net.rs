@@ -96,7 +96,14 @@ mod tests {
         let mut b = a;
         b[10] = b'X';
         assert_ne!(unix_path_key(&a), unix_path_key(&b));
-        assert_eq!(unix_path_key(&a), unix_path_key(&a.clone()));
+        // FNV-1a over all 108 bytes, computed apart (Python): the kernel and the agent must agree
+        // on every path's key, so the function must not drift.
+        assert_eq!(unix_path_key(&a), 0xe755_0b44_5892_1951);
+        // Every byte counts, the zeros after the path's end too (which is why the kernel zeroes
+        // what follows a filesystem path's NUL before it takes the key).
+        let mut c = a;
+        c[UNIX_PATH_MAX - 1] = 1;
+        assert_ne!(unix_path_key(&a), unix_path_key(&c));
         let endpoint = Endpoint::unix(unix_path_key(&a));
         assert_eq!(endpoint.family, AF_UNIX);
         assert_eq!(endpoint.unix_key(), unix_path_key(&a));

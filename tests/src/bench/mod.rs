@@ -266,12 +266,20 @@ mod tests {
     fn reads_this_process_cpu_and_memory() {
         let pid = std::process::id();
         let start = cpu_time(pid);
+        // Spin until the process has used at least 50 ms more CPU: a cpu_time that never moved
+        // would never get there (the spin gives up after 10 s of wall time and fails).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while cpu_time(pid) < start + Duration::from_millis(50) {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cpu_time did not move: {:?}",
+                cpu_time(pid)
+            );
         }
-        assert!(x != 1);
-        assert!(cpu_time(pid) >= start);
         let (rss, peak) = memory_kb(pid);
         assert!(rss > 0 && peak >= rss);
     }

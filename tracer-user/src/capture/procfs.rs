@@ -300,8 +300,9 @@ mod tests {
 
     #[test]
     fn finds_a_thread_listening_in_another_namespace() {
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to make a network namespace");
+            crate::skip("it needs root to make a network namespace");
             return;
         }
         // A thread of this process, in a namespace of its own, listening there.
@@ -321,7 +322,7 @@ mod tests {
             drop(listener);
         });
         let Some(addr) = rx.recv().unwrap() else {
-            eprintln!("skipped: no loopback in the new namespace");
+            crate::skip("the new namespace has no loopback");
             return;
         };
         let found = listeners();

@@ -121,27 +121,35 @@ fn receive(socket: &OwnedFd, found: &mut Vec<Listener>) -> io::Result<()> {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut rest = &buf[..n as usize];
-        while rest.len() >= HEADER {
-            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
-            if len < HEADER || len > rest.len() {
-                return Err(io::Error::other("a truncated netlink message"));
-            }
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let errno = rest
-                        .get(HEADER..HEADER + 4)
-                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                _ => found.extend(parse(&rest[HEADER..len])),
-            }
-            // Messages are aligned to 4 bytes.
-            rest = &rest[(len + 3) & !3..];
+        if walk(&buf[..n as usize], found)? {
+            return Ok(());
         }
     }
+}
+
+/// The netlink messages of one reply, their listeners added to `found`: whether the dump ended.
+fn walk(reply: &[u8], found: &mut Vec<Listener>) -> io::Result<bool> {
+    let mut rest = reply;
+    while rest.len() >= HEADER {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        if len < HEADER || len > rest.len() {
+            return Err(io::Error::other("a truncated netlink message"));
+        }
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = rest
+                    .get(HEADER..HEADER + 4)
+                    .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            _ => found.extend(parse(&rest[HEADER..len])),
+        }
+        // Messages are aligned to 4 bytes; the last one of a reply may not be padded.
+        rest = rest.get((len + 3) & !3..).unwrap_or_default();
+    }
+    Ok(false)
 }
 
 /// One `struct inet_diag_msg`.
@@ -167,6 +175,20 @@ fn parse(message: &[u8]) -> Option<Listener> {
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+
+    #[test]
+    fn a_reply_that_ends_unpadded_or_truncated_is_no_panic() {
+        // A message of 17 bytes, the last of its reply, with no padding after it.
+        let mut reply = vec![0u8; 17];
+        reply[0..4].copy_from_slice(&17u32.to_ne_bytes());
+        reply[4..6].copy_from_slice(&20u16.to_ne_bytes());
+        let mut found = Vec::new();
+        assert!(!walk(&reply, &mut found).unwrap());
+        assert!(found.is_empty());
+        // A length past the reply's end.
+        reply[0..4].copy_from_slice(&64u32.to_ne_bytes());
+        assert!(walk(&reply, &mut found).is_err());
+    }
 
     use super::*;
 

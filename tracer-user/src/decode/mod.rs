@@ -62,7 +62,7 @@ pub fn record(bytes: &[u8]) -> Result<Record, DecodeError> {
 }
 
 /// A `#[repr(C)]` plain-data record (any bit pattern valid) from the start of `bytes`.
-fn plain<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+fn plain<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     if bytes.len() < expected {
         return Err(DecodeError::Size {
@@ -70,8 +70,9 @@ fn plain<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
             expected,
         });
     }
-    // SAFETY: only used with tracer_common's repr(C) records made of integers and byte arrays;
-    // the slice is long enough; read_unaligned copes with any alignment.
+    // SAFETY: `aya::Pod` (tracer_common's repr(C) records made of integers and byte arrays,
+    // sizes fixed at compile time): any bit pattern is a value; the slice is long enough;
+    // read_unaligned copes with any alignment.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
