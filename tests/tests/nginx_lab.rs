@@ -43,4 +43,9 @@ fn lab_can_run_twice_in_a_row() {
         !leftovers.contains(&format!("lab-proxy-{}", std::process::id())),
         "{leftovers}"
     );
+    assert!(
+        !std::path::Path::new(lab::UNIX_DIR).exists(),
+        "the lab left {} behind",
+        lab::UNIX_DIR
+    );
 }

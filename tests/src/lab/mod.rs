@@ -505,6 +505,7 @@ pub fn clean_up_after_interrupt() {
     let me = std::process::id();
     netns::delete_owned_by(me);
     remove_dirs(|pid| pid == me);
+    let _ = std::fs::remove_dir_all(UNIX_DIR);
 }
 
 /// Removes the lab directories whose owning process `owner` selects.
@@ -551,7 +552,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     // Unix sockets are not in a network namespace: nginx reaches them through the filesystem.
     let _ = std::fs::remove_dir_all(UNIX_DIR);
     std::fs::create_dir_all(UNIX_DIR).expect("the Unix sockets' directory");
-    let _unix_servers: Vec<UnixUpstream> = matrix
+    let unix_servers: Vec<UnixUpstream> = matrix
         .upstreams
         .iter()
         .filter_map(|spec| match (&spec.addr, spec.unix) {
@@ -634,6 +635,8 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         started.elapsed(),
     );
     drop(proxies);
+    drop(unix_servers);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(UNIX_DIR);
     report
 }
