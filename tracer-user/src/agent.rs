@@ -19,8 +19,8 @@ use tracer_common::{Endpoint, Outcome, Stat};
 
 use crate::{
     aggregate::{
-        ListenerTotals, RouteTotals, Totals,
-        ledger::{EntryKey, Ledger, merge},
+        ListenerTotals, Totals,
+        ledger::{EntryKey, Ledger},
     },
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
     classify::{Classified, Listeners, Notice, is_not_an_upstream, self_probe::SelfProbes},
@@ -78,7 +78,7 @@ impl Shared {
             }
         }
         for (route, retired) in ledger.retired() {
-            merge(totals.routes.entry(route.clone()).or_default(), retired);
+            totals.routes.entry(route.clone()).or_default().add(retired);
         }
         totals
     }
@@ -94,6 +94,8 @@ impl Shared {
         let mut ledger = self.ledger();
         let mut live_keys = HashSet::new();
         let mut live_upstreams = BTreeSet::new();
+        // The freed entries' last values, aggregated per route as the totals are.
+        let (mut counts, mut latency) = (Vec::new(), Vec::new());
         for (key, tally) in self.counters.counts() {
             let Ok(count) = Count::from_kernel(&key, tally.count, tally.sum_ns, &*self.counters)
             else {
@@ -103,38 +105,43 @@ impl Shared {
             if ledger.idle(entry, tally.count, now)
                 && let Some(last) = self.counters.take_count(&key)
             {
-                if !is_not_an_upstream(&count.route.upstream) {
-                    let mut retired = RouteTotals::default();
-                    retired.outcomes.insert(
-                        count.outcome,
-                        (last.count, Duration::from_nanos(last.sum_ns)),
-                    );
-                    ledger.retire(count.route, &retired);
-                }
+                counts.push(Count {
+                    count: last.count,
+                    total_time: Duration::from_nanos(last.sum_ns),
+                    ..count
+                });
                 continue;
             }
             live_keys.insert(entry);
             live_upstreams.insert(count.route.upstream.to_string());
         }
         for (key, n) in self.counters.latency() {
-            let Ok(latency) = LatencyCount::from_kernel(&key, n, &*self.counters) else {
+            let Ok(bucket) = LatencyCount::from_kernel(&key, n, &*self.counters) else {
                 continue;
             };
             let entry = EntryKey::Latency(key);
             if ledger.idle(entry, n, now)
                 && let Some(last) = self.counters.take_latency(&key)
             {
-                if !is_not_an_upstream(&latency.route.upstream) {
-                    let mut retired = RouteTotals::default();
-                    if let Some(slot) = retired.connect_buckets.get_mut(latency.bucket) {
-                        *slot = last;
-                    }
-                    ledger.retire(latency.route, &retired);
-                }
+                latency.push(LatencyCount {
+                    count: last,
+                    ..bucket
+                });
                 continue;
             }
             live_keys.insert(entry);
-            live_upstreams.insert(latency.route.upstream.to_string());
+            live_upstreams.insert(bucket.route.upstream.to_string());
+        }
+        let retired = Totals::from_counts(
+            counts
+                .into_iter()
+                .filter(|c| !is_not_an_upstream(&c.route.upstream)),
+            latency
+                .into_iter()
+                .filter(|l| !is_not_an_upstream(&l.route.upstream)),
+        );
+        for (route, totals) in retired.routes {
+            ledger.retire(route, &totals);
         }
         ledger.keep_only(&live_keys);
         ledger.settle(&live_upstreams);

@@ -135,7 +135,7 @@ impl Ledger {
                 ..route
             }
         };
-        merge(self.retired.entry(route).or_default(), totals);
+        self.retired.entry(route).or_default().add(totals);
     }
 
     /// After a retiring pass: `live` are the upstreams that still have kernel entries. Folded
@@ -173,21 +173,9 @@ impl Ledger {
                     upstream: Upstream::Other,
                     ..route
                 };
-                merge(self.retired.entry(other).or_default(), &totals);
+                self.retired.entry(other).or_default().add(&totals);
             }
         }
-    }
-}
-
-/// Adds `from` into `into`.
-pub fn merge(into: &mut RouteTotals, from: &RouteTotals) {
-    for (outcome, (n, d)) in &from.outcomes {
-        let entry = into.outcomes.entry(*outcome).or_default();
-        entry.0 += n;
-        entry.1 += *d;
-    }
-    for (slot, n) in into.connect_buckets.iter_mut().zip(from.connect_buckets) {
-        *slot += n;
     }
 }
 

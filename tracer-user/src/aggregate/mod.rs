@@ -49,6 +49,18 @@ impl RouteTotals {
         self.outcomes.get(&outcome).map_or(0, |(n, _)| *n)
     }
 
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &RouteTotals) {
+        for (outcome, (n, d)) in &other.outcomes {
+            let entry = self.outcomes.entry(*outcome).or_default();
+            entry.0 += n;
+            entry.1 += *d;
+        }
+        for (slot, n) in self.connect_buckets.iter_mut().zip(other.connect_buckets) {
+            *slot += n;
+        }
+    }
+
     /// The failure cause with the most failures.
     pub fn leading_cause(&self) -> Option<Outcome> {
         self.outcomes

@@ -17,7 +17,7 @@ use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 
 use crate::{
     agent::Shared,
-    aggregate::{LATENCY_BUCKETS, RouteTotals, ledger::merge},
+    aggregate::{LATENCY_BUCKETS, RouteTotals},
     decode::cgroup::CgroupPaths,
     export::api::{Health, RouteSnapshot, Snapshot},
 };
@@ -116,7 +116,10 @@ impl Exporter {
                     t,
                 ));
             } else {
-                merge(other.entry((&route.proxy, route.cgroup_id)).or_default(), t);
+                other
+                    .entry((&route.proxy, route.cgroup_id))
+                    .or_default()
+                    .add(t);
             }
         }
         drop(ledger);
@@ -149,7 +152,7 @@ impl Exporter {
                 cgroup,
                 upstream,
             };
-            merge(series.entry(labels).or_default(), t);
+            series.entry(labels).or_default().add(t);
         }
         // Counts the kernel could not key by route (its table was full).
         if !totals.overflow.is_empty() {
