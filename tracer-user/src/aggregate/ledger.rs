@@ -43,7 +43,7 @@ pub enum EntryKey {
 /// Admission, retired totals, and how long kernel entries have been idle.
 #[derive(Debug)]
 pub struct Ledger {
-    max_upstreams: usize,
+    pub max_upstreams: usize,
     pub idle_after: Duration,
     /// Upstreams with series of their own.
     admitted: BTreeSet<String>,

@@ -52,7 +52,6 @@ const UNIX_FAILURE_CAUSES: [Outcome; 5] = [
 
 pub struct Exporter {
     shared: Arc<Shared>,
-    max_upstreams: usize,
     kernel: String,
     state: Mutex<State>,
 }
@@ -84,10 +83,9 @@ impl Labels {
 }
 
 impl Exporter {
-    pub fn new(shared: Arc<Shared>, max_upstreams: usize) -> Exporter {
+    pub fn new(shared: Arc<Shared>) -> Exporter {
         Exporter {
             shared,
-            max_upstreams,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|r| r.trim().to_string())
                 .unwrap_or_default(),
@@ -358,7 +356,7 @@ impl Exporter {
             "tracer_upstream_series_limit",
             "The --max-upstreams cap on upstream series.",
             GAUGE,
-            self.max_upstreams as u64,
+            ledger.max_upstreams as u64,
         );
         text.family(
             "tracer_build_info",
