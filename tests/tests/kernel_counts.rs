@@ -26,6 +26,28 @@ fn count(totals: &Totals, upstream: SocketAddr, outcome: Outcome) -> u64 {
         .sum()
 }
 
+/// Waits until the kernel's counts are `expected` (upstream, outcome, count), and returns
+/// them: connections end asynchronously (the last ACK), so they get a moment to settle.
+async fn counts_settle_to(agent: &Agent, expected: &[(SocketAddr, Outcome, u64)]) -> Totals {
+    let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let totals = agent.totals();
+        let got: Vec<u64> = expected
+            .iter()
+            .map(|(u, o, _)| count(&totals, *u, *o))
+            .collect();
+        if got == want {
+            return totals;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts {got:?}, expected {want:?} for {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The agent, in this process, counting this process's attempts (the agent's own are left out
 /// otherwise).
 fn agent_counting_this_process() -> Agent {
@@ -75,32 +97,15 @@ async fn kernel_counts_every_attempt_exactly() {
         (mute.addr, Outcome::Connected, unanswered),
         (mute.addr, Outcome::ClosedBeforeResponse, unanswered),
     ];
-    // Connections end asynchronously (the last ACK): give the counts a moment to settle.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let totals = agent.totals();
-        let got: Vec<u64> = expected
-            .iter()
-            .map(|(u, o, _)| count(&totals, *u, *o))
-            .collect();
-        let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
-        if got == want {
-            let route = totals
-                .routes
-                .iter()
-                .find(|(r, _)| r.upstream.socket_addr() == Some(healthy.addr))
-                .unwrap()
-                .1;
-            assert_eq!(route.failures(), 0);
-            assert_eq!(route.attempts(), answered);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "counts {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let totals = counts_settle_to(&agent, &expected).await;
+    let route = totals
+        .routes
+        .iter()
+        .find(|(r, _)| r.upstream.socket_addr() == Some(healthy.addr))
+        .unwrap()
+        .1;
+    assert_eq!(route.failures(), 0);
+    assert_eq!(route.attempts(), answered);
     assert_eq!(agent.shared.stat(tracer_common::Stat::EventsLost), 0);
 }
 
@@ -137,23 +142,7 @@ async fn polling_a_connect_counts_it_once_whichever_way() {
         expected.push((closed, Outcome::ConnectError, 0));
         expected.push((open, Outcome::Connected, connected));
     }
-    let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let totals = agent.totals();
-        let got: Vec<u64> = expected
-            .iter()
-            .map(|(u, o, _)| count(&totals, *u, *o))
-            .collect();
-        if got == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "counts {got:?}, expected {want:?} (refused, connect_error, connected per way: {:?})",
-            Polling::ALL
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Per way (refused, connect_error, connected): Polling::ALL's order.
+    counts_settle_to(&agent, &expected).await;
     drop(listeners);
 }
