@@ -241,74 +241,66 @@ fn main() -> ExitCode {
     let mut agent = Some(Agent::start());
     let started = Instant::now();
 
+    // The generators: each runs `f` so many times a second, in the namespace, until stopped.
     let mut threads = Vec::new();
-    let spawn = |f: Box<dyn FnOnce() + Send>| {
+    let mut generate = |per_second: u32, mut f: Box<dyn FnMut(&Done) + Send>| {
+        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
         let name = ns.name.clone();
-        std::thread::spawn(move || {
+        threads.push(std::thread::spawn(move || {
             tracer_tests::netns::enter(&name);
-            f()
-        })
+            paced(&stop, &paused, per_second, || f(&done))
+        }));
     };
-    {
-        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
-        threads.push(spawn(Box::new(move || {
-            // 20 upstreams never seen before, each second.
-            let mut i: u32 = 0;
-            paced(&stop, &paused, 20, || {
-                let target = SocketAddr::from((
-                    [127, 82, ((i >> 8) & 0xff) as u8, (i & 0xff) as u8],
-                    9000 + (i >> 16) as u16,
-                ));
-                i += 1;
-                if TcpStream::connect(target).is_err() {
-                    done.refused.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })));
-    }
-    {
-        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
-        threads.push(spawn(Box::new(move || {
-            paced(&stop, &paused, 10, || {
-                if TcpStream::connect(addr(REFUSED)).is_err() {
-                    done.refused.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })));
-    }
-    {
-        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
-        threads.push(spawn(Box::new(move || {
-            paced(&stop, &paused, 5, || {
-                if request(addr(RESETS)).is_err() {
-                    done.reset.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })));
-    }
-    {
-        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
-        threads.push(spawn(Box::new(move || {
-            paced(&stop, &paused, 2, || {
-                if matches!(
-                    connect_with_timeout(addr(DROPPED), Duration::from_millis(100)),
-                    Ok(true)
-                ) {
-                    done.timeout.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })));
-    }
-    {
-        let (stop, paused, done) = (stop.clone(), paused.clone(), done.clone());
-        threads.push(spawn(Box::new(move || {
-            paced(&stop, &paused, 20, || {
-                if request(addr(HEALTHY)).is_ok() {
-                    done.healthy.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })));
-    }
+    // 20 upstreams never seen before, each second.
+    let mut i: u32 = 0;
+    generate(
+        20,
+        Box::new(move |done| {
+            let target = SocketAddr::from((
+                [127, 82, ((i >> 8) & 0xff) as u8, (i & 0xff) as u8],
+                9000 + (i >> 16) as u16,
+            ));
+            i += 1;
+            if TcpStream::connect(target).is_err() {
+                done.refused.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    generate(
+        10,
+        Box::new(|done| {
+            if TcpStream::connect(addr(REFUSED)).is_err() {
+                done.refused.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    generate(
+        5,
+        Box::new(|done| {
+            if request(addr(RESETS)).is_err() {
+                done.reset.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    generate(
+        2,
+        Box::new(|done| {
+            if matches!(
+                connect_with_timeout(addr(DROPPED), Duration::from_millis(100)),
+                Ok(true)
+            ) {
+                done.timeout.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    generate(
+        20,
+        Box::new(|done| {
+            if request(addr(HEALTHY)).is_ok() {
+                done.healthy.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
 
     let mut report = String::new();
     let _ = writeln!(
