@@ -114,6 +114,33 @@ impl Tracer {
         }
     }
 
+    /// Starts `tracer run <extra>` listening on a loopback port of the kernel's choosing
+    /// (`--listen 127.0.0.1:0`: a port picked in advance may be taken by then), and returns it
+    /// with the address it says it serves on.
+    pub fn agent(extra: &[&str]) -> (Tracer, std::net::SocketAddr) {
+        let mut args = vec!["run", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let tracer = Tracer::start(&args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let addr = tracer.stderr().lines().find_map(|l| {
+                l.strip_prefix("tracer: serving http://")?
+                    .strip_suffix("/metrics")?
+                    .parse()
+                    .ok()
+            });
+            if let Some(addr) = addr {
+                return (tracer, addr);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer did not say where it serves:\n{}",
+                tracer.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()
     }

@@ -9,7 +9,6 @@ use std::{
 use tracer_tests::{
     bpf::{program_loaded, programs_held_by},
     client::refuse,
-    http::free_port,
     kernel_tests_enabled,
     netns::Netns,
     own_comm,
@@ -199,8 +198,7 @@ fn top_connected_to_a_running_agent_shows_its_counts_and_its_event_stream() {
     ) {
         return;
     }
-    let addr = format!("127.0.0.1:{}", free_port());
-    let agent = Tracer::start(&["run", "--listen", &addr]);
+    let (agent, addr) = Tracer::agent(&[]);
     let session = Session::start("remote", 160, 40, &format!("--connect http://{addr}"));
     // It reads the agent over HTTP and loads nothing itself.
     assert!(programs_held_by(session.tracer_pid()).is_empty());

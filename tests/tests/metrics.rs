@@ -17,13 +17,9 @@ use tracer_tests::{
     upstream::{Behaviour, Upstream},
 };
 
-/// `tracer run` on a free loopback port.
+/// `tracer run` on a loopback port.
 fn agent(extra: &[&str]) -> (Tracer, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let listen = addr.to_string();
-    let mut args = vec!["run", "--listen", listen.as_str()];
-    args.extend_from_slice(extra);
-    (Tracer::start(&args), addr)
+    Tracer::agent(extra)
 }
 
 /// The value of the sample `series` (name and labels as printed) in a scrape.

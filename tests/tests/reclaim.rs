@@ -5,17 +5,11 @@
 //! take the places this one frees.)
 
 use std::{
-    net::SocketAddr,
     process::Command,
     time::{Duration, Instant},
 };
 
-use tracer_tests::{
-    http::{free_port, get},
-    kernel_tests_enabled,
-    netns::Netns,
-    tracer_process::Tracer,
-};
+use tracer_tests::{http::get, kernel_tests_enabled, netns::Netns, tracer_process::Tracer};
 
 /// The value of the sample `series` (name and labels as printed) in a scrape.
 fn sample(scrape: &str, series: &str) -> Option<f64> {
@@ -53,16 +47,7 @@ fn after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_seri
     ) {
         return;
     }
-    let agent_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let tracer = Tracer::start(&[
-        "run",
-        "--listen",
-        &agent_addr.to_string(),
-        "--max-upstreams",
-        "6",
-        "--idle-after",
-        "3s",
-    ]);
+    let (tracer, agent_addr) = Tracer::agent(&["--max-upstreams", "6", "--idle-after", "3s"]);
     // The scrapes' own connections are a route of this process: it takes the first place.
     get(agent_addr, "/metrics").unwrap();
     let ns = Netns::new("storm");

@@ -157,10 +157,7 @@ fn metrics_count_every_unix_attempt_under_its_path() {
     }
     let dir = Dir::new("metrics");
     let path = dir.path("app.sock");
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", tracer_tests::http::free_port())
-        .parse()
-        .unwrap();
-    let tracer = Tracer::start(&["run", "--listen", &listen.to_string()]);
+    let (tracer, listen) = Tracer::agent(&[]);
     failing_connects(&path, 3, ErrorKind::NotFound);
     // This process listens on the path next: had it bound it right away, its last failed
     // connect() would look like a server probing its own socket (and not count).
@@ -279,8 +276,7 @@ fn a_server_probing_its_own_socket_before_listening_is_not_a_failure() {
     let dir = Dir::new("selfprobe");
     let own = dir.path("php-fpm.sock");
     let missing = dir.path("missing.sock");
-    let agent_addr = format!("127.0.0.1:{}", tracer_tests::http::free_port());
-    let agent = Tracer::start(&["run", "--listen", &agent_addr]);
+    let (agent, agent_addr) = Tracer::agent(&[]);
     let tracer = Tracer::events(&[
         "--upstream",
         &upstream(&own),
@@ -309,7 +305,7 @@ fn a_server_probing_its_own_socket_before_listening_is_not_a_failure() {
     let events = tracer.collect(1, WAIT, Duration::from_secs(2));
     assert_failures(&events, &upstream(&missing), "unix_missing", 1);
     assert_failures(&events, &upstream(&own), "unix_missing", 0);
-    let (status, scrape) = get(agent_addr.parse().unwrap(), "/metrics").expect("a scrape");
+    let (status, scrape) = get(agent_addr, "/metrics").expect("a scrape");
     assert_eq!(status, 200);
     let count = |comm: &str, path: &Path| -> f64 {
         scrape

@@ -22,7 +22,7 @@ use std::{
 use tracer_tests::{
     bpf::{program_loaded, programs_held_by},
     client::{connect_with_timeout, request},
-    http::{free_port, get},
+    http::get,
     kernel_tests_enabled,
     netns::Netns,
     own_comm,
@@ -171,16 +171,7 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
-        let addr = addr(&format!("127.0.0.1:{}", free_port()));
-        let tracer = Tracer::start(&[
-            "run",
-            "--listen",
-            &addr.to_string(),
-            "--idle-after",
-            IDLE_AFTER,
-            "--summary-every",
-            "60s",
-        ]);
+        let (tracer, addr) = Tracer::agent(&["--idle-after", IDLE_AFTER, "--summary-every", "60s"]);
         // Readers that ask for the event stream and never read it.
         let stalled = (0..5)
             .filter_map(|_| {
