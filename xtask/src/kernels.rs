@@ -89,7 +89,7 @@ pub const GUEST_TESTS: [&str; 7] = [
     "proxy_limits",
     "agent",
     "reclaim",
-    "nginx_lab",
+    "lab",
 ];
 
 /// Test binaries that count exactly what several threads attempt at once, which a kernel that
@@ -99,7 +99,7 @@ pub const GUEST_TESTS: [&str; 7] = [
 /// uncounted, 3–15% of the lab's failures, and 1 of root_cause's 4 concurrent connect timeouts).
 /// On real hosts tracer reports such skips (`tracer_program_misses_total`); this machine's own
 /// 6.18 runs these tests on the same programs.
-const CONCURRENT_ATTEMPTS: [&str; 3] = ["tcp_failures", "nginx_lab", "root_cause"];
+const CONCURRENT_ATTEMPTS: [&str; 3] = ["tcp_failures", "lab", "root_cause"];
 
 /// Modules the tests need that virtme-ng does not load: veth pairs between namespaces, and
 /// nftables rules that drop or reject.

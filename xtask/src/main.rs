@@ -4,7 +4,8 @@
 //! - `cargo xtask test`: installs what the tests need, builds, runs every test.
 //! - `cargo xtask test --kernel 5.10|6.1|6.12|7.x|all`: the kernel tests inside QEMU guests
 //!   booted with Debian's kernels (see `kernels.rs`).
-//! - `cargo xtask lab`: the nginx fault lab, tracer against nginx's error log.
+//! - `cargo xtask lab [--proxy P]`: the fault lab, tracer against nginx's, HAProxy's and Apache's
+//!   own logs.
 //! - `cargo xtask bench [-- --rounds N --seconds S --out FILE]`: overhead against running nothing
 //!   and against bpftrace, exactness and footprint (see BENCHMARKS.md).
 //! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
@@ -48,8 +49,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the nginx fault lab and print tracer's agreement with nginx's error log.
-    Lab,
+    /// Run the fault lab behind nginx, HAProxy and Apache httpd and print, per proxy, tracer's
+    /// agreement with the proxy's own logs.
+    Lab {
+        /// Only behind this proxy: nginx, haproxy or apache (repeatable).
+        #[arg(long, value_name = "PROXY")]
+        proxy: Vec<String>,
+    },
     /// Measure tracer's overhead (against nothing and against bpftrace), exactness and footprint;
     /// prints a Markdown report and fails when a target is missed.
     Bench {
@@ -71,7 +77,7 @@ enum Task {
         #[arg(long, value_name = "KERNEL")]
         kernel: Option<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter); with --kernel, the test
-        /// binaries to run (e.g. nginx_lab), all when none is named.
+        /// binaries to run (e.g. lab), all when none is named.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -109,7 +115,10 @@ fn main() -> anyhow::Result<()> {
             args,
         } => test_kernels(&which, &args),
         Task::Test { kernel: None, args } => test(&args),
-        Task::Lab => tests_program("the lab", "tracer-lab", &[], &[]),
+        Task::Lab { proxy } => {
+            let args: Vec<String> = proxy.iter().map(|p| format!("--proxy={p}")).collect();
+            tests_program("the lab", "tracer-lab", &[], &args)
+        }
         Task::Soak { args } => tests_program("the soak", "tracer-soak", &[], &args),
         Task::Bench { args } => {
             tests_program("the bench", "tracer-bench", setup::BENCH_PACKAGES, &args)
@@ -247,7 +256,7 @@ fn run_tracer(tracer: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Builds the kernel tests and runs them in a guest of each kernel in `which`: all of them, or
-/// the test binaries named in `extra` (e.g. `nginx_lab`).
+/// the test binaries named in `extra` (e.g. `lab`).
 fn test_kernels(which: &str, extra: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = extra
         .iter()

@@ -23,6 +23,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("setpriv", "util-linux"),
     ("nginx", "nginx"),
+    // The lab's other proxies.
+    ("haproxy", "haproxy"),
+    ("apache2", "apache2"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("tmux", "tmux"),

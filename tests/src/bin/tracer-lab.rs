@@ -1,5 +1,6 @@
-//! `cargo xtask lab`: runs the nginx fault lab and prints the agreement table between tracer and
-//! nginx's error log. Exits non-zero when a cell falls below the target.
+//! `cargo xtask lab [--proxy nginx|haproxy|apache]`: runs the fault lab behind each proxy (all
+//! three when none is named) and prints, per proxy, the agreement table between tracer and the
+//! proxy's own logs. Exits non-zero when a cell falls below the target.
 //!
 //! Interrupted (Ctrl-C, SIGTERM), it removes what it made: namespaces, nginx, its tracer.
 
@@ -11,7 +12,44 @@ use signal_hook::{
 };
 use tracer_tests::{kernel_tests_enabled, lab};
 
+const USAGE: &str = "usage: tracer-lab [--proxy nginx|haproxy|apache]...";
+
+/// The proxies named with `--proxy` (repeated, or separated by commas); all when none is.
+fn proxies(args: &[String]) -> Result<Vec<lab::Software>, String> {
+    let mut chosen = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let names = match arg.strip_prefix("--proxy=") {
+            Some(names) => names,
+            None if arg == "--proxy" => args.next().ok_or("--proxy needs a name")?,
+            None if arg == "-h" || arg == "--help" => return Err(USAGE.to_string()),
+            None => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
+        };
+        for name in names.split(',') {
+            let software = lab::Software::parse(name).ok_or_else(|| {
+                format!("unknown proxy {name:?}: the lab runs nginx, haproxy and apache")
+            })?;
+            if !chosen.contains(&software) {
+                chosen.push(software);
+            }
+        }
+    }
+    Ok(if chosen.is_empty() {
+        lab::Software::ALL.to_vec()
+    } else {
+        chosen
+    })
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let proxies = match proxies(&args) {
+        Ok(proxies) => proxies,
+        Err(e) => {
+            eprintln!("tracer-lab: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if !kernel_tests_enabled("the fault lab") {
         return ExitCode::FAILURE;
     }
@@ -29,11 +67,18 @@ fn main() -> ExitCode {
             "tracer-lab: cannot handle signals ({e}); an interrupted run is cleaned up by the next"
         ),
     }
-    let report = lab::run(&lab::Matrix::standard(), &lab::Options::default());
-    print!("{report}");
-    if report.passed() {
+    let mut failed = Vec::new();
+    for software in proxies {
+        let report = lab::run(&lab::Matrix::for_proxy(software), &lab::Options::default());
+        println!("{report}");
+        if !report.passed() {
+            failed.push(software.name());
+        }
+    }
+    if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
+        eprintln!("tracer-lab: below target behind {}", failed.join(", "));
         ExitCode::FAILURE
     }
 }

@@ -1,13 +1,16 @@
-//! The fault lab: real nginx in front of upstreams that fail on purpose, with nginx's own
-//! error.log as the oracle for what tracer must report.
+//! The fault lab: a real reverse proxy (nginx, HAProxy or Apache httpd) in front of upstreams
+//! that fail on purpose, with the proxy's own logs as the oracle for what tracer must report.
 //!
-//! Two private hosts joined by a veth pair: the proxy host (nginx, the clients; it has no route
+//! Two private hosts joined by a veth pair: the proxy host (the proxy, the clients; it has no route
 //! to 10.88.9.0/24) and the upstream host (10.88.0.2, the upstream servers; its firewall drops
 //! SYNs to one port). tracer runs on the real host, as the separate `tracer events --json`
 //! process, and sees both. Nothing leaves this machine.
 
+pub mod apache;
+pub mod haproxy;
 pub mod load;
 pub mod nginx;
+pub mod proxy;
 pub mod report;
 
 use std::{
@@ -21,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::{nginx::Nginx, report::LabReport};
+use self::{apache::Apache, haproxy::Haproxy, nginx::Nginx, proxy::LabProxy, report::LabReport};
 use crate::{
     netns::{self, Netns},
     process::{MemoryCgroup, UpstreamProcess},
@@ -32,16 +35,74 @@ use crate::{
 /// Where the lab's Unix-socket upstreams live (the lab runs one at a time).
 pub const UNIX_DIR: &str = "/tmp/tracer-lab-unix";
 
-/// nginx's connect, send and read timeouts toward the upstreams: 1 s, and 3 s in a kernel guest
-/// under emulation (`cargo xtask test --kernel` sets TRACER_TEST_GUEST). There a healthy
-/// upstream's answer, or a refusal, can take longer than a second to reach nginx's event loop;
-/// nginx then logs a timeout for an attempt the kernel saw answered, and the lab would be
+/// The proxy's connect, send and read timeouts toward the upstreams: 1 s, and 3 s in a kernel
+/// guest under emulation (`cargo xtask test --kernel` sets TRACER_TEST_GUEST). There a healthy
+/// upstream's answer, or a refusal, can take longer than a second to reach the proxy's event
+/// loop; it then logs a timeout for an attempt the kernel saw answered, and the lab would be
 /// comparing the emulator's speed rather than tracer.
 pub fn proxy_timeout() -> Duration {
     if std::env::var_os("TRACER_TEST_GUEST").is_some() {
         Duration::from_secs(3)
     } else {
         Duration::from_secs(1)
+    }
+}
+
+/// The reverse proxy a lab run puts in front of the upstreams, each from Debian's packages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Software {
+    Nginx,
+    Haproxy,
+    Apache,
+}
+
+impl Software {
+    pub const ALL: [Software; 3] = [Software::Nginx, Software::Haproxy, Software::Apache];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Software::Nginx => "nginx",
+            Software::Haproxy => "haproxy",
+            Software::Apache => "apache",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Software> {
+        Software::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Its processes' name (`tracer --comm`).
+    pub fn comm(self) -> &'static str {
+        match self {
+            Software::Nginx => "nginx",
+            Software::Haproxy => "haproxy",
+            Software::Apache => "apache2",
+        }
+    }
+
+    /// The class this proxy's log gives an attempt that failed with tracer's `cause`: the cause
+    /// itself for nginx and Apache, whose logs carry the errno; HAProxy's termination state
+    /// (`SC`, `sH`…), which says less.
+    pub fn class_of(self, cause: &str) -> String {
+        match self {
+            Software::Haproxy => haproxy::class_of(cause).unwrap_or(cause).to_string(),
+            Software::Nginx | Software::Apache => cause.to_string(),
+        }
+    }
+
+    /// Starts it as the lab's proxy `tier` on `host`, for `routes`.
+    fn start(self, tier: Proxy, host: &Netns, dir: &Path, routes: &[Route]) -> Box<dyn LabProxy> {
+        match self {
+            Software::Nginx => Box::new(Nginx::start_as(tier, &host.name, dir, routes)),
+            Software::Haproxy => Box::new(Haproxy::start(host, dir, routes)),
+            Software::Apache => Box::new(Apache::start(host, dir, routes)),
+        }
+    }
+}
+
+impl fmt::Display for Software {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -106,7 +167,7 @@ impl UpstreamSpec {
     }
 }
 
-/// Which of the lab's nginx servers a route goes through.
+/// Which of the lab's proxy servers a route goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proxy {
     /// The lab's nginx, on the proxy host.
@@ -145,7 +206,8 @@ impl Proxy {
 /// The local ports of the few-ports proxy's host: two.
 pub const FEW_PORTS: &str = "40000 40001";
 
-/// An nginx `server` + `upstream` pair, and the load sent through it.
+/// A listening address of the proxy in front of its upstreams (nginx's `server` + `upstream`,
+/// HAProxy's frontend + backend, an Apache virtual host), and the load sent through it.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: &'static str,
@@ -165,9 +227,10 @@ impl Route {
     }
 }
 
-/// The lab's upstreams and routes.
+/// The lab's proxy, upstreams and routes.
 #[derive(Debug, Clone)]
 pub struct Matrix {
+    pub software: Software,
     pub upstreams: Vec<UpstreamSpec>,
     pub routes: Vec<Route>,
 }
@@ -180,7 +243,45 @@ fn addr(s: &str) -> SocketAddr {
 pub const UNROUTED: &str = "10.88.9.0/24";
 
 impl Matrix {
-    /// One upstream per failure kind, two healthy ones, and a route that retries.
+    /// The standard matrix behind `software`. nginx's runs cover all of it; HAProxy and Apache
+    /// run every route of the main proxy tier with one server: the few-files and few-ports
+    /// tiers are nginx's own set-ups, and trying the next server after a failure is nginx's
+    /// `proxy_next_upstream` (HAProxy would need retries, which hide the failed attempt from its
+    /// log).
+    pub fn for_proxy(software: Software) -> Matrix {
+        let mut matrix = Matrix::standard();
+        matrix.software = software;
+        if software != Software::Nginx {
+            matrix.retain_routes(|r| r.proxy == Proxy::Main && r.upstreams.len() == 1);
+        }
+        if software == Software::Apache {
+            // Apache's mod_proxy connects to a Unix socket with a blocking connect(): on a full
+            // listener it waits, without an error or a log line, until the listener drains or
+            // goes away (docs/causes.md). There is no failed attempt to compare.
+            let busy: Vec<LabAddr> = matrix
+                .upstreams
+                .iter()
+                .filter(|u| u.unix == Some(UnixState::Busy))
+                .map(|u| u.addr.clone())
+                .collect();
+            matrix.retain_routes(|r| !r.upstreams.iter().any(|u| busy.contains(u)));
+        }
+        matrix
+    }
+
+    /// Keeps only the routes `keep` selects, and the upstreams they use.
+    pub fn retain_routes(&mut self, keep: impl Fn(&Route) -> bool) {
+        self.routes.retain(|r| keep(r));
+        self.retain_used_upstreams();
+    }
+
+    fn retain_used_upstreams(&mut self) {
+        let routes = &self.routes;
+        self.upstreams
+            .retain(|u| routes.iter().any(|r| r.upstreams.contains(&u.addr)));
+    }
+
+    /// One upstream per failure kind, two healthy ones, and a route that retries, behind nginx.
     pub fn standard() -> Matrix {
         let up = |port: u16, behaviour: Option<Behaviour>, expected: Option<&'static str>| {
             UpstreamSpec {
@@ -407,7 +508,11 @@ impl Matrix {
                 ),
             ])
             .collect();
-        Matrix { upstreams, routes }
+        Matrix {
+            software: Software::Nginx,
+            upstreams,
+            routes,
+        }
     }
 }
 
@@ -481,7 +586,7 @@ impl Default for Options {
     }
 }
 
-/// A new working directory for one lab run (nginx's config and logs).
+/// A new working directory for one lab run (the proxy's config and logs).
 fn lab_dir() -> PathBuf {
     static RUNS: AtomicU32 = AtomicU32::new(0);
     std::env::temp_dir().join(format!(
@@ -491,10 +596,10 @@ fn lab_dir() -> PathBuf {
     ))
 }
 
-/// Lab runs use the same upstream addresses and tracer follows every nginx: one at a time.
+/// Lab runs use the same upstream addresses and tracer follows every such proxy: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Removes what killed runs left: their namespaces (and nginx in them), their directories.
+/// Removes what killed runs left: their namespaces (and the proxies in them), their directories.
 pub fn clean_leftovers() {
     netns::delete_leftovers();
     remove_dirs(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -525,7 +630,7 @@ fn remove_dirs(owner: impl Fn(u32) -> bool) {
     }
 }
 
-/// Runs the whole lab and compares tracer's report with nginx's logs.
+/// Runs the whole lab and compares tracer's report with the proxy's logs.
 pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     let _one = ONE_AT_A_TIME
         .lock()
@@ -560,7 +665,8 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
             _ => None,
         })
         .collect();
-    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let software = matrix.software;
+    let tracer = Tracer::events(&["--comm", software.comm()]);
     // Upstreams that die: started once tracer watches, dead before nginx sends them anything.
     let memory = MemoryCgroup::new("lab-oom", 64 << 20);
     let mut dying: Vec<UpstreamProcess> = matrix
@@ -585,7 +691,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     for process in &mut dying {
         process.wait();
     }
-    let mut proxies: Vec<Nginx> = Proxy::ALL
+    let mut proxies: Vec<Box<dyn LabProxy>> = Proxy::ALL
         .into_iter()
         .filter_map(|proxy| {
             let routes: Vec<Route> = matrix
@@ -601,34 +707,29 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
                 Proxy::Main | Proxy::FewFiles => &topology.proxy,
                 Proxy::FewPorts => &topology.upstream,
             };
-            Some(Nginx::start_as(
-                proxy,
-                &host.name,
-                &dir.join(proxy.dir_name()),
-                &routes,
-            ))
+            Some(software.start(proxy, host, &dir.join(proxy.dir_name()), &routes))
         })
         .collect();
 
     let load_started = Instant::now();
     let load = load::run_routes(&topology.proxy, &matrix.routes);
     let load_time = load_started.elapsed();
-    // Let the last timeouts fire, then stop nginx gracefully (it closes its idle
+    // Let the last timeouts fire, then stop the proxy gracefully (it closes its idle
     // keep-alive connections) and tracer.
     std::thread::sleep(proxy_timeout() + Duration::from_millis(500));
-    for nginx in &mut proxies {
-        nginx.stop();
+    for proxy in &mut proxies {
+        proxy.stop();
     }
     std::thread::sleep(Duration::from_millis(300));
     let (events, _stderr) = tracer.stop_collecting();
 
-    let error_log: String = proxies.iter().map(Nginx::error_log).collect();
-    let access_log: String = proxies.iter().map(Nginx::access_log).collect();
+    let failures = proxies.iter().flat_map(|p| p.failures()).collect();
+    let requests = proxies.iter().flat_map(|p| p.requests()).collect();
     let report = LabReport::build(
         matrix,
         options,
-        &error_log,
-        &access_log,
+        failures,
+        requests,
         &events,
         load,
         load_time,
@@ -636,7 +737,14 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     );
     drop(proxies);
     drop(unix_servers);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("TRACER_LAB_KEEP").is_some() {
+        eprintln!(
+            "lab: kept the proxy's configuration and logs in {}",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     let _ = std::fs::remove_dir_all(UNIX_DIR);
     report
 }

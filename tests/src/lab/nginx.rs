@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Proxy, Route};
+use super::{
+    Proxy, Route,
+    proxy::{LabProxy, LoggedFailure, LoggedRequest, parse_upstream_list},
+};
 
 /// The descriptors the few-files proxy's worker may hold. About ten are its own (logs, listening
 /// socket, epoll, channels): room for a few requests with their upstream connection.
@@ -110,6 +113,20 @@ impl Nginx {
     }
 }
 
+impl LabProxy for Nginx {
+    fn stop(&mut self) {
+        Nginx::stop(self);
+    }
+
+    fn failures(&self) -> Vec<LoggedFailure> {
+        failures_in(&self.error_log())
+    }
+
+    fn requests(&self) -> Vec<LoggedRequest> {
+        requests_in(&self.access_log())
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -182,15 +199,6 @@ http {{
     }
     conf.push_str("}\n");
     conf
-}
-
-/// One failed upstream attempt, as nginx's error.log tells it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoggedFailure {
-    pub upstream: String,
-    /// The tracer cause this line means, or `None` when no tracer cause matches it.
-    pub cause: Option<&'static str>,
-    pub message: String,
 }
 
 /// The tracer cause an nginx error-log message means (the table in docs/causes.md).
@@ -309,18 +317,6 @@ pub fn failures_in(error_log: &str) -> Vec<LoggedFailure> {
         .collect()
 }
 
-/// One request in the access log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoggedRequest {
-    /// When the request ended (seconds since the epoch) and how long it took.
-    pub end: f64,
-    pub duration: f64,
-    pub status: u16,
-    pub port: u16,
-    /// Every upstream tried, in order, as tracer writes them (`ip:port`, `unix:PATH`).
-    pub upstreams: Vec<String>,
-}
-
 /// Parses the lab's access-log format: `$msec $request_time $status $server_port "$upstream_addr"`.
 pub fn requests_in(access_log: &str) -> Vec<LoggedRequest> {
     access_log
@@ -340,17 +336,6 @@ pub fn requests_in(access_log: &str) -> Vec<LoggedRequest> {
                 upstreams: parse_upstream_list(upstreams),
             })
         })
-        .collect()
-}
-
-/// `$upstream_addr` lists the upstreams tried, separated by ", " (and " : " across
-/// internal redirects); `-` when none was.
-fn parse_upstream_list(text: &str) -> Vec<String> {
-    text.split(", ")
-        .flat_map(|s| s.split(" : "))
-        .map(str::trim)
-        .filter(|s| s.starts_with("unix:") || s.parse::<SocketAddr>().is_ok())
-        .map(str::to_string)
         .collect()
 }
 

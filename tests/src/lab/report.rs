@@ -1,5 +1,6 @@
-//! The lab's verdict: tracer's failures against nginx's error.log, per upstream and cause, and
-//! every 502/504 in nginx's access.log explained by a tracer failure.
+//! The lab's verdict: tracer's failures against the proxy's logs, per upstream and cause (or the
+//! proxy's coarser class of causes), and every gateway error in its access log explained by a
+//! tracer failure.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,19 +11,23 @@ use std::{
 use serde_json::Value;
 
 use super::{
-    Matrix, Options,
+    Matrix, Options, Software,
     load::RouteLoad,
-    nginx::{LoggedFailure, LoggedRequest, failures_in, requests_in},
+    proxy::{LoggedFailure, LoggedRequest},
 };
 
 /// One row of the agreement table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
     pub upstream: String,
-    /// A failure cause, or `(healthy)` for a healthy upstream's row.
+    /// A failure cause as the proxy's log tells it (a tracer cause, or HAProxy's termination
+    /// state), or `(healthy)` for a healthy upstream's row.
     pub cause: String,
-    pub nginx: usize,
+    /// Failed attempts in the proxy's log, and in tracer's events.
+    pub proxy: usize,
     pub tracer: usize,
+    /// The causes tracer gave these failures, and how many of each.
+    pub tracer_causes: BTreeMap<String, usize>,
     /// The root causes tracer gave these failures, and how many of each.
     pub root_causes: BTreeMap<String, usize>,
 }
@@ -30,7 +35,7 @@ pub struct Cell {
 impl Cell {
     /// min/max of the two counts (1 when both are 0).
     pub fn agreement(&self) -> f64 {
-        let (low, high) = (self.nginx.min(self.tracer), self.nginx.max(self.tracer));
+        let (low, high) = (self.proxy.min(self.tracer), self.proxy.max(self.tracer));
         if high == 0 {
             1.0
         } else {
@@ -41,16 +46,20 @@ impl Cell {
 
 #[derive(Debug, Clone)]
 pub struct LabReport {
+    pub software: Software,
     pub target: f64,
     pub cells: Vec<Cell>,
     /// The (upstream, cause) cells that must not stay empty.
     pub must_fail: Vec<(String, String)>,
     /// The root cause tracer must give every failure of these (upstream, cause) cells.
     pub root_causes: Vec<(String, String, String)>,
-    /// error.log lines naming an upstream that no tracer cause matches.
+    /// The cause tracer must give every failure of these (upstream, cause) cells: where the
+    /// proxy's class of causes is coarser than tracer's, tracer's must still be the one made.
+    pub expected_causes: Vec<(String, String, String)>,
+    /// Log lines of failed attempts that no tracer cause matches.
     pub unmapped: Vec<LoggedFailure>,
-    /// Responses 502/504 in the access log (and 500 for want of a descriptor), and those no
-    /// tracer failure explains.
+    /// Responses 502/503/504 in the access log (and 500 for want of a descriptor), and those
+    /// no tracer failure explains.
     pub gateway_errors: usize,
     pub unexplained: Vec<LoggedRequest>,
     pub load: Vec<RouteLoad>,
@@ -85,7 +94,7 @@ fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
         .collect()
 }
 
-/// The upstream tracer names for a failure nginx logged on `upstream` with `cause`: when
+/// The upstream tracer names for a failure the proxy logged on `upstream` with `cause`: when
 /// socket() fails (`fd_exhausted`) the kernel has seen no address yet, so tracer says `none`.
 pub fn as_tracer_names_it(upstream: &str, cause: &str) -> String {
     if cause == "fd_exhausted" {
@@ -100,18 +109,19 @@ impl LabReport {
     pub fn build(
         matrix: &Matrix,
         options: &Options,
-        error_log: &str,
-        access_log: &str,
+        logged: Vec<LoggedFailure>,
+        requests: Vec<LoggedRequest>,
         events: &[Value],
         load: Vec<RouteLoad>,
         load_time: Duration,
         total_time: Duration,
     ) -> LabReport {
-        let logged = failures_in(error_log);
+        let software = matrix.software;
         let tracer = tracer_failures(events);
 
         let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
         let mut roots: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
+        let mut causes: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
         for f in &logged {
             if let Some(cause) = f.cause {
                 counts
@@ -121,8 +131,13 @@ impl LabReport {
             }
         }
         for f in &tracer {
-            let key = (f.upstream.clone(), f.cause.clone());
+            let key = (f.upstream.clone(), software.class_of(&f.cause));
             counts.entry(key.clone()).or_default().1 += 1;
+            *causes
+                .entry(key.clone())
+                .or_default()
+                .entry(f.cause.clone())
+                .or_default() += 1;
             if let Some(root) = &f.root_cause {
                 *roots
                     .entry(key)
@@ -134,7 +149,9 @@ impl LabReport {
         // Every upstream of the matrix has a row, so a healthy one shows its zeros, and an
         // expected cause that nobody reported shows as a missing row.
         for spec in &matrix.upstreams {
-            let cause = spec.expected.unwrap_or("(healthy)").to_string();
+            let cause = spec
+                .expected
+                .map_or("(healthy)".to_string(), |c| software.class_of(c));
             let upstream = spec.tracer_upstream();
             if !counts.keys().any(|(u, _)| *u == upstream) || spec.expected.is_some() {
                 counts.entry((upstream, cause)).or_default();
@@ -142,18 +159,20 @@ impl LabReport {
         }
         let cells = counts
             .into_iter()
-            .map(|((upstream, cause), (nginx, tracer))| Cell {
+            .map(|((upstream, cause), (proxy, tracer))| Cell {
                 root_causes: roots
+                    .remove(&(upstream.clone(), cause.clone()))
+                    .unwrap_or_default(),
+                tracer_causes: causes
                     .remove(&(upstream.clone(), cause.clone()))
                     .unwrap_or_default(),
                 upstream,
                 cause,
-                nginx,
+                proxy,
                 tracer,
             })
             .collect();
 
-        let requests = requests_in(access_log);
         let groups: BTreeMap<u16, Vec<String>> = matrix
             .routes
             .iter()
@@ -166,13 +185,14 @@ impl LabReport {
             .collect();
         let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &groups, &tracer);
         LabReport {
+            software,
             target: options.target,
             cells,
             must_fail: matrix
                 .upstreams
                 .iter()
                 .filter(|u| u.must_fail)
-                .filter_map(|u| Some((u.tracer_upstream(), u.expected?.to_string())))
+                .filter_map(|u| Some((u.tracer_upstream(), software.class_of(u.expected?))))
                 .collect(),
             root_causes: matrix
                 .upstreams
@@ -180,8 +200,20 @@ impl LabReport {
                 .filter_map(|u| {
                     Some((
                         u.tracer_upstream(),
-                        u.expected?.to_string(),
+                        software.class_of(u.expected?),
                         u.root_cause?.to_string(),
+                    ))
+                })
+                .collect(),
+            expected_causes: matrix
+                .upstreams
+                .iter()
+                .filter_map(|u| {
+                    let expected = u.expected?;
+                    Some((
+                        u.tracer_upstream(),
+                        software.class_of(expected),
+                        expected.to_string(),
                     ))
                 })
                 .collect(),
@@ -204,10 +236,11 @@ impl LabReport {
         for cell in &self.cells {
             if cell.agreement() < self.target {
                 problems.push(format!(
-                    "{} {}: nginx {} vs tracer {} ({:.1}% < {:.1}%)",
+                    "{} {}: {} {} vs tracer {} ({:.1}% < {:.1}%)",
                     cell.upstream,
                     cell.cause,
-                    cell.nginx,
+                    self.software,
+                    cell.proxy,
                     cell.tracer,
                     cell.agreement() * 100.0,
                     self.target * 100.0
@@ -216,7 +249,7 @@ impl LabReport {
             if self
                 .must_fail
                 .contains(&(cell.upstream.clone(), cell.cause.clone()))
-                && cell.nginx == 0
+                && cell.proxy == 0
                 && cell.tracer == 0
             {
                 problems.push(format!(
@@ -243,15 +276,39 @@ impl LabReport {
                 }
             }
         }
-        for f in &self.unmapped {
+        for (upstream, class, expected) in &self.expected_causes {
+            for cell in self
+                .cells
+                .iter()
+                .filter(|c| c.upstream == *upstream && c.cause == *class)
+            {
+                let other: usize = cell
+                    .tracer_causes
+                    .iter()
+                    .filter(|(cause, _)| *cause != expected)
+                    .map(|(_, n)| n)
+                    .sum();
+                if other as f64 > (1.0 - self.target) * cell.tracer as f64 {
+                    problems.push(format!(
+                        "{upstream} {class}: tracer named {other} of {} failures otherwise than {expected}",
+                        cell.tracer
+                    ));
+                }
+            }
+        }
+        if !self.unmapped.is_empty() {
             problems.push(format!(
-                "nginx logged a failure tracer has no cause for: {} ({})",
-                f.message, f.upstream
+                "{} logged {} failures tracer has no cause for",
+                self.software,
+                self.unmapped.len()
             ));
+        }
+        for f in self.unmapped.iter().take(10) {
+            problems.push(format!("    unmapped: {} ({})", f.message, f.upstream));
         }
         if !self.unexplained.is_empty() {
             problems.push(format!(
-                "{} of {} responses 500/502/504 have no tracer failure on their upstream",
+                "{} of {} responses 500/502/503/504 have no tracer failure on their upstream",
                 self.unexplained.len(),
                 self.gateway_errors
             ));
@@ -278,7 +335,7 @@ impl LabReport {
 /// default).
 const FAIL_TIMEOUT: f64 = 10.0;
 
-/// Matches every 502/504 to a tracer failure on one of the upstreams nginx tried for it, within
+/// Matches every 502/503/504 to a tracer failure on one of the upstreams the proxy tried for it, within
 /// the request's lifetime; each failure explains one response at most. A 500 is what nginx
 /// answers when socket() fails: it needs an `fd_exhausted` failure (upstream `none`). A 502 for
 /// which nginx tried no server at all ("no live upstreams": every server of the group was held
@@ -303,7 +360,7 @@ fn explain_gateway_errors(
     let mut used = BTreeSet::new();
     let mut gateway: Vec<&LoggedRequest> = requests
         .iter()
-        .filter(|r| matches!(r.status, 500 | 502 | 504))
+        .filter(|r| matches!(r.status, 500 | 502 | 503 | 504))
         .collect();
     // Windows in order of their ends, each taking the earliest failure that fits it: the
     // greedy pairing that leaves no response unexplained when some pairing would explain all.
@@ -346,8 +403,9 @@ impl fmt::Display for LabReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "tracer fault lab: {} requests through nginx in {:.1} s (whole lab {:.1} s)",
+            "tracer fault lab: {} requests through {} in {:.1} s (whole lab {:.1} s)",
             self.requests,
+            self.software,
             self.load_time.as_secs_f64(),
             self.total_time.as_secs_f64()
         )?;
@@ -359,26 +417,44 @@ impl fmt::Display for LabReport {
             .max()
             .unwrap_or(0)
             .max(20);
+        // Where the proxy's classes are not tracer's causes, say which causes tracer gave.
+        let coarse = self
+            .cells
+            .iter()
+            .any(|c| c.tracer_causes.keys().any(|cause| *cause != c.cause));
         writeln!(
             f,
-            "{:<width$} {:<24} {:>7} {:>7} {:>10}  root cause (tracer)",
-            "upstream", "cause", "nginx", "tracer", "agreement"
+            "{:<width$} {:<24} {:>7} {:>7} {:>10}  {}root cause (tracer)",
+            "upstream",
+            "cause",
+            self.software.name(),
+            "tracer",
+            "agreement",
+            if coarse { "tracer's causes; " } else { "" }
         )?;
         for cell in &self.cells {
-            let roots: Vec<String> = cell
-                .root_causes
-                .iter()
-                .map(|(root, n)| format!("{root} ×{n}"))
-                .collect();
+            let mut notes: Vec<String> = Vec::new();
+            if coarse {
+                notes.extend(
+                    cell.tracer_causes
+                        .iter()
+                        .map(|(cause, n)| format!("{cause} ×{n}")),
+                );
+            }
+            notes.extend(
+                cell.root_causes
+                    .iter()
+                    .map(|(root, n)| format!("root {root} ×{n}")),
+            );
             writeln!(
                 f,
                 "{:<width$} {:<24} {:>7} {:>7} {:>9.1}%  {}{}",
                 cell.upstream,
                 cell.cause,
-                cell.nginx,
+                cell.proxy,
                 cell.tracer,
                 cell.agreement() * 100.0,
-                roots.join(", "),
+                notes.join(", "),
                 if cell.agreement() < self.target {
                     "  <-- below target"
                 } else {
@@ -404,7 +480,7 @@ impl fmt::Display for LabReport {
         writeln!(f)?;
         writeln!(
             f,
-            "access log: {} responses 500/502/504, {} explained by a tracer failure on their upstream",
+            "access log: {} responses 500/502/503/504, {} explained by a tracer failure on their upstream",
             self.gateway_errors,
             self.gateway_errors - self.unexplained.len()
         )?;
@@ -412,7 +488,7 @@ impl fmt::Display for LabReport {
         if problems.is_empty() {
             writeln!(
                 f,
-                "result: PASS (every cell ≥ {:.1}%, healthy upstreams clean, every 500/502/504 explained)",
+                "result: PASS (every cell ≥ {:.1}%, healthy upstreams clean, every 500/502/503/504 explained)",
                 self.target * 100.0
             )
         } else {

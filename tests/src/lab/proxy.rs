@@ -1,0 +1,156 @@
+//! What every proxy of the lab gives the report: its failed upstream attempts and its requests,
+//! as its own logs tell them. Each proxy's module reads its own log formats into these.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::Route;
+use crate::netns::Netns;
+
+/// One failed upstream attempt, as the proxy's log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedFailure {
+    /// As tracer writes upstreams: `ip:port`, `unix:PATH`, `none`.
+    pub upstream: String,
+    /// What the proxy's log says happened, in the proxy's own classes (see
+    /// [`super::Software::class_of`]): for nginx and Apache a tracer cause, for HAProxy the
+    /// first two letters of the termination state (`SC`, `sH`…). `None` when nothing maps.
+    pub cause: Option<&'static str>,
+    pub message: String,
+}
+
+/// One request in the proxy's access log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRequest {
+    /// When the request ended (seconds since the epoch) and how long it took.
+    pub end: f64,
+    pub duration: f64,
+    pub status: u16,
+    /// The port the proxy received it on: which route it took.
+    pub port: u16,
+    /// Every upstream tried, in order, as tracer writes them (`ip:port`, `unix:PATH`).
+    pub upstreams: Vec<String>,
+}
+
+/// A proxy the lab runs: stopped, then read.
+pub trait LabProxy {
+    /// Stops it gracefully (it closes its idle upstream connections) and waits for it.
+    fn stop(&mut self);
+    /// The failed upstream attempts its logs record.
+    fn failures(&self) -> Vec<LoggedFailure>;
+    /// The requests its access log records.
+    fn requests(&self) -> Vec<LoggedRequest>;
+}
+
+/// A list of upstreams tried as proxies log it, separated by ", " (and by " : " across
+/// nginx's internal redirects); `-` when none was.
+pub fn parse_upstream_list(text: &str) -> Vec<String> {
+    text.split(", ")
+        .flat_map(|s| s.split(" : "))
+        .map(str::trim)
+        .filter(|s| s.starts_with("unix:") || s.parse::<SocketAddr>().is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The errno of a message that carries one as `(111)…` (Apache) or `(111: …)` (nginx).
+pub fn errno_in(text: &str) -> Option<i32> {
+    let (_, rest) = text.split_once('(')?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A proxy's process, started with `ip netns exec` (which execs it in place, so that the child
+/// is the proxy's own main process), its output in a file of the lab directory.
+pub struct Daemon {
+    child: Child,
+    name: &'static str,
+}
+
+impl Daemon {
+    /// Starts `program args` in namespace `netns`, its stdout and stderr into `output`, and
+    /// waits until every address of `listening` accepts a connection.
+    pub fn start(
+        name: &'static str,
+        netns: &Netns,
+        program: &str,
+        args: &[&str],
+        output: &Path,
+        listening: &[SocketAddr],
+    ) -> Daemon {
+        let log = std::fs::File::create(output).expect("the proxy's output file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns.name, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("output file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program} ({e}); cargo xtask setup installs it"));
+        let mut daemon = Daemon { child, name };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ready = netns.run(|| {
+            listening.iter().all(|addr| {
+                loop {
+                    if std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200))
+                        .is_ok()
+                    {
+                        break true;
+                    }
+                    if Instant::now() > deadline {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        if !ready || !matches!(daemon.child.try_wait(), Ok(None)) {
+            daemon.kill();
+            panic!(
+                "{name} did not start: {}",
+                std::fs::read_to_string(output).unwrap_or_default()
+            );
+        }
+        daemon
+    }
+
+    /// Sends `signal` (the proxy's graceful stop) and waits up to 5 s before killing it.
+    pub fn stop(&mut self, signal: i32) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: signalling our own child, which is the proxy itself.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("lab: {} did not stop within 5 s; killed", self.name);
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// The addresses a route list's clients connect to.
+pub fn listen_addrs(routes: &[Route]) -> Vec<SocketAddr> {
+    routes.iter().map(Route::listen).collect()
+}
