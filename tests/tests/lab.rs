@@ -39,6 +39,16 @@ fn tracer_agrees_with_apache_error_log_on_every_failure() {
 }
 
 #[test]
+fn tracer_agrees_with_nginx_on_real_app_servers() {
+    if !kernel_tests_enabled("tracer_agrees_with_nginx_on_real_app_servers") {
+        return;
+    }
+    let report = lab::run(&lab::Matrix::apps(), &lab::Options::default());
+    println!("{report}");
+    assert!(report.passed(), "the app servers' lab failed:\n{report}");
+}
+
+#[test]
 fn lab_can_run_twice_in_a_row() {
     if !kernel_tests_enabled("lab_can_run_twice_in_a_row") {
         return;

@@ -325,24 +325,12 @@ fn a_server_probing_its_own_socket_before_listening_is_not_a_failure() {
     agent.stop();
 }
 
-/// Debian's php-fpm binary (its name carries PHP's version).
-fn php_fpm() -> Option<PathBuf> {
-    std::fs::read_dir("/usr/sbin")
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("php-fpm"))
-        })
-}
-
 #[test]
 fn php_fpm_starting_up_is_not_a_failing_upstream() {
     if !kernel_tests_enabled("php_fpm_starting_up_is_not_a_failing_upstream") {
         return;
     }
-    let Some(php_fpm) = php_fpm() else {
+    let Some(php_fpm) = tracer_tests::lab::apps::php_fpm_binary() else {
         assert!(
             std::env::var("CI").is_err(),
             "CI=true: php-fpm must be installed (cargo xtask test installs it)"

@@ -32,6 +32,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     // Debian's default PHP's FastCGI server (php8.2-fpm on bookworm): its binary carries the
     // version, hence the pattern.
     ("php-fpm*", "php-fpm"),
+    // The lab's Python application server.
+    ("gunicorn", "gunicorn"),
 ];
 
 /// What the benchmarks add: the load generator and the baseline tracer.

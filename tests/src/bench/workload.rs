@@ -142,6 +142,7 @@ impl Env {
             keepalive: false,
             requests: 0,
             concurrency: 0,
+            app: None,
         };
         let nginx = Nginx::start_with_responders(&ns.name, &dir, &[route], &[responder]);
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());

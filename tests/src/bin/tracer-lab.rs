@@ -1,6 +1,7 @@
 //! `cargo xtask lab [--proxy nginx|haproxy|apache]`: runs the fault lab behind each proxy (all
-//! three when none is named) and prints, per proxy, the agreement table between tracer and the
-//! proxy's own logs. Exits non-zero when a cell falls below the target.
+//! three when none is named), and real application servers (gunicorn, php-fpm) behind nginx,
+//! and prints for each the agreement table between tracer and the proxy's own logs. Exits
+//! non-zero when a cell falls below the target.
 //!
 //! Interrupted (Ctrl-C, SIGTERM), it removes what it made: namespaces, nginx, its tracer.
 
@@ -67,12 +68,20 @@ fn main() -> ExitCode {
             "tracer-lab: cannot handle signals ({e}); an interrupted run is cleaned up by the next"
         ),
     }
+    // Behind nginx, the real application servers (gunicorn, php-fpm) too.
+    let matrices = proxies.into_iter().flat_map(|software| {
+        let mut matrices = vec![lab::Matrix::for_proxy(software)];
+        if software == lab::Software::Nginx {
+            matrices.push(lab::Matrix::apps());
+        }
+        matrices
+    });
     let mut failed = Vec::new();
-    for software in proxies {
-        let report = lab::run(&lab::Matrix::for_proxy(software), &lab::Options::default());
+    for matrix in matrices {
+        let report = lab::run(&matrix, &lab::Options::default());
         println!("{report}");
         if !report.passed() {
-            failed.push(software.name());
+            failed.push(format!("{} ({})", matrix.software, matrix.name));
         }
     }
     if failed.is_empty() {

@@ -7,6 +7,7 @@
 //! process, and sees both. Nothing leaves this machine.
 
 pub mod apache;
+pub mod apps;
 pub mod haproxy;
 pub mod load;
 pub mod nginx;
@@ -24,7 +25,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::{apache::Apache, haproxy::Haproxy, nginx::Nginx, proxy::LabProxy, report::LabReport};
+use self::{
+    apache::Apache,
+    apps::{App, AppServer},
+    haproxy::Haproxy,
+    nginx::Nginx,
+    proxy::LabProxy,
+    report::LabReport,
+};
 use crate::{
     netns::{self, Netns},
     process::{MemoryCgroup, UpstreamProcess},
@@ -158,6 +166,8 @@ pub struct UpstreamSpec {
     pub dies: Option<&'static str>,
     /// The root cause tracer must give its failures.
     pub root_cause: Option<&'static str>,
+    /// A real application server listening there instead (gunicorn, php-fpm).
+    pub app: Option<App>,
 }
 
 impl UpstreamSpec {
@@ -218,6 +228,9 @@ pub struct Route {
     pub keepalive: bool,
     pub requests: usize,
     pub concurrency: usize,
+    /// The application server behind it, whose own kind of request (a path, a PHP script over
+    /// FastCGI) the route asks for.
+    pub app: Option<App>,
 }
 
 impl Route {
@@ -230,6 +243,8 @@ impl Route {
 /// The lab's proxy, upstreams and routes.
 #[derive(Debug, Clone)]
 pub struct Matrix {
+    /// What the report calls it.
+    pub name: &'static str,
     pub software: Software,
     pub upstreams: Vec<UpstreamSpec>,
     pub routes: Vec<Route>,
@@ -293,6 +308,7 @@ impl Matrix {
                 must_fail: expected.is_some(),
                 dies: None,
                 root_cause: None,
+                app: None,
             }
         };
         let unix = |path: &'static str, state, expected: Option<&'static str>| UpstreamSpec {
@@ -304,6 +320,7 @@ impl Matrix {
             must_fail: expected.is_some(),
             dies: None,
             root_cause: None,
+            app: None,
         };
         let idle = |secs| Behaviour::Answer {
             idle_close: Duration::from_secs(secs),
@@ -440,6 +457,7 @@ impl Matrix {
             keepalive,
             requests,
             concurrency,
+            app: None,
         };
         let routes = vec![
             route("healthy_keepalive", 8100, &[9000], true, 400, 8),
@@ -477,6 +495,7 @@ impl Matrix {
             keepalive: false,
             requests,
             concurrency: 4,
+            app: None,
         };
         let routes = routes
             .into_iter()
@@ -509,6 +528,72 @@ impl Matrix {
             ])
             .collect();
         Matrix {
+            name: "fault matrix",
+            software: Software::Nginx,
+            upstreams,
+            routes,
+        }
+    }
+}
+
+impl Matrix {
+    /// Real application servers behind nginx (`lab::apps`): gunicorn killing a worker past its
+    /// timeout and a worker crashing, php-fpm's pool exhausted on a Unix socket, a script
+    /// killed by `request_terminate_timeout` on TCP, and php-fpm's socket gone after a stop.
+    pub fn apps() -> Matrix {
+        let spec = |addr: LabAddr, app, expected| UpstreamSpec {
+            addr,
+            behaviour: None,
+            unix: None,
+            syns_dropped: false,
+            expected: Some(expected),
+            must_fail: true,
+            dies: None,
+            root_cause: None,
+            app: Some(app),
+        };
+        let tcp = |port: u16| LabAddr::Tcp(SocketAddr::from(([10, 88, 0, 2], port)));
+        let upstreams = vec![
+            spec(tcp(9030), App::GunicornTimeout, "closed_before_response"),
+            spec(tcp(9032), App::GunicornCrash, "closed_before_response"),
+            spec(
+                LabAddr::Unix("/tmp/tracer-lab-unix/php-busy.sock"),
+                App::PhpFpmExhausted,
+                "unix_backlog_full",
+            ),
+            spec(tcp(9031), App::PhpFpmTerminate, "reset_before_response"),
+            spec(
+                LabAddr::Unix("/tmp/tracer-lab-unix/php-stopped.sock"),
+                App::PhpFpmStopped,
+                "unix_missing",
+            ),
+        ];
+        let route = |name, listen_port, app, requests, concurrency| Route {
+            name,
+            proxy: Proxy::Main,
+            listen_port,
+            upstreams: vec![
+                upstreams
+                    .iter()
+                    .find(|u| u.app == Some(app))
+                    .expect("an upstream of the matrix")
+                    .addr
+                    .clone(),
+            ],
+            keepalive: false,
+            requests,
+            concurrency,
+            app: Some(app),
+        };
+        let routes = vec![
+            route("gunicorn_timeout", 8130, App::GunicornTimeout, 4, 2),
+            route("gunicorn_crash", 8131, App::GunicornCrash, 20, 2),
+            route("php_fpm_exhausted", 8132, App::PhpFpmExhausted, 24, 12),
+            route("php_fpm_terminated", 8133, App::PhpFpmTerminate, 4, 2),
+            route("php_fpm_stopped", 8134, App::PhpFpmStopped, 20, 4),
+        ];
+        Matrix {
+            name: "real app servers",
             software: Software::Nginx,
             upstreams,
             routes,
@@ -666,6 +751,12 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         })
         .collect();
     let software = matrix.software;
+    // Application servers start (and a stopped one stops) before tracer watches.
+    let _apps: Vec<AppServer> = matrix
+        .upstreams
+        .iter()
+        .filter_map(|spec| Some(spec.app?.start(&spec.addr, &topology.upstream, &dir)))
+        .collect();
     let tracer = Tracer::events(&["--comm", software.comm()]);
     // Upstreams that die: started once tracer watches, dead before nginx sends them anything.
     let memory = MemoryCgroup::new("lab-oom", 64 << 20);

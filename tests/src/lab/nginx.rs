@@ -184,11 +184,15 @@ http {{
         } else {
             ""
         };
+        let location = match route.app {
+            // The app servers' scripts are in the lab's directory, the parent of nginx's.
+            Some(app) => app.nginx_location(route.name, dir.parent().unwrap_or(dir)),
+            None => format!("proxy_pass http://{};{http11}", route.name),
+        };
         let _ = writeln!(
             conf,
-            "    server {{ listen {listen}; location / {{ proxy_pass http://{name};{http11} }} }}",
+            "    server {{ listen {listen}; location / {{ {location} }} }}",
             listen = route.listen(),
-            name = route.name
         );
     }
     for responder in responders {
@@ -234,7 +238,10 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
     if message.starts_with("upstream timed out") {
         return Some("response_timeout");
     }
-    if message.starts_with("upstream prematurely closed connection while reading response header") {
+    // "… closed connection" (HTTP), "… closed FastCGI stdout" (php-fpm).
+    if message.starts_with("upstream prematurely closed")
+        && message.ends_with("while reading response header from upstream")
+    {
         return Some("closed_before_response");
     }
     if matches!(errno, Some(104) | Some(32)) {
@@ -260,11 +267,13 @@ fn accept_failure(message: &str) -> Option<&'static str> {
 }
 
 /// Lines that name an upstream without being a failed attempt of their own.
-const NOT_ATTEMPTS: [&str; 2] = [
+const NOT_ATTEMPTS: [&str; 3] = [
     // [warn] after max_fails failures: the failures were logged one by one already.
     "upstream server temporarily disabled",
     // No server was tried at all.
     "no live upstreams",
+    // What a FastCGI server (php-fpm) wrote to its stderr, passed on at level error.
+    "FastCGI sent in stderr",
 ];
 
 /// The failed upstream attempts in an error.log: the lines of level error or worse that name an
@@ -298,7 +307,9 @@ pub fn failures_in(error_log: &str) -> Vec<LoggedFailure> {
                 });
             }
             let upstream = line.split("upstream: \"").nth(1)?.split('"').next()?;
-            let upstream = upstream.trim_start_matches("http://");
+            let upstream = upstream
+                .split_once("://")
+                .map_or(upstream, |(_scheme, rest)| rest);
             let upstream = match upstream.strip_prefix("unix:") {
                 // "http://unix:/run/php.sock:/": the path ends at the last ':'.
                 Some(rest) => format!("unix:{}", rest.rsplit_once(':')?.0),

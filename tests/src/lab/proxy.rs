@@ -92,7 +92,8 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {program} ({e}); cargo xtask setup installs it"));
         let mut daemon = Daemon { child, name };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // (Slow under emulation: the kernel matrix's guests.)
+        let deadline = Instant::now() + Duration::from_secs(60);
         let ready = netns.run(|| {
             listening.iter().all(|addr| {
                 loop {

@@ -30,6 +30,9 @@ pub struct Cell {
     pub tracer_causes: BTreeMap<String, usize>,
     /// The root causes tracer gave these failures, and how many of each.
     pub root_causes: BTreeMap<String, usize>,
+    /// What the proxy's log and tracer's event said of the first such failure.
+    pub proxy_says: Option<String>,
+    pub tracer_says: Option<String>,
 }
 
 impl Cell {
@@ -46,6 +49,8 @@ impl Cell {
 
 #[derive(Debug, Clone)]
 pub struct LabReport {
+    /// The matrix's name.
+    pub name: &'static str,
     pub software: Software,
     pub target: f64,
     pub cells: Vec<Cell>,
@@ -73,6 +78,7 @@ struct TracerFailure {
     upstream: String,
     cause: String,
     root_cause: Option<String>,
+    explanation: Option<String>,
     time: f64,
 }
 
@@ -85,6 +91,7 @@ fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
                 upstream: e["upstream"].as_str()?.to_string(),
                 cause: e["cause"].as_str()?.to_string(),
                 root_cause: e["root_cause"].as_str().map(str::to_string),
+                explanation: e["explanation"].as_str().map(str::to_string),
                 time: time
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()?
@@ -122,12 +129,15 @@ impl LabReport {
         let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
         let mut roots: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
         let mut causes: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
+        let mut proxy_says: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut tracer_says: BTreeMap<(String, String), String> = BTreeMap::new();
         for f in &logged {
             if let Some(cause) = f.cause {
-                counts
-                    .entry((as_tracer_names_it(&f.upstream, cause), cause.to_string()))
-                    .or_default()
-                    .0 += 1;
+                let key = (as_tracer_names_it(&f.upstream, cause), cause.to_string());
+                proxy_says
+                    .entry(key.clone())
+                    .or_insert_with(|| f.message.clone());
+                counts.entry(key).or_default().0 += 1;
             }
         }
         for f in &tracer {
@@ -138,6 +148,11 @@ impl LabReport {
                 .or_default()
                 .entry(f.cause.clone())
                 .or_default() += 1;
+            if let Some(explanation) = &f.explanation {
+                tracer_says
+                    .entry(key.clone())
+                    .or_insert_with(|| explanation.clone());
+            }
             if let Some(root) = &f.root_cause {
                 *roots
                     .entry(key)
@@ -166,6 +181,8 @@ impl LabReport {
                 tracer_causes: causes
                     .remove(&(upstream.clone(), cause.clone()))
                     .unwrap_or_default(),
+                proxy_says: proxy_says.remove(&(upstream.clone(), cause.clone())),
+                tracer_says: tracer_says.remove(&(upstream.clone(), cause.clone())),
                 upstream,
                 cause,
                 proxy,
@@ -185,6 +202,7 @@ impl LabReport {
             .collect();
         let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &groups, &tracer);
         LabReport {
+            name: matrix.name,
             software,
             target: options.target,
             cells,
@@ -403,7 +421,8 @@ impl fmt::Display for LabReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "tracer fault lab: {} requests through {} in {:.1} s (whole lab {:.1} s)",
+            "tracer fault lab ({}): {} requests through {} in {:.1} s (whole lab {:.1} s)",
+            self.name,
             self.requests,
             self.software,
             self.load_time.as_secs_f64(),
@@ -463,6 +482,19 @@ impl fmt::Display for LabReport {
             )?;
         }
         writeln!(f)?;
+        writeln!(f, "side by side, the first failure of each row:")?;
+        for cell in self.cells.iter().filter(|c| c.proxy + c.tracer > 0) {
+            writeln!(f, "  {} {}", cell.upstream, cell.cause)?;
+            let said = |text: &Option<String>| text.clone().unwrap_or_else(|| "-".to_string());
+            writeln!(
+                f,
+                "    {:<7} {}",
+                self.software.name(),
+                said(&cell.proxy_says)
+            )?;
+            writeln!(f, "    {:<7} {}", "tracer", said(&cell.tracer_says))?;
+        }
+        writeln!(f)?;
         writeln!(f, "what the clients saw, per route:")?;
         for load in &self.load {
             let statuses: Vec<String> = load
@@ -510,6 +542,7 @@ mod tests {
             upstream: upstream.to_string(),
             cause: "refused".to_string(),
             root_cause: None,
+            explanation: None,
             time,
         }
     }

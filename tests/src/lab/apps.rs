@@ -1,0 +1,269 @@
+//! Real application servers from Debian's packages as the lab's upstreams: gunicorn (pre-fork
+//! master, sync workers, a worker timeout) and php-fpm (a pool of children behind nginx's
+//! `fastcgi_pass`, on a Unix socket and on TCP). Their own ways of failing, not ours: a master
+//! killing a worker past its `--timeout`, a worker crashing, a pool exhausted, a script killed by
+//! `request_terminate_timeout`, a socket gone after a stop.
+
+use std::{
+    fmt::Write as _,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::LabAddr;
+use crate::netns::Netns;
+
+/// How long nginx waits for these upstreams' responses: longer than any app server's own
+/// limit, so that what nginx sees is the app server's doing.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The WSGI app gunicorn serves: `/slow` outlives the worker timeout, `/crash` kills its own
+/// worker with SIGSEGV.
+const WSGI_APP: &str = r#"import os, signal, time
+
+def app(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    if path == "/slow":
+        time.sleep(60)
+    elif path == "/crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+    return [b"ok\n"]
+"#;
+
+/// An application server behind one of the lab's routes, and what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum App {
+    /// gunicorn, two sync workers, `--timeout 2`; nginx asks for `/slow`, which sleeps 60 s:
+    /// the master kills the worker, whose connection closes before any response.
+    GunicornTimeout,
+    /// gunicorn whose app kills its own worker with SIGSEGV on every request (`/crash`).
+    GunicornCrash,
+    /// php-fpm with one child (`pm.max_children = 1`) and `listen.backlog = 1` on a Unix
+    /// socket, a script that takes 2 s: the pool is exhausted and the listener's queue full.
+    PhpFpmExhausted,
+    /// php-fpm on TCP whose `request_terminate_timeout` (1 s) kills a script that sleeps 10 s.
+    PhpFpmTerminate,
+    /// php-fpm on a Unix socket, stopped before the load: the socket is gone.
+    PhpFpmStopped,
+}
+
+impl App {
+    fn is_php(self) -> bool {
+        matches!(
+            self,
+            App::PhpFpmExhausted | App::PhpFpmTerminate | App::PhpFpmStopped
+        )
+    }
+
+    /// The script (php-fpm) or path (gunicorn) nginx asks for.
+    fn script(self) -> &'static str {
+        match self {
+            App::GunicornTimeout => "/slow",
+            App::GunicornCrash => "/crash",
+            App::PhpFpmExhausted => "busy.php",
+            App::PhpFpmTerminate => "slow.php",
+            App::PhpFpmStopped => "index.php",
+        }
+    }
+
+    /// nginx's `location /` body for a route to upstream group `name` of this app.
+    pub fn nginx_location(self, name: &str, dir: &Path) -> String {
+        let timeout = READ_TIMEOUT.as_secs();
+        if self.is_php() {
+            let script = dir.join("apps").join(self.script());
+            format!(
+                "fastcgi_pass {name}; fastcgi_read_timeout {timeout}s; \
+                 fastcgi_param SCRIPT_FILENAME {}; fastcgi_param REQUEST_METHOD $request_method; \
+                 fastcgi_param QUERY_STRING \"\";",
+                script.display()
+            )
+        } else {
+            format!(
+                "proxy_pass http://{name}{}; proxy_read_timeout {timeout}s;",
+                self.script()
+            )
+        }
+    }
+
+    /// Starts it at `addr` (TCP ones in `upstream_host`), its files in `dir`/apps, and waits
+    /// until it accepts connections; a stopped one is started, then stopped.
+    pub fn start(self, addr: &LabAddr, upstream_host: &Netns, dir: &Path) -> AppServer {
+        let apps = dir.join("apps");
+        std::fs::create_dir_all(&apps).expect("the apps' directory");
+        write_scripts(&apps);
+        let tag = match addr {
+            LabAddr::Tcp(a) => a.port().to_string(),
+            LabAddr::Unix(path) => Path::new(path)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let listen = match addr {
+            LabAddr::Tcp(a) => a.to_string(),
+            LabAddr::Unix(path) => path.to_string(),
+        };
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &upstream_host.name]);
+        let output = apps.join(format!("{tag}.log"));
+        if self.is_php() {
+            let conf = apps.join(format!("php-fpm-{tag}.conf"));
+            std::fs::write(&conf, php_fpm_config(self, &listen, &apps, &tag))
+                .expect("writing php-fpm's configuration");
+            command
+                .arg(php_fpm_binary().expect("php-fpm (cargo xtask setup installs it)"))
+                .args(["--nodaemonize", "--fpm-config"])
+                .arg(&conf);
+        } else {
+            command
+                .args([
+                    "gunicorn",
+                    "--bind",
+                    &listen,
+                    "--workers",
+                    "2",
+                    "--timeout",
+                    "2",
+                ])
+                .arg("--chdir")
+                .arg(&apps)
+                .arg("wsgi:app");
+        }
+        let log = std::fs::File::create(&output).expect("the app server's output file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("output file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting the app server (cargo xtask setup installs it)");
+        let mut server = AppServer {
+            child,
+            name: if self.is_php() { "php-fpm" } else { "gunicorn" },
+            output,
+        };
+        server.wait_accepting(addr, upstream_host);
+        if self == App::PhpFpmStopped {
+            server.stop();
+            assert!(
+                !Path::new(&listen).exists(),
+                "php-fpm left its socket {listen} behind when it stopped"
+            );
+        }
+        server
+    }
+}
+
+/// A running application server; stops on drop.
+pub struct AppServer {
+    child: Child,
+    name: &'static str,
+    output: PathBuf,
+}
+
+impl AppServer {
+    fn wait_accepting(&mut self, addr: &LabAddr, host: &Netns) {
+        // (Slow under emulation: the kernel matrix's guests.)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let accepting = || match addr {
+            LabAddr::Tcp(a) => host
+                .run(|| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)))
+                .is_ok(),
+            LabAddr::Unix(path) => UnixStream::connect(path).is_ok(),
+        };
+        while !accepting() {
+            if Instant::now() > deadline || !matches!(self.child.try_wait(), Ok(None)) {
+                self.stop();
+                panic!(
+                    "{} did not start at {addr}: {}",
+                    self.name,
+                    std::fs::read_to_string(&self.output).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it gracefully (SIGQUIT for php-fpm, SIGTERM for gunicorn's master) and waits.
+    pub fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let signal = if self.name == "php-fpm" {
+            libc::SIGQUIT
+        } else {
+            libc::SIGTERM
+        };
+        // SAFETY: signalling our own child (`ip netns exec` execs the server in place).
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AppServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_scripts(apps: &Path) {
+    let files = [
+        ("wsgi.py", WSGI_APP),
+        ("busy.php", "<?php usleep(2000000); echo \"done\\n\";\n"),
+        ("slow.php", "<?php sleep(10); echo \"done\\n\";\n"),
+        ("index.php", "<?php echo \"ok\\n\";\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(apps.join(name), text).expect("writing an app's script");
+    }
+}
+
+fn php_fpm_config(app: App, listen: &str, apps: &Path, tag: &str) -> String {
+    let d = apps.display();
+    let (children, backlog, terminate) = match app {
+        App::PhpFpmExhausted => (1, 1, 0),
+        App::PhpFpmTerminate => (2, 511, 1),
+        _ => (2, 511, 0),
+    };
+    let mut conf = format!(
+        "[global]
+pid = {d}/php-fpm-{tag}.pid
+error_log = {d}/php-fpm-{tag}.error.log
+daemonize = no
+[lab]
+user = nobody
+group = nogroup
+listen = {listen}
+listen.mode = 0666
+listen.backlog = {backlog}
+pm = static
+pm.max_children = {children}
+catch_workers_output = yes
+"
+    );
+    if terminate > 0 {
+        let _ = writeln!(conf, "request_terminate_timeout = {terminate}s");
+    }
+    conf
+}
+
+/// Debian's php-fpm binary, whose name carries PHP's version (`php-fpm8.2`).
+pub fn php_fpm_binary() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/sbin")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("php-fpm"))
+        })
+}
