@@ -53,15 +53,17 @@ fn lab_can_run_twice_in_a_row() {
     if !kernel_tests_enabled("lab_can_run_twice_in_a_row") {
         return;
     }
-    // A small matrix, twice: the first run must leave nothing that breaks the second.
-    let mut matrix = lab::Matrix::standard();
-    matrix.retain_routes(|r| r.name == "refused" || r.name == "healthy");
-    for route in &mut matrix.routes {
-        route.requests = 20;
-    }
-    for _ in 0..2 {
-        let report = lab::run(&matrix, &lab::Options::default());
-        assert!(report.passed(), "{report}");
+    // A small matrix behind each proxy, twice: a run must leave nothing that breaks the next.
+    for software in lab::Software::ALL {
+        let mut matrix = lab::Matrix::for_proxy(software);
+        matrix.retain_routes(|r| r.name == "refused" || r.name == "healthy");
+        for route in &mut matrix.routes {
+            route.requests = 20;
+        }
+        for _ in 0..2 {
+            let report = lab::run(&matrix, &lab::Options::default());
+            assert!(report.passed(), "{report}");
+        }
     }
     let leftovers = std::process::Command::new("ip")
         .args(["netns", "list"])

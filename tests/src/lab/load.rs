@@ -71,11 +71,19 @@ fn run_route(route: &Route) -> RouteLoad {
     load
 }
 
+/// How long a client waits for its response: well past every proxy's own timeouts, slowed as
+/// they are under emulation (a kernel guest), so that the proxy, never its client, gives up. A
+/// client that leaves first makes nginx close the upstream connection (a 499), which tracer
+/// counts as `response_timeout` where nginx logs no upstream failure (docs/causes.md).
+fn client_timeout() -> Duration {
+    (super::proxy_timeout() * 10).max(super::apps::READ_TIMEOUT + Duration::from_secs(5))
+}
+
 /// One request; the response's status code.
 fn get(target: SocketAddr) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5)).ok()?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(client_timeout()))
         .ok()?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
