@@ -97,7 +97,14 @@ impl Tracer {
             lines,
             stderr,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Loading and verifying the programs takes seconds under emulation (a kernel guest),
+        // more when the guest is busy.
+        let attach_within = if std::env::var_os("TRACER_TEST_GUEST").is_some() {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(30)
+        };
+        let deadline = Instant::now() + attach_within;
         loop {
             match ready.recv_timeout(Duration::from_millis(100)) {
                 Ok(()) => return tracer,
@@ -109,7 +116,11 @@ impl Tracer {
                         );
                     }
                 }
-                Err(_) => panic!("tracer did not attach in 30 s:\n{}", tracer.stderr()),
+                Err(_) => panic!(
+                    "tracer did not attach in {} s:\n{}",
+                    attach_within.as_secs(),
+                    tracer.stderr()
+                ),
             }
         }
     }

@@ -448,3 +448,44 @@ fn out_of_descriptors_the_agent_backs_off_and_does_not_count_itself() {
     let stderr = tracer.stop();
     assert!(stderr.contains("cannot accept HTTP clients"), "{stderr}");
 }
+
+#[test]
+fn a_program_run_that_cannot_finish_is_counted_per_program() {
+    if !kernel_tests_enabled("a_program_run_that_cannot_finish_is_counted_per_program") {
+        return;
+    }
+    let (tracer, addr) = agent(&[]);
+    let series = "tracer_program_errors_total{program=\"sys_exit_connect\"}";
+    let errors = || {
+        let (_, scrape) = get(addr, "/metrics").expect("a scrape");
+        sample(&scrape, series).unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
+    };
+    let before = errors();
+    // connect() with an address nobody may read (EFAULT): the kernel's exit program cannot read
+    // the caller's sockaddr, so its run stops there. Nothing else in these tests does that.
+    let n = 3;
+    for _ in 0..n {
+        // SAFETY: a socket of our own; connect() is given a null address, which the kernel
+        // rejects with EFAULT without reading through it in user space.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let ret = libc::connect(fd, std::ptr::null(), 16);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(ret, -1);
+            assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = errors() - before;
+        if seen == n as f64 {
+            break;
+        }
+        assert!(seen < n as f64, "over-counted: {seen}");
+        assert!(Instant::now() < deadline, "saw {seen} errors, expected {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracer.stop();
+}

@@ -116,6 +116,56 @@ pub const UNIX_PATHS_MAX_ENTRIES: u32 = 4_096;
 /// Entries of `OVERFLOW_COUNTS`, indexed by outcome code.
 pub const OVERFLOW_SLOTS: u32 = 16;
 
+/// tracer's kernel programs that can stop before finishing (a read from the kernel or from the
+/// calling process failed): indices of the kernel's `PROGRAM_ERRORS` per-CPU array. The other
+/// programs cannot fail.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    InetSockSetState = 0,
+    TcpProbe = 1,
+    SysEnterConnect = 2,
+    SysExitConnect = 3,
+    SysEnterBind = 4,
+    SysExitSocket = 5,
+    SysExitAccept4 = 6,
+    SysExitAccept = 7,
+    SchedProcessExit = 8,
+    MarkVictim = 9,
+}
+
+impl Program {
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Program; 10] = [
+        Program::InetSockSetState,
+        Program::TcpProbe,
+        Program::SysEnterConnect,
+        Program::SysExitConnect,
+        Program::SysEnterBind,
+        Program::SysExitSocket,
+        Program::SysExitAccept4,
+        Program::SysExitAccept,
+        Program::SchedProcessExit,
+        Program::MarkVictim,
+    ];
+
+    /// The program's name (its tracepoint's), as `tracer check` and the metrics show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::InetSockSetState => "inet_sock_set_state",
+            Program::TcpProbe => "tcp_probe",
+            Program::SysEnterConnect => "sys_enter_connect",
+            Program::SysExitConnect => "sys_exit_connect",
+            Program::SysEnterBind => "sys_enter_bind",
+            Program::SysExitSocket => "sys_exit_socket",
+            Program::SysExitAccept4 => "sys_exit_accept4",
+            Program::SysExitAccept => "sys_exit_accept",
+            Program::SchedProcessExit => "sched_process_exit",
+            Program::MarkVictim => "mark_victim",
+        }
+    }
+}
+
 /// The agent's own health counters, indices of the kernel's `STATS` per-CPU array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

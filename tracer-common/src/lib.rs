@@ -22,7 +22,7 @@ pub mod outcome;
 
 pub use config::{Config, KernelOffsets, OomFields, SyscallFields};
 pub use conn::{ConnTrack, EndKind, Proxy, Verdict};
-pub use counts::{CountKey, LatencyKey, RouteKey, Stat, Tally};
+pub use counts::{CountKey, LatencyKey, Program, RouteKey, Stat, Tally};
 pub use event::{ExitEvent, FailureEvent, ListenerEvent, OomEvent, RecordKind, Source};
 pub use net::Endpoint;
 pub use outcome::Outcome;

@@ -2,14 +2,14 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
-    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Proxy, RecordKind, RouteKey,
-    Source, Stat, Tally,
+    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Program, Proxy, RecordKind,
+    RouteKey, Source, Stat, Tally,
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
 use crate::{
     kernel::now,
-    maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, STATS},
+    maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS},
 };
 
 /// What a failure report adds to the connection's record.
@@ -151,6 +151,17 @@ pub fn count_latency(proxy: &Proxy, upstream: &Endpoint, ns: u64) {
             Some(n) => unsafe { *n += 1 },
             None => stat(Stat::LatencyOverflowed),
         }
+    }
+}
+
+/// Counts a run of `program` that stopped early: `result` is what its body returned.
+#[inline(always)]
+pub fn note_error<T>(program: Program, result: Result<T, i64>) {
+    if result.is_err()
+        && let Some(value) = PROGRAM_ERRORS.get_ptr_mut(program as u32)
+    {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *value += 1 };
     }
 }
 

@@ -10,12 +10,12 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Endpoint, ExitEvent, ListenerEvent, OomEvent, OomFields, RecordKind, Stat,
+    Endpoint, ExitEvent, ListenerEvent, OomEvent, OomFields, Program, RecordKind, Stat,
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
 use crate::{
-    counting::stat,
+    counting::{note_error, stat},
     kernel::{
         current_netns, current_task, fill_current_proxy, local_port, netns_of, now, read_field,
         read_kernel,
@@ -26,13 +26,13 @@ use crate::{
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
-    let _ = process_exited(task);
+    note_error(Program::SchedProcessExit, process_exited(task));
     0
 }
 
 #[tracepoint(category = "oom", name = "mark_victim")]
 pub fn mark_victim(ctx: TracePointContext) -> u32 {
-    let _ = oom_victim_chosen(&ctx);
+    note_error(Program::MarkVictim, oom_victim_chosen(&ctx));
     0
 }
 

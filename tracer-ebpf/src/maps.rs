@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    ConnTrack, CountKey, LatencyKey, Stat, Tally,
+    ConnTrack, CountKey, LatencyKey, Program, Stat, Tally,
     conn::PendingConnect,
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
@@ -43,6 +43,10 @@ pub static OVERFLOW_COUNTS: PerCpuArray<Tally> = PerCpuArray::with_max_entries(O
 /// The agent's health counters, indexed by `Stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// Runs that stopped before finishing, per program (indexed by `Program`).
+#[map]
+pub static PROGRAM_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Program::COUNT, 0);
 
 /// The paths of the Unix sockets connected to, by `unix_path_key` (the `Endpoint` of a Unix
 /// upstream holds only the key).

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    Config, ConnTrack, Endpoint, Outcome, Proxy, Source, Stat,
+    Config, ConnTrack, Endpoint, Outcome, Program, Proxy, Source, Stat,
     conn::{CloseFacts, tcp_state},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
 use crate::{
-    counting::{Report, count, count_latency, report, stat},
+    counting::{Report, count, count_latency, note_error, report, stat},
     kernel::{current_is_ignored, fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
@@ -25,7 +25,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let _ = sock_state_changed(sk, old, new);
+    note_error(Program::InetSockSetState, sock_state_changed(sk, old, new));
     0
 }
 
@@ -66,7 +66,7 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> i32 {
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
-    let _ = segment_arriving(sk, skb);
+    note_error(Program::TcpProbe, segment_arriving(sk, skb));
     0
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Endpoint, Outcome, Proxy, RecordKind, Source, Stat,
+    Endpoint, Outcome, Program, Proxy, RecordKind, Source, Stat,
     conn::{PendingConnect, errno},
     counts::{SELF_PROBE_WINDOW_NS, UnixFail, UnixFailKey},
     event::SelfProbeEvent,
@@ -21,7 +21,7 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count, count_key, count_latency, report, stat, uncount},
+    counting::{Report, count, count_key, count_latency, note_error, report, stat, uncount},
     kernel::{
         current_is_ignored, current_netns, current_task, fill_current_proxy, now, read_field,
         read_kernel,
@@ -31,37 +31,40 @@ use crate::{
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let _ = connect_called(&ctx);
+    note_error(Program::SysEnterConnect, connect_called(&ctx));
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = connect_returned(&ctx);
+    note_error(Program::SysExitConnect, connect_returned(&ctx));
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    let _ = bind_called(&ctx);
+    note_error(Program::SysEnterBind, bind_called(&ctx));
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_socket")]
 pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
-    let _ = out_of_descriptors(&ctx, config!(syscalls.socket_ret), Source::SocketCall);
+    let result = out_of_descriptors(&ctx, config!(syscalls.socket_ret), Source::SocketCall);
+    note_error(Program::SysExitSocket, result);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    let result = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    note_error(Program::SysExitAccept4, result);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    let _ = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    let result = out_of_descriptors(&ctx, config!(syscalls.accept_ret), Source::AcceptCall);
+    note_error(Program::SysExitAccept, result);
     0
 }
 

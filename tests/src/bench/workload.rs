@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    lab::{LabAddr, Proxy, Route, nginx::Nginx},
+    lab::{LabAddr, Route, Tier, nginx::Nginx},
     netns::Netns,
 };
 
@@ -136,7 +136,7 @@ impl Env {
             .expect("address");
         let route = Route {
             name: "bench",
-            proxy: Proxy::Main,
+            tier: Tier::Main,
             listen_port: 8091,
             upstreams: vec![LabAddr::Tcp(responder)],
             keepalive: false,

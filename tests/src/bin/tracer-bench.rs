@@ -73,406 +73,532 @@ fn main() -> ExitCode {
     let options = options();
     // Namespaces a killed run left behind.
     tracer_tests::netns::delete_leftovers();
-    let duration = Duration::from_secs(options.seconds);
-    let env = Env::new();
-    let api_port = http::free_port();
-    let mut report = String::new();
-    let mut verdict = Verdict { lines: Vec::new() };
     let started = Instant::now();
-
-    // Throughput, round by round, conditions in rotating order.
-    let mut rates: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
-    let mut ratios: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
-    let mut mismatches = Vec::new();
-    let mut exact_checks = 0;
-    // During (a) under tracer: the agent's share of one core, and the events it received per s.
-    let mut storm_cpu = Vec::new();
-    let mut storm_events = Vec::new();
-    let mut events_lost = 0;
-    for round in 0..options.rounds {
-        let mut this_round: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
-        for k in 0..Condition::ALL.len() {
-            let condition = Condition::ALL[(round + k) % Condition::ALL.len()];
-            let running = Running::start(condition, api_port, &options.tracer_args);
-            for workload in Workload::ALL {
-                let before = running.snapshot();
-                let cpu_before = running.tracer_pid().map(cpu_time);
-                let done = env.run(workload, duration);
-                let cpu_after = running.tracer_pid().map(cpu_time);
-                this_round.insert((workload, condition), done.rate());
-                rates
-                    .entry((workload, condition))
-                    .or_default()
-                    .push(done.rate());
-                if let (Some(before), true) = (before, condition == Condition::Tracer) {
-                    // Connections finish as the generator stops; let the last ones close.
-                    std::thread::sleep(Duration::from_millis(300));
-                    let after = running.snapshot().unwrap_or_default();
-                    exact_checks += check_exact(workload, &done, &before, &after, &mut mismatches);
-                    events_lost = after.health.events_lost;
-                    let events = after.health.events_received - before.health.events_received;
-                    if workload == Workload::Refused {
-                        let cpu = cpu_after.unwrap_or_default() - cpu_before.unwrap_or_default();
-                        storm_cpu.push(cpu.as_secs_f64() / done.elapsed.as_secs_f64());
-                        storm_events.push(events as f64 / done.elapsed.as_secs_f64());
-                    }
-                }
-            }
-            running.stop();
-        }
-        for ((workload, condition), rate) in &this_round {
-            let untraced = this_round[&(*workload, Condition::Untraced)];
-            ratios
-                .entry((*workload, *condition))
-                .or_default()
-                .push(rate / untraced);
-        }
-        eprintln!(
-            "tracer-bench: round {} of {} done",
-            round + 1,
-            options.rounds
-        );
-    }
-
-    let _ = writeln!(
-        report,
-        "## Throughput ({} rounds × {} s per workload and condition, {} cores)\n",
-        options.rounds,
-        options.seconds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    if !options.tracer_args.is_empty() {
-        let _ = writeln!(
-            report,
-            "tracer ran as `tracer run {}`.\n",
-            options.tracer_args.join(" ")
-        );
-    }
-    let _ = writeln!(
-        report,
-        "| workload | untraced (ops/s, median) | tracer ÷ untraced (rounds' range) | bpftrace ÷ untraced (rounds' range) |"
-    );
-    let _ = writeln!(report, "|---|---|---|---|");
-    for workload in Workload::ALL {
-        // The ratio of the medians (robust to one unusually fast or slow run, which would
-        // skew every ratio of its round), with the spread of the rounds' own ratios.
-        let median = |condition| median_spread(&rates[&(workload, condition)]).0;
-        let base = median(Condition::Untraced);
-        let t = median(Condition::Tracer) / base;
-        let b = median(Condition::Bpftrace) / base;
-        let (_, t_lo, t_hi) = median_spread(&ratios[&(workload, Condition::Tracer)]);
-        let (_, b_lo, b_hi) = median_spread(&ratios[&(workload, Condition::Bpftrace)]);
-        let _ = writeln!(
-            report,
-            "| {} | {base:.0} | **{t:.3}** ({t_lo:.3}–{t_hi:.3}) | {b:.3} ({b_lo:.3}–{b_hi:.3}) |",
-            workload.name()
-        );
-        if workload != Workload::Mix {
-            verdict.check(
-                t >= 0.97,
-                format!(
-                    "{}: tracer keeps {:.1}% of the throughput (target ≥ 97%)",
-                    workload.name(),
-                    t * 100.0
-                ),
-            );
-        }
-        verdict.check(
-            t > b,
-            format!(
-                "{}: tracer keeps more throughput ({t:.3}) than bpftrace ({b:.3})",
-                workload.name()
-            ),
-        );
-    }
-
-    let _ = writeln!(
-        report,
-        "\nEach round's ratios, in order (tracer / bpftrace):\n"
-    );
-    for workload in Workload::ALL {
-        let rounds: Vec<String> = ratios[&(workload, Condition::Tracer)]
-            .iter()
-            .zip(&ratios[&(workload, Condition::Bpftrace)])
-            .map(|(t, b)| format!("{t:.3} / {b:.3}"))
-            .collect();
-        let _ = writeln!(report, "- {}: {}", workload.name(), rounds.join(", "));
-    }
-
-    // Where the kernel time goes: each program's run time, per workload, in a separate pass
-    // (the statistics cost a little themselves), for tracer and for bpftrace, alternating over
-    // a few rounds so that the machine's drift touches both alike. Per operation: the median
-    // round; per program: every round's runs and time together.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let stats = BpfStats::enable();
-    let mut per_op_rounds: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
-    let mut tracer_programs: BTreeMap<(Workload, String), (u64, u64)> = BTreeMap::new();
-    let mut tracer_ops: BTreeMap<Workload, u64> = BTreeMap::new();
-    for _ in 0..KERNEL_ROUNDS {
-        for condition in [Condition::Tracer, Condition::Bpftrace] {
-            let running = Running::start(condition, api_port, &options.tracer_args);
-            let pid = running.pid().expect("a traced condition");
-            for workload in Workload::ALL {
-                let before = program_stats(pid);
-                let done = env.run(workload, duration);
-                let after = program_stats(pid);
-                let mut total_ns = 0;
-                for (program, (c1, t1)) in &after {
-                    let (c0, t0) = before.get(program).copied().unwrap_or_default();
-                    total_ns += t1 - t0;
-                    if condition == Condition::Tracer {
-                        let sum = tracer_programs
-                            .entry((workload, program.clone()))
-                            .or_default();
-                        sum.0 += c1 - c0;
-                        sum.1 += t1 - t0;
-                    }
-                }
-                if condition == Condition::Tracer {
-                    *tracer_ops.entry(workload).or_default() += done.ops;
-                }
-                per_op_rounds
-                    .entry((workload, condition))
-                    .or_default()
-                    .push(total_ns as f64 / done.ops.max(1) as f64);
-            }
-            running.stop();
-        }
-    }
-    let kernel_cost: BTreeMap<(Workload, Condition), f64> = per_op_rounds
-        .iter()
-        .map(|(key, rounds)| (*key, median_spread(rounds).0))
-        .collect();
-    let programs: std::collections::BTreeSet<&String> =
-        tracer_programs.keys().map(|(_, p)| p).collect();
-    let _ = writeln!(
-        report,
-        "\n## tracer's kernel programs: average ns per run (runs per operation), {KERNEL_ROUNDS} \
-         rounds × {} s\n",
-        duration.as_secs()
-    );
-    let names: Vec<&str> = programs.iter().map(|p| p.as_str()).collect();
-    let _ = writeln!(
-        report,
-        "| workload | {} | ns per operation (median round) |",
-        names.join(" | ")
-    );
-    let _ = writeln!(report, "|---|{}---|", "---|".repeat(programs.len()));
-    for workload in Workload::ALL {
-        let ops = tracer_ops.get(&workload).copied().unwrap_or(0).max(1);
-        let cells: Vec<String> = programs
-            .iter()
-            .map(|program| {
-                let (runs, ns) = tracer_programs
-                    .get(&(workload, (*program).clone()))
-                    .copied()
-                    .unwrap_or_default();
-                match ns.checked_div(runs) {
-                    Some(per_run) => format!("{per_run} ({:.2})", runs as f64 / ops as f64),
-                    None => "-".to_string(),
-                }
-            })
-            .collect();
-        let _ = writeln!(
-            report,
-            "| {} | {} | {:.0} |",
-            workload.name(),
-            cells.join(" | "),
-            kernel_cost[&(workload, Condition::Tracer)]
-        );
-    }
-    drop(stats);
-    // With every core busy, an untraced operation costs cores ÷ rate of CPU time; the programs'
-    // time per operation over that is the overhead, without the run-to-run noise of throughput.
-    let _ = writeln!(
-        report,
-        "\n## Kernel time per operation, against an untraced operation's CPU time\n"
-    );
-    let _ = writeln!(
-        report,
-        "| workload | untraced CPU per operation | tracer's programs | bpftrace's programs |"
-    );
-    let _ = writeln!(report, "|---|---|---|---|");
-    for workload in Workload::ALL {
-        let (untraced, _, _) = median_spread(&rates[&(workload, Condition::Untraced)]);
-        let per_op = cores * 1e9 / untraced;
-        let t = kernel_cost[&(workload, Condition::Tracer)];
-        let b = kernel_cost[&(workload, Condition::Bpftrace)];
-        let _ = writeln!(
-            report,
-            "| {} | {per_op:.0} ns | {t:.0} ns (**{:.1}%**) | {b:.0} ns ({:.1}%) |",
-            workload.name(),
-            t / per_op * 100.0,
-            b / per_op * 100.0
-        );
-        if workload != Workload::Mix {
-            verdict.check(
-                t / per_op <= 0.03,
-                format!(
-                    "{}: tracer's programs take {:.1}% of an operation's CPU time (≤ 3%, the \
-                     noise-free twin of the 97% throughput target)",
-                    workload.name(),
-                    t / per_op * 100.0
-                ),
-            );
-        }
-        verdict.check(
-            t < b,
-            format!(
-                "{}: tracer's programs take less kernel time ({t:.0} ns per operation) than \
-                 bpftrace's ({b:.0} ns)",
-                workload.name()
-            ),
-        );
-    }
-
-    let _ = writeln!(report, "\n## Exactness\n");
-    let _ = writeln!(
-        report,
-        "{exact_checks} comparisons of tracer's counts with the generator's at full rate; \
-         mismatches: {}. Failure events lost by the kernel (counted, never hidden): {events_lost}.",
-        mismatches.len()
-    );
-    for m in &mismatches {
-        let _ = writeln!(report, "- {m}");
-    }
-    verdict.check(
-        mismatches.is_empty(),
-        format!(
-            "tracer's counts equal the generator's ({} mismatches)",
-            mismatches.len()
-        ),
-    );
-
-    // Footprint, on a fresh tracer.
-    let running = Running::start(Condition::Tracer, api_port, &options.tracer_args);
-    let pid = running.tracer_pid().expect("tracer runs");
-    let cpu_before = cpu_time(pid);
-    let wall = Instant::now();
-    let paced = env.paced_refusals(1000, Duration::from_secs(10));
-    let cpu_used = cpu_time(pid) - cpu_before;
-    let cpu_share = cpu_used.as_secs_f64() / wall.elapsed().as_secs_f64();
-    let before = running.snapshot().unwrap_or_default();
-    let distinct = env.refuse_distinct(1000);
-    let (_, scrape) = http::get(running_api(api_port), "/metrics").expect("a scrape");
-    let (rss_1k, peak_1k) = memory_kb(pid);
-    let big = env.refuse_distinct(100_000);
-    std::thread::sleep(Duration::from_millis(300));
-    let (_, big_scrape) = http::get(running_api(api_port), "/metrics").expect("a scrape");
-    let (rss_100k, peak_100k) = memory_kb(pid);
-    // The live view's snapshot, folded like the metrics (the kernel keyed up to 16,384 routes).
-    let after = running.snapshot().unwrap_or_default();
-    let routes_listed = after.routes.len();
-    let (_, peak_snapshot) = memory_kb(pid);
-    running.stop();
-    let refused_seen = after.count("", "refused") - before.count("", "refused");
-    let series = |text: &str| {
-        text.lines()
-            .filter(|l| l.starts_with("tracer_upstream_connects_total{"))
-            .count()
+    let mut bench = Bench {
+        duration: Duration::from_secs(options.seconds),
+        env: Env::new(),
+        api_port: http::free_port(),
+        options,
+        report: String::new(),
+        verdict: Verdict { lines: Vec::new() },
     };
+    let throughput = bench.throughput();
+    bench.report_throughput(&throughput);
+    let kernel = bench.kernel_time();
+    bench.report_kernel_time(&kernel, &throughput);
+    bench.report_exactness(&throughput);
+    let footprint = bench.footprint();
+    bench.report_footprint(&footprint, &throughput);
+    bench.finish(started)
+}
 
-    let (storm_cpu, _, _) = median_spread(&storm_cpu);
-    let (storm_events, _, _) = median_spread(&storm_events);
-    let _ = writeln!(report, "\n## Footprint\n");
-    let _ = writeln!(report, "| measure | value | target |");
-    let _ = writeln!(report, "|---|---|---|");
-    let _ = writeln!(
-        report,
-        "| agent CPU at 1,000 failures/s ({paced} refusals in 10 s) | {:.2}% of one core | ≤ 2% |",
-        cpu_share * 100.0
-    );
-    let _ = writeln!(
-        report,
-        "| agent CPU per 1,000 failure events (same run) | {:.1} ms | |",
-        cpu_used.as_secs_f64() * 1000.0 / paced.max(1) as f64 * 1000.0
-    );
-    let _ = writeln!(
-        report,
-        "| agent CPU during (a) at full rate (median; {storm_events:.0} events/s received, the rest sampled out) | {:.1}% of one core | |",
-        storm_cpu * 100.0
-    );
-    let _ = writeln!(
-        report,
-        "| agent peak RSS with 1,000 upstreams ({distinct} refused, {} series) | {:.1} MB (now {:.1} MB) | ≤ 30 MB |",
-        series(&scrape),
-        peak_1k as f64 / 1024.0,
-        rss_1k as f64 / 1024.0
-    );
-    let _ = writeln!(
-        report,
-        "| after 100,000 distinct upstreams: counted / made | {refused_seen} / {} | equal |",
-        big + distinct
-    );
-    let _ = writeln!(
-        report,
-        "| after 100,000 distinct upstreams: RSS, series | {:.1} MB (peak {:.1} MB), {} series | bounded by --max-upstreams (1,000) |",
-        rss_100k as f64 / 1024.0,
-        peak_100k as f64 / 1024.0,
-        series(&big_scrape)
-    );
-    let _ = writeln!(
-        report,
-        "| then an /api/snapshot: routes listed, peak RSS | {routes_listed}, {:.1} MB | folded like the metrics; ≤ 30 MB |",
-        peak_snapshot as f64 / 1024.0
-    );
-    verdict.check(
-        routes_listed <= 1_000 + 8 && peak_snapshot <= 30 * 1024,
-        format!(
-            "100,000 upstreams: /api/snapshot lists {routes_listed} routes, peak RSS {:.1} MB \
-             (≤ cap + other, ≤ 30 MB)",
-            peak_snapshot as f64 / 1024.0
-        ),
-    );
-    verdict.check(
-        cpu_share <= 0.02,
-        format!("CPU at 1,000 failures/s: {:.2}% (≤ 2%)", cpu_share * 100.0),
-    );
-    verdict.check(
-        peak_1k <= 30 * 1024,
-        format!(
-            "peak RSS with 1,000 upstreams: {:.1} MB (≤ 30 MB)",
-            peak_1k as f64 / 1024.0
-        ),
-    );
-    verdict.check(
-        refused_seen == big + distinct,
-        format!(
-            "100,000 upstreams: every refusal counted ({refused_seen} of {})",
+/// The bench's set-up, and what it found so far.
+struct Bench {
+    options: Options,
+    duration: Duration,
+    env: Env,
+    api_port: u16,
+    report: String,
+    verdict: Verdict,
+}
+
+/// Throughput per workload and condition, round by round, and the exactness checks made on the
+/// way.
+struct Throughput {
+    rates: BTreeMap<(Workload, Condition), Vec<f64>>,
+    ratios: BTreeMap<(Workload, Condition), Vec<f64>>,
+    mismatches: Vec<String>,
+    exact_checks: usize,
+    /// During (a) under tracer: the agent's share of one core, and the events it received per s.
+    storm_cpu: Vec<f64>,
+    storm_events: Vec<f64>,
+    events_lost: u64,
+}
+
+/// Where the kernel time goes, per workload and program.
+struct KernelTime {
+    /// ns of all the programs per operation, the median round.
+    per_op: BTreeMap<(Workload, Condition), f64>,
+    /// tracer's programs: runs and ns, every round together.
+    programs: BTreeMap<(Workload, String), (u64, u64)>,
+    /// Operations done under tracer in this pass.
+    ops: BTreeMap<Workload, u64>,
+}
+
+/// The agent's CPU and memory, on a fresh tracer.
+struct Footprint {
+    paced: u64,
+    cpu_used: Duration,
+    cpu_share: f64,
+    distinct: u64,
+    scrape: String,
+    rss_1k: u64,
+    peak_1k: u64,
+    big: u64,
+    big_scrape: String,
+    rss_100k: u64,
+    peak_100k: u64,
+    routes_listed: usize,
+    peak_snapshot: u64,
+    refused_seen: u64,
+}
+
+impl Bench {
+    /// Throughput, round by round, conditions in rotating order.
+    fn throughput(&self) -> Throughput {
+        let mut t = Throughput {
+            rates: BTreeMap::new(),
+            ratios: BTreeMap::new(),
+            mismatches: Vec::new(),
+            exact_checks: 0,
+            storm_cpu: Vec::new(),
+            storm_events: Vec::new(),
+            events_lost: 0,
+        };
+        let rounds = self.options.rounds;
+        for round in 0..rounds {
+            let mut this_round: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
+            for k in 0..Condition::ALL.len() {
+                let condition = Condition::ALL[(round + k) % Condition::ALL.len()];
+                let running = self.start(condition);
+                for workload in Workload::ALL {
+                    let before = running.snapshot();
+                    let cpu_before = running.tracer_pid().map(cpu_time);
+                    let done = self.env.run(workload, self.duration);
+                    let cpu_after = running.tracer_pid().map(cpu_time);
+                    this_round.insert((workload, condition), done.rate());
+                    t.rates
+                        .entry((workload, condition))
+                        .or_default()
+                        .push(done.rate());
+                    if let (Some(before), true) = (before, condition == Condition::Tracer) {
+                        // Connections finish as the generator stops; let the last ones close.
+                        std::thread::sleep(Duration::from_millis(300));
+                        let after = running.snapshot().unwrap_or_default();
+                        t.exact_checks +=
+                            check_exact(workload, &done, &before, &after, &mut t.mismatches);
+                        t.events_lost = after.health.events_lost;
+                        let events = after.health.events_received - before.health.events_received;
+                        if workload == Workload::Refused {
+                            let cpu =
+                                cpu_after.unwrap_or_default() - cpu_before.unwrap_or_default();
+                            t.storm_cpu
+                                .push(cpu.as_secs_f64() / done.elapsed.as_secs_f64());
+                            t.storm_events
+                                .push(events as f64 / done.elapsed.as_secs_f64());
+                        }
+                    }
+                }
+                running.stop();
+            }
+            for ((workload, condition), rate) in &this_round {
+                let untraced = this_round[&(*workload, Condition::Untraced)];
+                t.ratios
+                    .entry((*workload, *condition))
+                    .or_default()
+                    .push(rate / untraced);
+            }
+            eprintln!("tracer-bench: round {} of {rounds} done", round + 1);
+        }
+        t
+    }
+
+    fn report_throughput(&mut self, t: &Throughput) {
+        let report = &mut self.report;
+        let _ = writeln!(
+            report,
+            "## Throughput ({} rounds × {} s per workload and condition, {} cores)\n",
+            self.options.rounds,
+            self.options.seconds,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        if !self.options.tracer_args.is_empty() {
+            let _ = writeln!(
+                report,
+                "tracer ran as `tracer run {}`.\n",
+                self.options.tracer_args.join(" ")
+            );
+        }
+        let _ = writeln!(
+            report,
+            "| workload | untraced (ops/s, median) | tracer ÷ untraced (rounds' range) | bpftrace ÷ untraced (rounds' range) |"
+        );
+        let _ = writeln!(report, "|---|---|---|---|");
+        for workload in Workload::ALL {
+            // The ratio of the medians (robust to one unusually fast or slow run, which would
+            // skew every ratio of its round), with the spread of the rounds' own ratios.
+            let median = |condition| median_spread(&t.rates[&(workload, condition)]).0;
+            let base = median(Condition::Untraced);
+            let tr = median(Condition::Tracer) / base;
+            let b = median(Condition::Bpftrace) / base;
+            let (_, t_lo, t_hi) = median_spread(&t.ratios[&(workload, Condition::Tracer)]);
+            let (_, b_lo, b_hi) = median_spread(&t.ratios[&(workload, Condition::Bpftrace)]);
+            let _ = writeln!(
+                report,
+                "| {} | {base:.0} | **{tr:.3}** ({t_lo:.3}–{t_hi:.3}) | {b:.3} ({b_lo:.3}–{b_hi:.3}) |",
+                workload.name()
+            );
+            if workload != Workload::Mix {
+                self.verdict.check(
+                    tr >= 0.97,
+                    format!(
+                        "{}: tracer keeps {:.1}% of the throughput (target ≥ 97%)",
+                        workload.name(),
+                        tr * 100.0
+                    ),
+                );
+            }
+            self.verdict.check(
+                tr > b,
+                format!(
+                    "{}: tracer keeps more throughput ({tr:.3}) than bpftrace ({b:.3})",
+                    workload.name()
+                ),
+            );
+        }
+        let _ = writeln!(
+            report,
+            "\nEach round's ratios, in order (tracer / bpftrace):\n"
+        );
+        for workload in Workload::ALL {
+            let rounds: Vec<String> = t.ratios[&(workload, Condition::Tracer)]
+                .iter()
+                .zip(&t.ratios[&(workload, Condition::Bpftrace)])
+                .map(|(tr, b)| format!("{tr:.3} / {b:.3}"))
+                .collect();
+            let _ = writeln!(report, "- {}: {}", workload.name(), rounds.join(", "));
+        }
+    }
+
+    /// Where the kernel time goes: each program's run time, per workload, in a separate pass
+    /// (the statistics cost a little themselves), for tracer and for bpftrace, alternating over
+    /// a few rounds so that the machine's drift touches both alike. Per operation: the median
+    /// round; per program: every round's runs and time together.
+    fn kernel_time(&self) -> KernelTime {
+        let stats = BpfStats::enable();
+        let mut per_op_rounds: BTreeMap<(Workload, Condition), Vec<f64>> = BTreeMap::new();
+        let mut programs: BTreeMap<(Workload, String), (u64, u64)> = BTreeMap::new();
+        let mut ops: BTreeMap<Workload, u64> = BTreeMap::new();
+        for _ in 0..KERNEL_ROUNDS {
+            for condition in [Condition::Tracer, Condition::Bpftrace] {
+                let running = self.start(condition);
+                let pid = running.pid().expect("a traced condition");
+                for workload in Workload::ALL {
+                    let before = program_stats(pid);
+                    let done = self.env.run(workload, self.duration);
+                    let after = program_stats(pid);
+                    let mut total_ns = 0;
+                    for (program, (c1, t1)) in &after {
+                        let (c0, t0) = before.get(program).copied().unwrap_or_default();
+                        total_ns += t1 - t0;
+                        if condition == Condition::Tracer {
+                            let sum = programs.entry((workload, program.clone())).or_default();
+                            sum.0 += c1 - c0;
+                            sum.1 += t1 - t0;
+                        }
+                    }
+                    if condition == Condition::Tracer {
+                        *ops.entry(workload).or_default() += done.ops;
+                    }
+                    per_op_rounds
+                        .entry((workload, condition))
+                        .or_default()
+                        .push(total_ns as f64 / done.ops.max(1) as f64);
+                }
+                running.stop();
+            }
+        }
+        drop(stats);
+        KernelTime {
+            per_op: per_op_rounds
+                .iter()
+                .map(|(key, rounds)| (*key, median_spread(rounds).0))
+                .collect(),
+            programs,
+            ops,
+        }
+    }
+
+    fn report_kernel_time(&mut self, k: &KernelTime, t: &Throughput) {
+        let report = &mut self.report;
+        let programs: std::collections::BTreeSet<&String> =
+            k.programs.keys().map(|(_, p)| p).collect();
+        let _ = writeln!(
+            report,
+            "\n## tracer's kernel programs: average ns per run (runs per operation), {KERNEL_ROUNDS} \
+             rounds × {} s\n",
+            self.duration.as_secs()
+        );
+        let names: Vec<&str> = programs.iter().map(|p| p.as_str()).collect();
+        let _ = writeln!(
+            report,
+            "| workload | {} | ns per operation (median round) |",
+            names.join(" | ")
+        );
+        let _ = writeln!(report, "|---|{}---|", "---|".repeat(programs.len()));
+        for workload in Workload::ALL {
+            let ops = k.ops.get(&workload).copied().unwrap_or(0).max(1);
+            let cells: Vec<String> = programs
+                .iter()
+                .map(|program| {
+                    let (runs, ns) = k
+                        .programs
+                        .get(&(workload, (*program).clone()))
+                        .copied()
+                        .unwrap_or_default();
+                    match ns.checked_div(runs) {
+                        Some(per_run) => format!("{per_run} ({:.2})", runs as f64 / ops as f64),
+                        None => "-".to_string(),
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                report,
+                "| {} | {} | {:.0} |",
+                workload.name(),
+                cells.join(" | "),
+                k.per_op[&(workload, Condition::Tracer)]
+            );
+        }
+        // With every core busy, an untraced operation costs cores ÷ rate of CPU time; the
+        // programs' time per operation over that is the overhead, without the run-to-run noise
+        // of throughput.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let _ = writeln!(
+            report,
+            "\n## Kernel time per operation, against an untraced operation's CPU time\n"
+        );
+        let _ = writeln!(
+            report,
+            "| workload | untraced CPU per operation | tracer's programs | bpftrace's programs |"
+        );
+        let _ = writeln!(report, "|---|---|---|---|");
+        for workload in Workload::ALL {
+            let (untraced, _, _) = median_spread(&t.rates[&(workload, Condition::Untraced)]);
+            let per_op = cores * 1e9 / untraced;
+            let tr = k.per_op[&(workload, Condition::Tracer)];
+            let b = k.per_op[&(workload, Condition::Bpftrace)];
+            let _ = writeln!(
+                report,
+                "| {} | {per_op:.0} ns | {tr:.0} ns (**{:.1}%**) | {b:.0} ns ({:.1}%) |",
+                workload.name(),
+                tr / per_op * 100.0,
+                b / per_op * 100.0
+            );
+            if workload != Workload::Mix {
+                self.verdict.check(
+                    tr / per_op <= 0.03,
+                    format!(
+                        "{}: tracer's programs take {:.1}% of an operation's CPU time (≤ 3%, the \
+                         noise-free twin of the 97% throughput target)",
+                        workload.name(),
+                        tr / per_op * 100.0
+                    ),
+                );
+            }
+            self.verdict.check(
+                tr < b,
+                format!(
+                    "{}: tracer's programs take less kernel time ({tr:.0} ns per operation) than \
+                     bpftrace's ({b:.0} ns)",
+                    workload.name()
+                ),
+            );
+        }
+    }
+
+    fn report_exactness(&mut self, t: &Throughput) {
+        let report = &mut self.report;
+        let _ = writeln!(report, "\n## Exactness\n");
+        let _ = writeln!(
+            report,
+            "{} comparisons of tracer's counts with the generator's at full rate; mismatches: {}. \
+             Failure events lost by the kernel (counted, never hidden): {}.",
+            t.exact_checks,
+            t.mismatches.len(),
+            t.events_lost
+        );
+        for m in &t.mismatches {
+            let _ = writeln!(report, "- {m}");
+        }
+        self.verdict.check(
+            t.mismatches.is_empty(),
+            format!(
+                "tracer's counts equal the generator's ({} mismatches)",
+                t.mismatches.len()
+            ),
+        );
+    }
+
+    /// Footprint, on a fresh tracer: CPU at a paced failure rate, memory with 1,000 and then
+    /// 100,000 distinct upstreams.
+    fn footprint(&self) -> Footprint {
+        let env = &self.env;
+        let api = running_api(self.api_port);
+        let running = self.start(Condition::Tracer);
+        let pid = running.tracer_pid().expect("tracer runs");
+        let cpu_before = cpu_time(pid);
+        let wall = Instant::now();
+        let paced = env.paced_refusals(1000, Duration::from_secs(10));
+        let cpu_used = cpu_time(pid) - cpu_before;
+        let cpu_share = cpu_used.as_secs_f64() / wall.elapsed().as_secs_f64();
+        let before = running.snapshot().unwrap_or_default();
+        let distinct = env.refuse_distinct(1000);
+        let (_, scrape) = http::get(api, "/metrics").expect("a scrape");
+        let (rss_1k, peak_1k) = memory_kb(pid);
+        let big = env.refuse_distinct(100_000);
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, big_scrape) = http::get(api, "/metrics").expect("a scrape");
+        let (rss_100k, peak_100k) = memory_kb(pid);
+        // The live view's snapshot, folded like the metrics (the kernel keyed up to 16,384
+        // routes).
+        let after = running.snapshot().unwrap_or_default();
+        let (_, peak_snapshot) = memory_kb(pid);
+        running.stop();
+        Footprint {
+            paced,
+            cpu_used,
+            cpu_share,
+            distinct,
+            scrape,
+            rss_1k,
+            peak_1k,
+            big,
+            big_scrape,
+            rss_100k,
+            peak_100k,
+            routes_listed: after.routes.len(),
+            peak_snapshot,
+            refused_seen: after.count("", "refused") - before.count("", "refused"),
+        }
+    }
+
+    fn report_footprint(&mut self, f: &Footprint, t: &Throughput) {
+        let report = &mut self.report;
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("tracer_upstream_connects_total{"))
+                .count()
+        };
+        let (storm_cpu, _, _) = median_spread(&t.storm_cpu);
+        let (storm_events, _, _) = median_spread(&t.storm_events);
+        let (paced, distinct, big) = (f.paced, f.distinct, f.big);
+        let (routes_listed, refused_seen) = (f.routes_listed, f.refused_seen);
+        let _ = writeln!(report, "\n## Footprint\n");
+        let _ = writeln!(report, "| measure | value | target |");
+        let _ = writeln!(report, "|---|---|---|");
+        let _ = writeln!(
+            report,
+            "| agent CPU at 1,000 failures/s ({paced} refusals in 10 s) | {:.2}% of one core | ≤ 2% |",
+            f.cpu_share * 100.0
+        );
+        let _ = writeln!(
+            report,
+            "| agent CPU per 1,000 failure events (same run) | {:.1} ms | |",
+            f.cpu_used.as_secs_f64() * 1000.0 / paced.max(1) as f64 * 1000.0
+        );
+        let _ = writeln!(
+            report,
+            "| agent CPU during (a) at full rate (median; {storm_events:.0} events/s received, the rest sampled out) | {:.1}% of one core | |",
+            storm_cpu * 100.0
+        );
+        let _ = writeln!(
+            report,
+            "| agent peak RSS with 1,000 upstreams ({distinct} refused, {} series) | {:.1} MB (now {:.1} MB) | ≤ 30 MB |",
+            series(&f.scrape),
+            f.peak_1k as f64 / 1024.0,
+            f.rss_1k as f64 / 1024.0
+        );
+        let _ = writeln!(
+            report,
+            "| after 100,000 distinct upstreams: counted / made | {refused_seen} / {} | equal |",
             big + distinct
-        ),
-    );
-    verdict.check(
-        series(&big_scrape) <= 1_001 + 2,
-        format!(
-            "100,000 upstreams: {} series (≤ cap + other)",
-            series(&big_scrape)
-        ),
-    );
-    verdict.check(
-        peak_100k <= 30 * 1024,
-        format!(
-            "100,000 upstreams: peak RSS {:.1} MB (≤ 30 MB)",
-            peak_100k as f64 / 1024.0
-        ),
-    );
+        );
+        let _ = writeln!(
+            report,
+            "| after 100,000 distinct upstreams: RSS, series | {:.1} MB (peak {:.1} MB), {} series | bounded by --max-upstreams (1,000) |",
+            f.rss_100k as f64 / 1024.0,
+            f.peak_100k as f64 / 1024.0,
+            series(&f.big_scrape)
+        );
+        let _ = writeln!(
+            report,
+            "| then an /api/snapshot: routes listed, peak RSS | {routes_listed}, {:.1} MB | folded like the metrics; ≤ 30 MB |",
+            f.peak_snapshot as f64 / 1024.0
+        );
+        let verdict = &mut self.verdict;
+        verdict.check(
+            routes_listed <= 1_000 + 8 && f.peak_snapshot <= 30 * 1024,
+            format!(
+                "100,000 upstreams: /api/snapshot lists {routes_listed} routes, peak RSS {:.1} MB \
+                 (≤ cap + other, ≤ 30 MB)",
+                f.peak_snapshot as f64 / 1024.0
+            ),
+        );
+        verdict.check(
+            f.cpu_share <= 0.02,
+            format!(
+                "CPU at 1,000 failures/s: {:.2}% (≤ 2%)",
+                f.cpu_share * 100.0
+            ),
+        );
+        verdict.check(
+            f.peak_1k <= 30 * 1024,
+            format!(
+                "peak RSS with 1,000 upstreams: {:.1} MB (≤ 30 MB)",
+                f.peak_1k as f64 / 1024.0
+            ),
+        );
+        verdict.check(
+            refused_seen == big + distinct,
+            format!(
+                "100,000 upstreams: every refusal counted ({refused_seen} of {})",
+                big + distinct
+            ),
+        );
+        verdict.check(
+            series(&f.big_scrape) <= 1_001 + 2,
+            format!(
+                "100,000 upstreams: {} series (≤ cap + other)",
+                series(&f.big_scrape)
+            ),
+        );
+        verdict.check(
+            f.peak_100k <= 30 * 1024,
+            format!(
+                "100,000 upstreams: peak RSS {:.1} MB (≤ 30 MB)",
+                f.peak_100k as f64 / 1024.0
+            ),
+        );
+    }
 
-    let _ = writeln!(
-        report,
-        "\n## Verdict ({:.0} s)\n",
-        started.elapsed().as_secs_f64()
-    );
-    for (ok, line) in &verdict.lines {
-        let _ = writeln!(report, "- {} {line}", if *ok { "PASS" } else { "MISS" });
+    /// Prints the report with its verdict (and writes it to --out).
+    fn finish(mut self, started: Instant) -> ExitCode {
+        let _ = writeln!(
+            self.report,
+            "\n## Verdict ({:.0} s)\n",
+            started.elapsed().as_secs_f64()
+        );
+        for (ok, line) in &self.verdict.lines {
+            let _ = writeln!(
+                self.report,
+                "- {} {line}",
+                if *ok { "PASS" } else { "MISS" }
+            );
+        }
+        print!("{}", self.report);
+        if let Some(out) = &self.options.out {
+            std::fs::write(out, &self.report).unwrap_or_else(|e| panic!("writing {out}: {e}"));
+        }
+        if self.verdict.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
     }
-    print!("{report}");
-    if let Some(out) = &options.out {
-        std::fs::write(out, &report).unwrap_or_else(|e| panic!("writing {out}: {e}"));
-    }
-    if verdict.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+
+    fn start(&self, condition: Condition) -> Running {
+        Running::start(condition, self.api_port, &self.options.tracer_args)
     }
 }
 

@@ -262,7 +262,7 @@ mod tests {
     fn the_access_log_names_the_route_and_its_timing() {
         let routes = [Route {
             name: "refused",
-            proxy: super::super::Proxy::Main,
+            tier: super::super::Tier::Main,
             listen_port: 8101,
             upstreams: vec![LabAddr::Tcp("10.88.0.2:9001".parse().unwrap())],
             keepalive: false,

@@ -299,7 +299,7 @@ mod tests {
     fn log_lines_give_the_server_and_the_termination_state() {
         let route = |name, port, upstream: LabAddr| Route {
             name,
-            proxy: super::super::Proxy::Main,
+            tier: super::super::Tier::Main,
             listen_port: port,
             upstreams: vec![upstream],
             keepalive: false,

@@ -82,9 +82,7 @@ fn client_timeout() -> Duration {
 /// One request; the response's status code.
 fn get(target: SocketAddr) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5)).ok()?;
-    stream
-        .set_read_timeout(Some(client_timeout()))
-        .ok()?;
+    stream.set_read_timeout(Some(client_timeout())).ok()?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
         .ok()?;

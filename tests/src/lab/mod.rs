@@ -99,7 +99,7 @@ impl Software {
     }
 
     /// Starts it as the lab's proxy `tier` on `host`, for `routes`.
-    fn start(self, tier: Proxy, host: &Netns, dir: &Path, routes: &[Route]) -> Box<dyn LabProxy> {
+    fn start(self, tier: Tier, host: &Netns, dir: &Path, routes: &[Route]) -> Box<dyn LabProxy> {
         match self {
             Software::Nginx => Box::new(Nginx::start_as(tier, &host.name, dir, routes)),
             Software::Haproxy => Box::new(Haproxy::start(host, dir, routes)),
@@ -177,9 +177,10 @@ impl UpstreamSpec {
     }
 }
 
-/// Which of the lab's proxy servers a route goes through.
+/// Which of the lab's proxy servers a route goes through: the main one, or one of nginx's two
+/// with limits of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proxy {
+pub enum Tier {
     /// The lab's nginx, on the proxy host.
     Main,
     /// A second nginx on the proxy host whose one worker may hold only a few files
@@ -192,23 +193,23 @@ pub enum Proxy {
     FewPorts,
 }
 
-impl Proxy {
-    pub const ALL: [Proxy; 3] = [Proxy::Main, Proxy::FewFiles, Proxy::FewPorts];
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Main, Tier::FewFiles, Tier::FewPorts];
 
     /// The address its servers listen on (the clients run on the proxy host).
     pub fn listen_ip(self) -> std::net::IpAddr {
         match self {
-            Proxy::Main | Proxy::FewFiles => [127, 0, 0, 1].into(),
-            Proxy::FewPorts => [10, 88, 0, 2].into(),
+            Tier::Main | Tier::FewFiles => [127, 0, 0, 1].into(),
+            Tier::FewPorts => [10, 88, 0, 2].into(),
         }
     }
 
     /// Its working directory's name under the lab's.
     fn dir_name(self) -> &'static str {
         match self {
-            Proxy::Main => "main",
-            Proxy::FewFiles => "few-files",
-            Proxy::FewPorts => "few-ports",
+            Tier::Main => "main",
+            Tier::FewFiles => "few-files",
+            Tier::FewPorts => "few-ports",
         }
     }
 }
@@ -221,7 +222,7 @@ pub const FEW_PORTS: &str = "40000 40001";
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: &'static str,
-    pub proxy: Proxy,
+    pub tier: Tier,
     pub listen_port: u16,
     pub upstreams: Vec<LabAddr>,
     /// `keepalive` connections to the upstream (HTTP/1.1), or one connection per request.
@@ -236,7 +237,7 @@ pub struct Route {
 impl Route {
     /// Where its clients send their requests.
     pub fn listen(&self) -> SocketAddr {
-        SocketAddr::new(self.proxy.listen_ip(), self.listen_port)
+        SocketAddr::new(self.tier.listen_ip(), self.listen_port)
     }
 }
 
@@ -267,7 +268,7 @@ impl Matrix {
         let mut matrix = Matrix::standard();
         matrix.software = software;
         if software != Software::Nginx {
-            matrix.retain_routes(|r| r.proxy == Proxy::Main && r.upstreams.len() == 1);
+            matrix.retain_routes(|r| r.tier == Tier::Main && r.upstreams.len() == 1);
         }
         if software == Software::Apache {
             // Apache's mod_proxy connects to a Unix socket with a blocking connect(): on a full
@@ -441,7 +442,7 @@ impl Matrix {
         ];
         let route = |name, listen_port, ports: &[u16], keepalive, requests, concurrency| Route {
             name,
-            proxy: Proxy::Main,
+            tier: Tier::Main,
             listen_port,
             upstreams: ports
                 .iter()
@@ -479,17 +480,17 @@ impl Matrix {
             route("reset_v6", 8120, &[9014], false, 100, 4),
             route("response_timeout_v6", 8121, &[9015], false, 20, 10),
             Route {
-                proxy: Proxy::FewFiles,
+                tier: Tier::FewFiles,
                 ..route("few_files", 8122, &[9016], false, 60, 12)
             },
             Route {
-                proxy: Proxy::FewPorts,
+                tier: Tier::FewPorts,
                 ..route("few_ports", 8123, &[9020], false, 60, 6)
             },
         ];
         let unix_route = |name, listen_port, path: &'static str, requests| Route {
             name,
-            proxy: Proxy::Main,
+            tier: Tier::Main,
             listen_port,
             upstreams: vec![LabAddr::Unix(path)],
             keepalive: false,
@@ -570,7 +571,7 @@ impl Matrix {
         ];
         let route = |name, listen_port, app, requests, concurrency| Route {
             name,
-            proxy: Proxy::Main,
+            tier: Tier::Main,
             listen_port,
             upstreams: vec![
                 upstreams
@@ -643,7 +644,7 @@ impl Topology {
             }
             panic!("the upstream host is not reachable over IPv6");
         });
-        if matrix.routes.iter().any(|r| r.proxy == Proxy::FewPorts) {
+        if matrix.routes.iter().any(|r| r.tier == Tier::FewPorts) {
             upstream.sysctl("net.ipv4.ip_local_port_range", FEW_PORTS);
         }
         for port in matrix
@@ -782,23 +783,23 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     for process in &mut dying {
         process.wait();
     }
-    let mut proxies: Vec<Box<dyn LabProxy>> = Proxy::ALL
+    let mut proxies: Vec<Box<dyn LabProxy>> = Tier::ALL
         .into_iter()
-        .filter_map(|proxy| {
+        .filter_map(|tier| {
             let routes: Vec<Route> = matrix
                 .routes
                 .iter()
-                .filter(|r| r.proxy == proxy)
+                .filter(|r| r.tier == tier)
                 .cloned()
                 .collect();
             if routes.is_empty() {
                 return None;
             }
-            let host = match proxy {
-                Proxy::Main | Proxy::FewFiles => &topology.proxy,
-                Proxy::FewPorts => &topology.upstream,
+            let host = match tier {
+                Tier::Main | Tier::FewFiles => &topology.proxy,
+                Tier::FewPorts => &topology.upstream,
             };
-            Some(software.start(proxy, host, &dir.join(proxy.dir_name()), &routes))
+            Some(software.start(tier, host, &dir.join(tier.dir_name()), &routes))
         })
         .collect();
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    Proxy, Route,
+    Route, Tier,
     proxy::{LabProxy, LoggedFailure, LoggedRequest, parse_upstream_list},
 };
 
@@ -26,12 +26,12 @@ pub struct Nginx {
 impl Nginx {
     /// Writes the configuration for `routes` into `dir` and starts nginx in namespace `netns`.
     pub fn start(netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
-        Nginx::start_as(Proxy::Main, netns, dir, routes)
+        Nginx::start_as(Tier::Main, netns, dir, routes)
     }
 
-    /// Starts the lab's nginx `proxy` (with its limits) for `routes`.
-    pub fn start_as(proxy: Proxy, netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
-        Nginx::launch(netns, dir, &config(dir, proxy, routes, &[]))
+    /// Starts the lab's nginx `tier` (with its limits) for `routes`.
+    pub fn start_as(tier: Tier, netns: &str, dir: &Path, routes: &[Route]) -> Nginx {
+        Nginx::launch(netns, dir, &config(dir, tier, routes, &[]))
     }
 
     /// Like [`Nginx::start`], nginx also answering 200 itself on each of `responders` (an
@@ -42,7 +42,7 @@ impl Nginx {
         routes: &[Route],
         responders: &[SocketAddr],
     ) -> Nginx {
-        Nginx::launch(netns, dir, &config(dir, Proxy::Main, routes, responders))
+        Nginx::launch(netns, dir, &config(dir, Tier::Main, routes, responders))
     }
 
     fn launch(netns: &str, dir: &Path, config: &str) -> Nginx {
@@ -136,11 +136,11 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, proxy: Proxy, routes: &[Route], responders: &[SocketAddr]) -> String {
+fn config(dir: &Path, tier: Tier, routes: &[Route], responders: &[SocketAddr]) -> String {
     let d = dir.display();
-    let workers = match proxy {
-        Proxy::FewFiles => format!("worker_processes 1;\nworker_rlimit_nofile {FEW_FILES};"),
-        Proxy::Main | Proxy::FewPorts => "worker_processes 2;".to_string(),
+    let workers = match tier {
+        Tier::FewFiles => format!("worker_processes 1;\nworker_rlimit_nofile {FEW_FILES};"),
+        Tier::Main | Tier::FewPorts => "worker_processes 2;".to_string(),
     };
     let mut conf = format!(
         "user nobody nogroup;

@@ -42,7 +42,7 @@ pub fn listeners_of(task: &Path) -> io::Result<Vec<Listener>> {
     if std::os::unix::fs::MetadataExt::ino(&target.metadata()?)
         == std::os::unix::fs::MetadataExt::ino(&own)
     {
-        return listeners();
+        return dump_listeners();
     }
     // A thread of its own enters the namespace, so the rest of the agent stays where it is.
     std::thread::scope(|scope| {
@@ -52,7 +52,7 @@ pub fn listeners_of(task: &Path) -> io::Result<Vec<Listener>> {
                 if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                listeners()
+                dump_listeners()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
@@ -60,7 +60,7 @@ pub fn listeners_of(task: &Path) -> io::Result<Vec<Listener>> {
 }
 
 /// The TCP listeners of the calling thread's network namespace.
-fn listeners() -> io::Result<Vec<Listener>> {
+fn dump_listeners() -> io::Result<Vec<Listener>> {
     // SAFETY: plain socket(2); the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(

@@ -300,7 +300,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::decode::{Evidence, ProxyProcess};
+    use crate::decode::{Evidence, Task};
 
     #[test]
     fn the_c_librarys_name_service_sockets_are_not_upstreams() {
@@ -321,7 +321,7 @@ mod tests {
     fn failure(cause: Outcome, evidence: Evidence) -> Failure {
         Failure {
             time: SystemTime::UNIX_EPOCH,
-            proxy: ProxyProcess {
+            proxy: Task {
                 comm: "nginx".into(),
                 pid: 812,
                 tid: 812,

@@ -104,13 +104,13 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::decode::{Evidence, Failure, ProxyProcess};
+    use crate::decode::{Evidence, Failure, Task};
 
     fn failure(pid: u32, path: &str, cause: Outcome) -> Classified {
         Classified {
             failure: Failure {
                 time: SystemTime::now(),
-                proxy: ProxyProcess {
+                proxy: Task {
                     comm: "php-fpm8.2".into(),
                     pid,
                     tid: pid,

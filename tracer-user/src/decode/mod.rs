@@ -9,13 +9,17 @@ use std::{
 
 use thiserror::Error;
 pub mod cgroup;
+mod lifecycle;
 pub mod text;
+
+pub use self::lifecycle::{
+    Ending, ExistingListenerInfo, Lifecycle, ListenerChange, OomKill, ProcessExit,
+};
 
 use tracer_common::{
     CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent, OomEvent, Outcome,
     Proxy, RecordKind, RouteKey, Source,
     conn::EndKind,
-    event::task_flags::PF_EXITING,
     net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
 };
 
@@ -254,10 +258,10 @@ impl Default for Clock {
     }
 }
 
-/// The process that made the connection: the proxy (or, in lifecycle records, the process a
-/// listener belongs to).
+/// A process (a task, as the kernel says): the proxy that made a connection, the owner of a
+/// listener, a process that exited or was OOM-killed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProxyProcess {
+pub struct Task {
     pub comm: String,
     pub pid: u32,
     pub tid: u32,
@@ -266,9 +270,9 @@ pub struct ProxyProcess {
     pub netns: u32,
 }
 
-impl ProxyProcess {
-    pub fn from_kernel(proxy: &Proxy) -> ProxyProcess {
-        ProxyProcess {
+impl Task {
+    pub fn from_kernel(proxy: &Proxy) -> Task {
+        Task {
             comm: comm(&proxy.comm),
             pid: proxy.tgid,
             tid: proxy.pid,
@@ -278,7 +282,7 @@ impl ProxyProcess {
     }
 }
 
-impl fmt::Display for ProxyProcess {
+impl fmt::Display for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (pid {})", self.comm, self.pid)
     }
@@ -310,7 +314,7 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub time: SystemTime,
-    pub proxy: ProxyProcess,
+    pub proxy: Task,
     pub upstream: Upstream,
     /// The proxy's side of the connection, when it had one.
     pub local: Option<SocketAddr>,
@@ -331,7 +335,7 @@ impl Failure {
             .filter(|addr| addr.port() != 0 || !addr.ip().is_unspecified());
         Ok(Failure {
             time: clock.wall(event.close_ns),
-            proxy: ProxyProcess::from_kernel(&conn.proxy),
+            proxy: Task::from_kernel(&conn.proxy),
             upstream: upstream(&conn.upstream, paths)?,
             local,
             cause,
@@ -351,121 +355,6 @@ impl Failure {
                 source: Source::from_u8(event.source),
             },
         })
-    }
-}
-
-/// How a process ended, from its `exit_code` and flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// exit(code).
-    Exited(i32),
-    /// Killed by this signal.
-    Signal(i32),
-}
-
-impl Ending {
-    /// From `task_struct.exit_code`. (The flags do not decide: when one thread calls exit(),
-    /// the others are killed with PF_SIGNALED set, yet carry the group's exit code.)
-    pub fn of(exit_code: i32) -> Ending {
-        match exit_code & 0x7f {
-            0 => Ending::Exited((exit_code >> 8) & 0xff),
-            signal => Ending::Signal(signal),
-        }
-    }
-}
-
-/// A socket started or stopped listening.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerChange {
-    pub opened: bool,
-    pub time: SystemTime,
-    /// The listening address (unspecified IP for a wildcard listener).
-    pub local: SocketAddr,
-    /// The task in whose context it happened.
-    pub task: ProxyProcess,
-    /// When the task was dying as it closed the listener: how it ended.
-    pub dying: Option<Ending>,
-    /// Its listen() backlog: the accept queue is full when it holds more.
-    pub max_backlog: u32,
-}
-
-/// The OOM killer chose a victim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OomKill {
-    pub time: SystemTime,
-    pub pid: u32,
-    pub comm: String,
-    pub anon_rss_kb: u64,
-    pub total_vm_kb: u64,
-}
-
-/// A process that owned a listener exited.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessExit {
-    pub time: SystemTime,
-    pub process: ProxyProcess,
-    pub ending: Ending,
-}
-
-/// A listener that was there before tracer started (from the /proc scan).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExistingListenerInfo {
-    pub local: SocketAddr,
-    pub netns: u32,
-    /// The first process holding it (lowest pid).
-    pub owner: ProxyProcess,
-}
-
-impl From<&crate::capture::procfs::ExistingListener> for ExistingListenerInfo {
-    fn from(l: &crate::capture::procfs::ExistingListener) -> Self {
-        ExistingListenerInfo {
-            local: l.local,
-            netns: l.netns,
-            owner: ProxyProcess {
-                comm: l.comm.clone(),
-                pid: l.pids.first().copied().unwrap_or(0),
-                tid: l.pids.first().copied().unwrap_or(0),
-                cgroup_id: 0,
-                netns: l.netns,
-            },
-        }
-    }
-}
-
-/// What the lifecycle ring buffer says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lifecycle {
-    Listener(ListenerChange),
-    Oom(OomKill),
-    Exit(ProcessExit),
-}
-
-impl Lifecycle {
-    pub fn from_record(record: &Record, clock: &Clock) -> Result<Option<Lifecycle>, DecodeError> {
-        Ok(Some(match record {
-            Record::Listener(l) => Lifecycle::Listener(ListenerChange {
-                opened: l.opened != 0,
-                time: clock.wall(l.time_ns),
-                local: socket_addr(&l.local)?,
-                task: ProxyProcess::from_kernel(&l.task),
-                dying: (l.opened == 0 && l.task_flags & PF_EXITING != 0)
-                    .then(|| Ending::of(l.exit_code)),
-                max_backlog: l.max_backlog,
-            }),
-            Record::Oom(o) => Lifecycle::Oom(OomKill {
-                time: clock.wall(o.time_ns),
-                pid: o.pid,
-                comm: comm(&o.comm),
-                anon_rss_kb: o.anon_rss_kb,
-                total_vm_kb: o.total_vm_kb,
-            }),
-            Record::Exit(e) => Lifecycle::Exit(ProcessExit {
-                time: clock.wall(e.time_ns),
-                process: ProxyProcess::from_kernel(&e.task),
-                ending: Ending::of(e.exit_code),
-            }),
-            Record::Failure(_) | Record::SelfProbe(_) => return Ok(None),
-        }))
     }
 }
 

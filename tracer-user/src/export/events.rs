@@ -307,7 +307,7 @@ mod tests {
     use tracer_common::{Outcome, Source, conn::EndKind};
 
     use super::*;
-    use crate::decode::{Evidence, ProxyProcess};
+    use crate::decode::{Evidence, Task};
 
     fn classified() -> Classified {
         Classified {
@@ -319,7 +319,7 @@ mod tests {
     fn failure() -> Failure {
         Failure {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_763_769_600_123),
-            proxy: ProxyProcess {
+            proxy: Task {
                 comm: "nginx".into(),
                 pid: 812,
                 tid: 813,

@@ -17,7 +17,7 @@ use tracer_common::{Outcome, Stat, counts::CONNECT_BUCKETS_NS};
 
 use crate::{
     agent::Shared,
-    aggregate::{LATENCY_BUCKETS, RouteTotals},
+    aggregate::{LATENCY_BUCKETS, RouteTotals, Totals, ledger::Ledger},
     decode::cgroup::CgroupPaths,
     export::api::{Health, RouteSnapshot, Snapshot},
 };
@@ -130,107 +130,25 @@ impl Exporter {
     /// The metrics in Prometheus's text exposition format, written straight from the counts:
     /// with a thousand upstreams that is ten thousand series, too many to build objects for.
     pub fn render(&self) -> String {
+        // Read before the ledger is locked here: reading takes the ledger's lock itself.
         let totals = self.shared.totals();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut ledger = self.shared.ledger();
-
-        // Series per label set: routes past the upstream cap share `other`.
-        let mut series: BTreeMap<Labels, RouteTotals> = BTreeMap::new();
-        for (route, t) in &totals.routes {
-            let mut upstream = route.upstream.to_string();
-            if !ledger.admit(&route.upstream) {
-                upstream = OTHER.to_string();
-            }
-            let cgroup = state
-                .cgroups
-                .path(route.cgroup_id)
-                .unwrap_or_else(|| format!("id:{}", route.cgroup_id));
-            let labels = Labels {
-                proxy: route.proxy.clone(),
-                cgroup,
-                upstream,
-            };
-            series.entry(labels).or_default().add(t);
-        }
-        // Counts the kernel could not key by route (its table was full).
-        if !totals.overflow.is_empty() {
-            let other = series
-                .entry(Labels {
-                    proxy: OTHER.into(),
-                    cgroup: String::new(),
-                    upstream: OTHER.into(),
-                })
-                .or_default();
-            for (outcome, n) in &totals.overflow {
-                other.outcomes.entry(*outcome).or_default().0 += n;
-            }
-        }
-        drop(totals);
-
+        let series = series(totals, &mut state, &mut ledger);
         // About 1 kB per series label set; one allocation for the whole scrape.
         let mut text = Text::with_capacity(4096 + series.len() * 1100);
-        let mut connects = text.family(
-            "tracer_upstream_connects_total",
-            "Connection attempts from a proxy to an upstream (every one ends connected or failed).",
-            COUNTER,
-        );
-        for (labels, t) in &series {
-            connects.sample(&labels.pairs(), t.attempts());
-        }
-        let mut failures = text.family(
-            "tracer_upstream_failures_total",
-            "Failed upstream attempts, by cause (see docs/causes.md).",
-            COUNTER,
-        );
-        for (labels, t) in &series {
-            // Its kind's causes always, so rates work from the first scrape; others that
-            // happened (under `other`, Unix and TCP upstreams mix).
-            let own = if labels.upstream.starts_with("unix:") {
-                &UNIX_FAILURE_CAUSES[..]
-            } else if labels.upstream == "none" {
-                &[Outcome::FdExhausted][..]
-            } else {
-                &FAILURE_CAUSES[..]
-            };
-            for cause in Outcome::ALL.into_iter().filter(|o| o.is_failure()) {
-                let n = t.count(cause);
-                if n > 0 || own.contains(&cause) {
-                    failures.sample_with(&labels.pairs(), ("cause", cause.name()), n);
-                }
-            }
-        }
-        let mut abandoned = text.family(
-            "tracer_upstream_abandoned_total",
-            "Attempts the proxy gave up on sooner than --min-wait (its client left): not failures.",
-            COUNTER,
-        );
-        for (labels, t) in &series {
-            for (outcome, phase) in [
-                (Outcome::ConnectAbandoned, "connect"),
-                (Outcome::RequestAbandoned, "request"),
-            ] {
-                let n = t.count(outcome);
-                if n > 0 {
-                    abandoned.sample_with(&labels.pairs(), ("phase", phase), n);
-                }
-            }
-        }
-        let mut latency = text.family(
-            "tracer_upstream_connect_duration_seconds",
-            "How long successful connects to the upstream took.",
-            HISTOGRAM,
-        );
-        for (labels, t) in &series {
-            if t.count(Outcome::Connected) > 0 {
-                let sum = t
-                    .outcomes
-                    .get(&Outcome::Connected)
-                    .map_or(0.0, |(_, d)| d.as_secs_f64());
-                latency.histogram(&labels.pairs(), &t.connect_buckets, sum);
-            }
-        }
+        write_routes(&mut text, &series);
         drop(series);
+        self.write_agent(&mut text, &mut state);
+        self.write_listeners(&mut text);
+        self.write_kernel(&mut text);
+        write_series_cap(&mut text, &ledger);
+        self.write_build_info(&mut text);
+        text.out
+    }
 
+    /// The agent's own health: events read, lost, sampled out; connections followed.
+    fn write_agent(&self, text: &mut Text, state: &mut State) {
         let shared = &self.shared;
         let tracked = shared.stat(Stat::ConnsTracked);
         let live = shared.counters.live_connections();
@@ -278,6 +196,11 @@ impl Exporter {
             COUNTER,
             state.evicted,
         );
+    }
+
+    /// Listeners gone and back.
+    fn write_listeners(&self, text: &mut Text) {
+        let shared = &self.shared;
         let listeners = shared.listener_totals();
         let mut deaths = text.family(
             "tracer_listener_deaths_total",
@@ -304,6 +227,11 @@ impl Exporter {
             COUNTER,
             shared.stat(Stat::LifecycleLost),
         );
+    }
+
+    /// The kernel side's health: full maps, skipped programs, probes attached.
+    fn write_kernel(&self, text: &mut Text) {
+        let shared = &self.shared;
         let mut full = text.family(
             "tracer_map_full_total",
             "Kernel map inserts that failed because the map was full.",
@@ -325,6 +253,14 @@ impl Exporter {
         for (program, n) in shared.counters.program_misses() {
             misses.sample(&[("program", program)], n);
         }
+        let mut errors = text.family(
+            "tracer_program_errors_total",
+            "Runs of a program of tracer's that stopped before finishing because a read failed: from the kernel (a layout tracer did not expect) or from the calling process (a bad address or descriptor given to connect()). What such a run saw is not counted.",
+            COUNTER,
+        );
+        for (program, n) in shared.counters.program_errors() {
+            errors.sample(&[("program", program)], n);
+        }
         let mut probes = text.family(
             "tracer_probe_attached",
             "1 when the probe is attached, 0 when this kernel lacks it (see tracer check).",
@@ -334,30 +270,9 @@ impl Exporter {
             let name = status.probe.tracepoint();
             probes.sample(&[("probe", &name)], u64::from(status.attached()));
         }
-        text.single(
-            "tracer_upstreams_folded",
-            "Upstreams counted under upstream=\"other\" now because of --max-upstreams.",
-            GAUGE,
-            ledger.folded_now() as u64,
-        );
-        text.single(
-            "tracer_upstreams_folded_total",
-            "Times an upstream was counted under upstream=\"other\" because of --max-upstreams.",
-            COUNTER,
-            ledger.folded_total,
-        );
-        text.single(
-            "tracer_upstreams_released_total",
-            "Upstreams idle for --idle-after that gave their series up (their counts joined upstream=\"other\") so that new ones get series.",
-            COUNTER,
-            ledger.released_total,
-        );
-        text.single(
-            "tracer_upstream_series_limit",
-            "The --max-upstreams cap on upstream series.",
-            GAUGE,
-            ledger.max_upstreams as u64,
-        );
+    }
+
+    fn write_build_info(&self, text: &mut Text) {
         text.family(
             "tracer_build_info",
             "tracer's version and the kernel it runs on.",
@@ -370,8 +285,135 @@ impl Exporter {
             ],
             1,
         );
-        text.out
     }
+}
+
+/// The counts per label set (proxy, cgroup, upstream): routes past the upstream cap share
+/// `other`, and so do the counts the kernel could not key by route.
+fn series(totals: Totals, state: &mut State, ledger: &mut Ledger) -> BTreeMap<Labels, RouteTotals> {
+    let mut series: BTreeMap<Labels, RouteTotals> = BTreeMap::new();
+    for (route, t) in &totals.routes {
+        let mut upstream = route.upstream.to_string();
+        if !ledger.admit(&route.upstream) {
+            upstream = OTHER.to_string();
+        }
+        let cgroup = state
+            .cgroups
+            .path(route.cgroup_id)
+            .unwrap_or_else(|| format!("id:{}", route.cgroup_id));
+        let labels = Labels {
+            proxy: route.proxy.clone(),
+            cgroup,
+            upstream,
+        };
+        series.entry(labels).or_default().add(t);
+    }
+    // Counts the kernel could not key by route (its table was full).
+    if !totals.overflow.is_empty() {
+        let other = series
+            .entry(Labels {
+                proxy: OTHER.into(),
+                cgroup: String::new(),
+                upstream: OTHER.into(),
+            })
+            .or_default();
+        for (outcome, n) in &totals.overflow {
+            other.outcomes.entry(*outcome).or_default().0 += n;
+        }
+    }
+    series
+}
+
+/// The route families: connects, failures by cause, abandoned attempts, connect latency.
+fn write_routes(text: &mut Text, series: &BTreeMap<Labels, RouteTotals>) {
+    let mut connects = text.family(
+        "tracer_upstream_connects_total",
+        "Connection attempts from a proxy to an upstream (every one ends connected or failed).",
+        COUNTER,
+    );
+    for (labels, t) in series {
+        connects.sample(&labels.pairs(), t.attempts());
+    }
+    let mut failures = text.family(
+        "tracer_upstream_failures_total",
+        "Failed upstream attempts, by cause (see docs/causes.md).",
+        COUNTER,
+    );
+    for (labels, t) in series {
+        // Its kind's causes always, so rates work from the first scrape; others that
+        // happened (under `other`, Unix and TCP upstreams mix).
+        let own = if labels.upstream.starts_with("unix:") {
+            &UNIX_FAILURE_CAUSES[..]
+        } else if labels.upstream == "none" {
+            &[Outcome::FdExhausted][..]
+        } else {
+            &FAILURE_CAUSES[..]
+        };
+        for cause in Outcome::ALL.into_iter().filter(|o| o.is_failure()) {
+            let n = t.count(cause);
+            if n > 0 || own.contains(&cause) {
+                failures.sample_with(&labels.pairs(), ("cause", cause.name()), n);
+            }
+        }
+    }
+    let mut abandoned = text.family(
+        "tracer_upstream_abandoned_total",
+        "Attempts the proxy gave up on sooner than --min-wait (its client left): not failures.",
+        COUNTER,
+    );
+    for (labels, t) in series {
+        for (outcome, phase) in [
+            (Outcome::ConnectAbandoned, "connect"),
+            (Outcome::RequestAbandoned, "request"),
+        ] {
+            let n = t.count(outcome);
+            if n > 0 {
+                abandoned.sample_with(&labels.pairs(), ("phase", phase), n);
+            }
+        }
+    }
+    let mut latency = text.family(
+        "tracer_upstream_connect_duration_seconds",
+        "How long successful connects to the upstream took.",
+        HISTOGRAM,
+    );
+    for (labels, t) in series {
+        if t.count(Outcome::Connected) > 0 {
+            let sum = t
+                .outcomes
+                .get(&Outcome::Connected)
+                .map_or(0.0, |(_, d)| d.as_secs_f64());
+            latency.histogram(&labels.pairs(), &t.connect_buckets, sum);
+        }
+    }
+}
+
+/// The upstream series cap (--max-upstreams) and what it folded.
+fn write_series_cap(text: &mut Text, ledger: &Ledger) {
+    text.single(
+        "tracer_upstreams_folded",
+        "Upstreams counted under upstream=\"other\" now because of --max-upstreams.",
+        GAUGE,
+        ledger.folded_now() as u64,
+    );
+    text.single(
+        "tracer_upstreams_folded_total",
+        "Times an upstream was counted under upstream=\"other\" because of --max-upstreams.",
+        COUNTER,
+        ledger.folded_total,
+    );
+    text.single(
+            "tracer_upstreams_released_total",
+            "Upstreams idle for --idle-after that gave their series up (their counts joined upstream=\"other\") so that new ones get series.",
+            COUNTER,
+            ledger.released_total,
+        );
+    text.single(
+        "tracer_upstream_series_limit",
+        "The --max-upstreams cap on upstream series.",
+        GAUGE,
+        ledger.max_upstreams as u64,
+    );
 }
 
 const COUNTER: &str = "counter";

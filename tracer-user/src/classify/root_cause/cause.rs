@@ -1,0 +1,314 @@
+//! What tracer says behind a failure: the root causes, the notices of listeners that come and
+//! go, and the sentences that tell them.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use tracer_common::Outcome;
+
+use crate::{
+    classify::human_duration,
+    decode::{Ending, Failure, Task},
+};
+
+/// How a listener's process died.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Death {
+    /// The kernel's OOM killer chose it.
+    OomKilled { anon_rss_kb: u64 },
+    /// A fatal signal it did not ask for: SIGKILL, SIGSEGV, SIGABRT, SIGBUS…
+    Crashed { signal: i32 },
+    /// It stopped: exit(code), or a stopping signal (SIGTERM, SIGINT, SIGHUP).
+    Exited(Ending),
+}
+
+impl Death {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Death::OomKilled { .. } => "oom_killed",
+            Death::Crashed { .. } => "crashed",
+            Death::Exited(_) => "exited",
+        }
+    }
+}
+
+/// Why failures toward an upstream happen, beyond the failure's own cause.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RootCause {
+    /// The process that listened there died.
+    Died {
+        listener: SocketAddr,
+        process: Task,
+        at: SystemTime,
+        death: Death,
+        /// Failures of this proxy and cause toward it since (this one included).
+        since: u64,
+    },
+    /// The process closed its listener and lives on: restarting or reloading.
+    Restarting {
+        listener: SocketAddr,
+        process: Task,
+        at: SystemTime,
+        since: u64,
+    },
+    /// Nothing has listened on that address since tracer started: a wrong port or address.
+    NothingListened { since: SystemTime },
+    /// Something listens on that port, bound to another address.
+    WrongAddress { listener: SocketAddr, process: Task },
+    /// Something listens there, but in another network namespace.
+    OtherNetns { listener: SocketAddr, process: Task },
+    /// The listener's accept queue is full: its process does not accept connections as fast
+    /// as they come, and the kernel drops the SYNs it has no room for.
+    BacklogFull {
+        listener: SocketAddr,
+        process: Task,
+        /// Connections waiting in its accept queue.
+        queued: u32,
+        /// The namespace's `ListenOverflows` so far.
+        overflows: u64,
+    },
+}
+
+impl RootCause {
+    /// The snake_case name in events (`root_cause`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RootCause::Died {
+                death: Death::OomKilled { .. },
+                ..
+            } => "upstream_oom_killed",
+            RootCause::Died {
+                death: Death::Crashed { .. },
+                ..
+            } => "upstream_crashed",
+            RootCause::Died {
+                death: Death::Exited(_),
+                ..
+            } => "upstream_exited",
+            RootCause::Restarting { .. } => "upstream_restarting",
+            RootCause::NothingListened { .. } => "nothing_listened",
+            RootCause::WrongAddress { .. } => "listener_wrong_address",
+            RootCause::OtherNetns { .. } => "listener_other_netns",
+            RootCause::BacklogFull { .. } => "backlog_overflow",
+        }
+    }
+
+    /// The process behind it, when there is one.
+    pub fn process(&self) -> Option<&Task> {
+        match self {
+            RootCause::Died { process, .. }
+            | RootCause::Restarting { process, .. }
+            | RootCause::WrongAddress { process, .. }
+            | RootCause::OtherNetns { process, .. }
+            | RootCause::BacklogFull { process, .. } => Some(process),
+            RootCause::NothingListened { .. } => None,
+        }
+    }
+
+    /// One sentence with the evidence, e.g. "gunicorn (pid 1234, listening on 127.0.0.1:8000)
+    /// was OOM-killed at 12:03:03 (anon-rss 1.9 GiB); since then 312 connections from nginx to
+    /// 127.0.0.1:8000 were refused".
+    pub fn explain(&self, failure: &Failure) -> String {
+        let upstream = &failure.upstream;
+        let proxy = &failure.proxy.comm;
+        let what = match failure.cause {
+            Outcome::Refused => "were refused",
+            Outcome::ResetBeforeResponse | Outcome::ResetMidResponse => "were reset",
+            Outcome::ClosedBeforeResponse => "were closed without a response",
+            _ => "failed",
+        };
+        let since = |n: u64| {
+            let connections = if n == 1 { "connection" } else { "connections" };
+            let what = if n == 1 {
+                what.replacen("were", "was", 1)
+            } else {
+                what.to_string()
+            };
+            format!("since then {n} {connections} from {proxy} to {upstream} {what}")
+        };
+        match self {
+            RootCause::Died {
+                listener,
+                process,
+                at,
+                death,
+                since: n,
+            } => {
+                let how = match death {
+                    Death::OomKilled { anon_rss_kb } if *anon_rss_kb > 0 => format!(
+                        "was OOM-killed at {} (anon-rss {})",
+                        clock(*at),
+                        bytes(anon_rss_kb * 1024)
+                    ),
+                    Death::OomKilled { .. } => format!("was OOM-killed at {}", clock(*at)),
+                    Death::Crashed { signal } => {
+                        format!("crashed at {} ({})", clock(*at), signal_name(*signal))
+                    }
+                    Death::Exited(Ending::Exited(code)) => {
+                        format!("exited at {} (code {code})", clock(*at))
+                    }
+                    Death::Exited(Ending::Signal(signal)) => {
+                        format!("was stopped at {} ({})", clock(*at), signal_name(*signal))
+                    }
+                };
+                format!(
+                    "{} (pid {}, listening on {listener}) {how}; {}",
+                    process.comm,
+                    process.pid,
+                    since(*n)
+                )
+            }
+            RootCause::Restarting {
+                listener,
+                process,
+                at,
+                since: n,
+            } => format!(
+                "{} (pid {}) closed its listener {listener} at {} and still runs (restarting or \
+                 reloading); {}",
+                process.comm,
+                process.pid,
+                clock(*at),
+                since(*n)
+            ),
+            RootCause::NothingListened { since } => format!(
+                "nothing has listened on {upstream} since tracer started at {} (a wrong port or \
+                 address?)",
+                clock(*since)
+            ),
+            RootCause::WrongAddress { listener, process } => format!(
+                "{} (pid {}) listens on {listener}, bound to {} but {proxy} connects to {}: the \
+                 upstream is bound to the wrong interface",
+                process.comm,
+                process.pid,
+                listener.ip(),
+                upstream
+                    .socket_addr()
+                    .map_or_else(|| upstream.to_string(), |a| a.ip().to_string())
+            ),
+            RootCause::OtherNetns { listener, process } => format!(
+                "{} (pid {}) listens on {listener} only in another network namespace \
+                 (net:[{}]), not in {proxy}'s (net:[{}])",
+                process.comm, process.pid, process.netns, failure.proxy.netns
+            ),
+            RootCause::BacklogFull {
+                listener,
+                process,
+                queued,
+                overflows,
+            } => format!(
+                "{} (pid {}, listening on {listener}) does not accept connections as fast as they \
+                 come: {queued} wait in its accept queue, and the kernel dropped the SYNs it had \
+                 no room for ({overflows} listen overflows in its network namespace so far)",
+                process.comm, process.pid
+            ),
+        }
+    }
+}
+
+/// What the registry tells the user about a listener's life.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A listener went away: its process died, or closed it.
+    ListenerGone {
+        listener: SocketAddr,
+        process: Task,
+        at: SystemTime,
+        death: Option<Death>,
+    },
+    /// A listener came back after a gap.
+    ListenerBack {
+        listener: SocketAddr,
+        process: Task,
+        at: SystemTime,
+        gap: Duration,
+        /// Failures toward it during the gap, all proxies and causes.
+        failed_meanwhile: u64,
+    },
+}
+
+impl Notice {
+    pub fn explain(&self) -> String {
+        match self {
+            Notice::ListenerGone {
+                listener,
+                process,
+                at,
+                death,
+            } => {
+                let how = match death {
+                    Some(Death::OomKilled { anon_rss_kb }) if *anon_rss_kb > 0 => {
+                        format!("was OOM-killed (anon-rss {})", bytes(anon_rss_kb * 1024))
+                    }
+                    // Kernels before 6.0 give oom:mark_victim no memory fields.
+                    Some(Death::OomKilled { .. }) => "was OOM-killed".to_string(),
+                    Some(Death::Crashed { signal }) => {
+                        format!("crashed ({})", signal_name(*signal))
+                    }
+                    Some(Death::Exited(Ending::Exited(code))) => format!("exited (code {code})"),
+                    Some(Death::Exited(Ending::Signal(s))) => {
+                        format!("was stopped ({})", signal_name(*s))
+                    }
+                    None => "closed it".to_string(),
+                };
+                format!(
+                    "{} (pid {}, listening on {listener}) {how} at {}",
+                    process.comm,
+                    process.pid,
+                    clock(*at)
+                )
+            }
+            Notice::ListenerBack {
+                listener,
+                process,
+                gap,
+                failed_meanwhile,
+                ..
+            } => format!(
+                "{listener} listens again ({} pid {}) after a gap of {}; {failed_meanwhile} \
+                 connection(s) to it failed meanwhile",
+                process.comm,
+                process.pid,
+                human_duration(*gap)
+            ),
+        }
+    }
+}
+
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        31 => "SIGSYS",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
+}
+
+fn clock(time: SystemTime) -> String {
+    let text = humantime::format_rfc3339_seconds(time).to_string();
+    text.get(11..19).unwrap_or(&text).to_string()
+}
+
+fn bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let n = n as f64;
+    if n >= GIB {
+        format!("{:.1} GiB", n / GIB)
+    } else {
+        format!("{:.0} MiB", n / MIB)
+    }
+}
