@@ -7,6 +7,7 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use crate::netns::Netns;
@@ -136,4 +137,25 @@ impl Drop for MemoryCgroup {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
+}
+
+/// Stops child `child` (a server started with `ip netns exec`, which execs it in place) with
+/// `signal`, its graceful stop, and waits up to `within` before killing it. Whether it stopped
+/// by itself.
+pub fn stop_gracefully(child: &mut std::process::Child, signal: i32, within: Duration) -> bool {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return true;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }

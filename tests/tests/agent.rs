@@ -1,5 +1,5 @@
 //! The tracer binary as an operator meets it: `tracer check`, Ctrl-C and SIGTERM leaving no
-//! programs behind, and clear errors for bad input.
+//! programs behind, clear errors for bad input, and a program run that cannot finish counted.
 
 use std::{
     process::Command,
@@ -247,4 +247,48 @@ fn ctrl_c_as_soon_as_tracer_says_it_is_attached_stops_it_cleanly() {
         // stop() sends SIGINT at once and asserts a clean exit (not death by the signal).
         Tracer::start(&["run", "--listen", "127.0.0.1:0"]).stop();
     }
+}
+
+#[test]
+fn a_program_run_that_cannot_finish_is_counted_per_program() {
+    if !kernel_tests_enabled("a_program_run_that_cannot_finish_is_counted_per_program") {
+        return;
+    }
+    let (tracer, addr) = Tracer::agent(&[]);
+    let series = "tracer_program_errors_total{program=\"sys_exit_connect\"} ";
+    let errors = || {
+        let (_, scrape) = tracer_tests::http::get(addr, "/metrics").expect("a scrape");
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
+    };
+    let before = errors();
+    // connect() with an address nobody may read (EFAULT): the kernel's exit program cannot read
+    // the caller's sockaddr, so its run stops there. Nothing else in these tests does that.
+    let n = 3;
+    for _ in 0..n {
+        // SAFETY: a socket of our own; connect() is given a null address, which the kernel
+        // rejects with EFAULT without reading through it in user space.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let ret = libc::connect(fd, std::ptr::null(), 16);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(ret, -1);
+            assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = errors() - before;
+        if seen == n as f64 {
+            break;
+        }
+        assert!(seen < n as f64, "over-counted: {seen}");
+        assert!(Instant::now() < deadline, "saw {seen} errors, expected {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracer.stop();
 }

@@ -54,7 +54,14 @@ fn lab_can_run_twice_in_a_row() {
         return;
     }
     // A small matrix behind each proxy, twice: a run must leave nothing that breaks the next.
-    for software in lab::Software::ALL {
+    // In a kernel guest, behind nginx only: each run costs half a minute there, and what a run
+    // leaves behind does not depend on the kernel.
+    let proxies: &[lab::Software] = if std::env::var_os("TRACER_TEST_GUEST").is_some() {
+        &[lab::Software::Nginx]
+    } else {
+        &lab::Software::ALL
+    };
+    for &software in proxies {
         let mut matrix = lab::Matrix::for_proxy(software);
         matrix.retain_routes(|r| r.name == "refused" || r.name == "healthy");
         for route in &mut matrix.routes {

@@ -57,11 +57,12 @@ pub mod errno {
     pub const EINPROGRESS: i32 = 115;
 }
 
-/// Who started a connection: the connecting process, taken in process context when the socket
-/// went CLOSE→SYN_SENT inside connect().
+/// A process (a task, as the kernel says): who started a connection (the proxy, taken in
+/// process context when the socket went CLOSE→SYN_SENT inside connect()), or the owner of a
+/// listener, or a process that exited.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Proxy {
+pub struct Task {
     /// The cgroup (v2) the process ran in, for a container label.
     pub cgroup_id: u64,
     /// Process id (tgid) and thread id.
@@ -116,7 +117,7 @@ impl EndKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnTrack {
-    pub proxy: Proxy,
+    pub proxy: Task,
     pub upstream: Endpoint,
     pub local: Endpoint,
     /// When connect() put the socket in SYN_SENT (CLOCK_MONOTONIC ns).
@@ -174,12 +175,7 @@ pub struct CloseFacts {
 
 impl ConnTrack {
     /// A connection the proxy starts: CLOSE→SYN_SENT, in connect().
-    pub const fn connecting(
-        proxy: Proxy,
-        upstream: Endpoint,
-        local: Endpoint,
-        now_ns: u64,
-    ) -> Self {
+    pub const fn connecting(proxy: Task, upstream: Endpoint, local: Endpoint, now_ns: u64) -> Self {
         ConnTrack {
             proxy,
             upstream,
@@ -517,7 +513,7 @@ mod tests {
     }
 
     fn conn() -> ConnTrack {
-        let proxy = Proxy {
+        let proxy = Task {
             cgroup_id: 1,
             tgid: 812,
             pid: 812,

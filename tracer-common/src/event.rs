@@ -3,7 +3,7 @@
 //! that a storm of failures cannot crowd them out). Every record starts with its [`RecordKind`].
 
 use crate::{
-    conn::{ConnTrack, Proxy},
+    conn::{ConnTrack, Task},
     net::Endpoint,
 };
 
@@ -51,7 +51,7 @@ pub struct ListenerEvent {
     /// The listening address (unspecified for a wildcard listener) and port.
     pub local: Endpoint,
     /// The task that made the change (its `netns` is the socket's).
-    pub task: Proxy,
+    pub task: Task,
     /// The task's `flags` and `exit_code` (meaningful when it is exiting).
     pub task_flags: u32,
     pub exit_code: i32,
@@ -82,7 +82,7 @@ pub struct ExitEvent {
     /// `task_struct.exit_code`: `status << 8`, or the fatal signal (| 0x80 with a core dump).
     pub exit_code: i32,
     pub time_ns: u64,
-    pub task: Proxy,
+    pub task: Task,
     pub task_flags: u32,
     pub _pad: u32,
 }

@@ -21,7 +21,7 @@ pub mod net;
 pub mod outcome;
 
 pub use config::{Config, KernelOffsets, OomFields, SyscallFields};
-pub use conn::{ConnTrack, EndKind, Proxy, Verdict};
+pub use conn::{ConnTrack, EndKind, Task, Verdict};
 pub use counts::{CountKey, LatencyKey, Program, RouteKey, Stat, Tally};
 pub use event::{ExitEvent, FailureEvent, ListenerEvent, OomEvent, RecordKind, Source};
 pub use net::Endpoint;

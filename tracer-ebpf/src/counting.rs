@@ -2,8 +2,8 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
-    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Program, Proxy, RecordKind,
-    RouteKey, Source, Stat, Tally,
+    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Program, RecordKind,
+    RouteKey, Source, Stat, Tally, Task,
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
@@ -64,7 +64,7 @@ pub fn report(report: &Report, conn_into: impl FnOnce(&mut ConnTrack)) {
 
 /// The route (proxy name × cgroup × upstream) a count goes under.
 #[inline(always)]
-fn route(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
+fn route(proxy: &Task, upstream: &Endpoint) -> RouteKey {
     RouteKey {
         comm: proxy.comm,
         cgroup_id: proxy.cgroup_id,
@@ -77,7 +77,7 @@ fn route(proxy: &Proxy, upstream: &Endpoint) -> RouteKey {
 /// this function's own stack: per-CPU scratch is not private where the kernel can preempt a
 /// program (7.x), or where a softirq interrupts one.
 #[inline(never)]
-pub fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) -> bool {
+pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64) -> bool {
     let key = count_key(proxy, upstream, outcome);
     let now = now();
     let per_second = config!(events_per_second);
@@ -106,7 +106,7 @@ pub fn count(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome, ns: u64) -> b
 
 /// The key `count` counts `outcome` of `proxy` toward `upstream` under.
 #[inline(always)]
-pub fn count_key(proxy: &Proxy, upstream: &Endpoint, outcome: Outcome) -> CountKey {
+pub fn count_key(proxy: &Task, upstream: &Endpoint, outcome: Outcome) -> CountKey {
     CountKey {
         route: route(proxy, upstream),
         outcome: outcome as u8,
@@ -131,7 +131,7 @@ pub fn uncount(fail: &UnixFail) {
 /// Counts a successful connect of `proxy` to `upstream` that took `ns`, in its connect-time
 /// bucket.
 #[inline(never)]
-pub fn count_latency(proxy: &Proxy, upstream: &Endpoint, ns: u64) {
+pub fn count_latency(proxy: &Task, upstream: &Endpoint, ns: u64) {
     let key = LatencyKey {
         route: route(proxy, upstream),
         bucket: connect_bucket(ns),

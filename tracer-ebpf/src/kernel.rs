@@ -7,7 +7,7 @@ use aya_ebpf::{
     },
     programs::TracePointContext,
 };
-use tracer_common::Proxy;
+use tracer_common::Task;
 
 /// CLOCK_MONOTONIC, in ns.
 #[inline(always)]
@@ -62,9 +62,9 @@ pub fn current_netns() -> u32 {
 
 /// Fills `proxy` with the process behind the current thread: its main thread's name, pid, tid
 /// and cgroup, with the network namespace `netns` of the socket concerned. (Written in place:
-/// a returned `Proxy` would take another 48 bytes of stack.)
+/// a returned `Task` would take another 48 bytes of stack.)
 #[inline(never)]
-pub fn fill_current_proxy(proxy: &mut Proxy, netns: u32) {
+pub fn fill_current_proxy(proxy: &mut Task, netns: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let task = current_task();
     // SAFETY: a helper without arguments.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    Config, ConnTrack, Endpoint, Outcome, Program, Proxy, Source, Stat,
+    Config, ConnTrack, Endpoint, Outcome, Program, Source, Stat, Task,
     conn::{CloseFacts, tcp_state},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
@@ -198,7 +198,7 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
     let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
     let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
     let mut conn = ConnTrack::connecting(
-        Proxy::default(),
+        Task::default(),
         Endpoint::default(),
         Endpoint::default(),
         now(),

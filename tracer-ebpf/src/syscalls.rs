@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Endpoint, Outcome, Program, Proxy, RecordKind, Source, Stat,
+    Endpoint, Outcome, Program, RecordKind, Source, Stat, Task,
     conn::{PendingConnect, errno},
     counts::{SELF_PROBE_WINDOW_NS, UnixFail, UnixFailKey},
     event::SelfProbeEvent,
@@ -173,7 +173,7 @@ fn decided_in_call(
     if current_is_ignored() {
         return NOT_COUNTED;
     }
-    let mut proxy = Proxy::default();
+    let mut proxy = Task::default();
     fill_current_proxy(&mut proxy, current_netns());
     let now = now();
     let waited_ns = now.saturating_sub(start_ns);
@@ -293,7 +293,7 @@ fn unix_connect_returned(pending: &PendingConnect, ret: i64) -> Result<(), i64> 
 /// was counted, in case the process binds that path next (see `bind_called`).
 #[inline(never)]
 fn remember_unix_failure(path_key: u64, outcome: Outcome, waited_ns: u64) {
-    let mut proxy = Proxy::default();
+    let mut proxy = Task::default();
     fill_current_proxy(&mut proxy, current_netns());
     let key = UnixFailKey {
         tgid: proxy.tgid,

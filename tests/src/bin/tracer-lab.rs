@@ -23,7 +23,6 @@ fn proxies(args: &[String]) -> Result<Vec<lab::Software>, String> {
         let names = match arg.strip_prefix("--proxy=") {
             Some(names) => names,
             None if arg == "--proxy" => args.next().ok_or("--proxy needs a name")?,
-            None if arg == "-h" || arg == "--help" => return Err(USAGE.to_string()),
             None => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         };
         for name in names.split(',') {
@@ -44,6 +43,10 @@ fn proxies(args: &[String]) -> Result<Vec<lab::Software>, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let proxies = match proxies(&args) {
         Ok(proxies) => proxies,
         Err(e) => {

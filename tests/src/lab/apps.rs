@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::LabAddr;
-use crate::netns::Netns;
+use crate::{netns::Netns, process::stop_gracefully};
 
 /// How long nginx waits for these upstreams' responses: longer than any app server's own
 /// limit, so that what nginx sees is the app server's doing.
@@ -41,8 +41,9 @@ pub enum App {
     GunicornTimeout,
     /// gunicorn whose app kills its own worker with SIGSEGV on every request (`/crash`).
     GunicornCrash,
-    /// php-fpm with one child (`pm.max_children = 1`) and `listen.backlog = 1` on a Unix
-    /// socket, a script that takes 2 s: the pool is exhausted and the listener's queue full.
+    /// php-fpm with one child (`pm.max_children = 1`) and `listen.backlog = 1`, a script that
+    /// takes 2 s: the pool is exhausted and the listener's queue full (a Unix socket's connect()
+    /// fails at once; a TCP one's SYNs are dropped).
     PhpFpmExhausted,
     /// php-fpm on TCP whose `request_terminate_timeout` (1 s) kills a script that sleeps 10 s.
     PhpFpmTerminate,
@@ -76,9 +77,11 @@ impl App {
             let script = dir.join("apps").join(self.script());
             format!(
                 "fastcgi_pass {name}; fastcgi_read_timeout {timeout}s; \
+                 fastcgi_connect_timeout {connect}ms; \
                  fastcgi_param SCRIPT_FILENAME {}; fastcgi_param REQUEST_METHOD $request_method; \
                  fastcgi_param QUERY_STRING \"\";",
-                script.display()
+                script.display(),
+                connect = super::proxy_timeout().as_millis()
             )
         } else {
             format!(
@@ -187,25 +190,12 @@ impl AppServer {
 
     /// Stops it gracefully (SIGQUIT for php-fpm, SIGTERM for gunicorn's master) and waits.
     pub fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
         let signal = if self.name == "php-fpm" {
             libc::SIGQUIT
         } else {
             libc::SIGTERM
         };
-        // SAFETY: signalling our own child (`ip netns exec` execs the server in place).
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gracefully(&mut self.child, signal, Duration::from_secs(10));
     }
 }
 

@@ -539,8 +539,9 @@ impl Matrix {
 
 impl Matrix {
     /// Real application servers behind nginx (`lab::apps`): gunicorn killing a worker past its
-    /// timeout and a worker crashing, php-fpm's pool exhausted on a Unix socket, a script
-    /// killed by `request_terminate_timeout` on TCP, and php-fpm's socket gone after a stop.
+    /// timeout and a worker crashing, php-fpm's pool exhausted on a Unix socket and on TCP, a
+    /// script killed by `request_terminate_timeout` on TCP, and php-fpm's socket gone after a
+    /// stop.
     pub fn apps() -> Matrix {
         let spec = |addr: LabAddr, app, expected| UpstreamSpec {
             addr,
@@ -562,6 +563,8 @@ impl Matrix {
                 App::PhpFpmExhausted,
                 "unix_backlog_full",
             ),
+            // The same pool on TCP: SYNs to its full accept queue are dropped.
+            spec(tcp(9033), App::PhpFpmExhausted, "connect_timeout"),
             spec(tcp(9031), App::PhpFpmTerminate, "reset_before_response"),
             spec(
                 LabAddr::Unix("/tmp/tracer-lab-unix/php-stopped.sock"),
@@ -569,29 +572,23 @@ impl Matrix {
                 "unix_missing",
             ),
         ];
-        let route = |name, listen_port, app, requests, concurrency| Route {
+        let route = |name, listen_port, upstream: usize, requests, concurrency| Route {
             name,
             tier: Tier::Main,
             listen_port,
-            upstreams: vec![
-                upstreams
-                    .iter()
-                    .find(|u| u.app == Some(app))
-                    .expect("an upstream of the matrix")
-                    .addr
-                    .clone(),
-            ],
+            upstreams: vec![upstreams[upstream].addr.clone()],
             keepalive: false,
             requests,
             concurrency,
-            app: Some(app),
+            app: upstreams[upstream].app,
         };
         let routes = vec![
-            route("gunicorn_timeout", 8130, App::GunicornTimeout, 4, 2),
-            route("gunicorn_crash", 8131, App::GunicornCrash, 20, 2),
-            route("php_fpm_exhausted", 8132, App::PhpFpmExhausted, 24, 12),
-            route("php_fpm_terminated", 8133, App::PhpFpmTerminate, 4, 2),
-            route("php_fpm_stopped", 8134, App::PhpFpmStopped, 20, 4),
+            route("gunicorn_timeout", 8130, 0, 4, 2),
+            route("gunicorn_crash", 8131, 1, 20, 2),
+            route("php_fpm_exhausted", 8132, 2, 24, 12),
+            route("php_fpm_exhausted_tcp", 8135, 3, 24, 12),
+            route("php_fpm_terminated", 8133, 4, 4, 2),
+            route("php_fpm_stopped", 8134, 5, 20, 4),
         ];
         Matrix {
             name: "real app servers",

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::process::stop_gracefully;
+
 use super::{
     Route, Tier,
     proxy::{LabProxy, LoggedFailure, LoggedRequest, parse_upstream_list},
@@ -99,17 +101,7 @@ impl Nginx {
 
     /// Stops nginx gracefully (it closes its idle upstream connections) and waits for it.
     pub fn stop(&mut self) {
-        // SAFETY: signalling our own child (`ip netns exec` execs nginx in place).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gracefully(&mut self.child, libc::SIGQUIT, Duration::from_secs(5));
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::Route;
-use crate::netns::Netns;
+use crate::{netns::Netns, process::stop_gracefully};
 
 /// One failed upstream attempt, as the proxy's log tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,20 +121,9 @@ impl Daemon {
 
     /// Sends `signal` (the proxy's graceful stop) and waits up to 5 s before killing it.
     pub fn stop(&mut self, signal: i32) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
+        if !stop_gracefully(&mut self.child, signal, Duration::from_secs(5)) {
+            eprintln!("lab: {} did not stop within 5 s; killed", self.name);
         }
-        // SAFETY: signalling our own child, which is the proxy itself.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("lab: {} did not stop within 5 s; killed", self.name);
-        self.kill();
     }
 
     fn kill(&mut self) {

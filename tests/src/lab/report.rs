@@ -67,6 +67,12 @@ pub struct LabReport {
     /// no tracer failure explains.
     pub gateway_errors: usize,
     pub unexplained: Vec<LoggedRequest>,
+    /// Failures the proxy logged on a Unix socket after connect() succeeded (a response that
+    /// timed out, a reset): tracer cannot see these (docs/causes.md), so they are shown apart
+    /// and explain as many gateway errors on their upstream, not compared.
+    pub unseen: Vec<LoggedFailure>,
+    /// Gateway errors explained by those.
+    pub excused: usize,
     pub load: Vec<RouteLoad>,
     pub requests: usize,
     pub load_time: Duration,
@@ -125,6 +131,14 @@ impl LabReport {
     ) -> LabReport {
         let software = matrix.software;
         let tracer = tracer_failures(events);
+        let after_connect: Vec<String> =
+            AFTER_CONNECT.iter().map(|c| software.class_of(c)).collect();
+        let (unseen, logged): (Vec<LoggedFailure>, Vec<LoggedFailure>) =
+            logged.into_iter().partition(|f| {
+                f.upstream.starts_with("unix:")
+                    && f.cause
+                        .is_some_and(|c| after_connect.iter().any(|a| a == c))
+            });
 
         let mut counts: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
         let mut roots: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
@@ -201,6 +215,7 @@ impl LabReport {
             })
             .collect();
         let (gateway_errors, unexplained) = explain_gateway_errors(&requests, &groups, &tracer);
+        let (unexplained, excused) = excuse(unexplained, &unseen);
         LabReport {
             name: matrix.name,
             software,
@@ -236,6 +251,8 @@ impl LabReport {
                 })
                 .collect(),
             unmapped: logged.into_iter().filter(|f| f.cause.is_none()).collect(),
+            unseen,
+            excused,
             gateway_errors,
             unexplained,
             requests: load
@@ -347,6 +364,42 @@ impl LabReport {
     pub fn passed(&self) -> bool {
         self.problems().is_empty()
     }
+}
+
+/// The causes of failures after connect(): on a Unix socket tracer cannot see them.
+const AFTER_CONNECT: [&str; 4] = [
+    "response_timeout",
+    "reset_before_response",
+    "reset_mid_response",
+    "closed_before_response",
+];
+
+/// Takes out of `unexplained` the gateway errors that a failure tracer cannot see explains: as
+/// many per Unix upstream as the proxy logged there. Returns the rest and how many were taken.
+fn excuse(
+    unexplained: Vec<LoggedRequest>,
+    unseen: &[LoggedFailure],
+) -> (Vec<LoggedRequest>, usize) {
+    let mut left: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in unseen {
+        *left.entry(f.upstream.as_str()).or_default() += 1;
+    }
+    let mut excused = 0;
+    let rest = unexplained
+        .into_iter()
+        .filter(|r| {
+            let Some(n) = r.upstreams.last().and_then(|u| left.get_mut(u.as_str())) else {
+                return true;
+            };
+            if *n == 0 {
+                return true;
+            }
+            *n -= 1;
+            excused += 1;
+            false
+        })
+        .collect();
+    (rest, excused)
 }
 
 /// How long nginx holds a server of a group down after a failed attempt (`fail_timeout`'s
@@ -510,11 +563,32 @@ impl fmt::Display for LabReport {
             writeln!(f, "  {:<24} {}{errors}", load.route, statuses.join(" "))?;
         }
         writeln!(f)?;
+        if !self.unseen.is_empty() {
+            let mut per: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+            for u in &self.unseen {
+                *per.entry((&u.upstream, u.cause.unwrap_or("?")))
+                    .or_default() += 1;
+            }
+            let list: Vec<String> = per
+                .iter()
+                .map(|((upstream, cause), n)| format!("{upstream} {cause} ×{n}"))
+                .collect();
+            writeln!(
+                f,
+                "failures after connect() on a Unix socket, which tracer cannot see (docs/causes.md): {}",
+                list.join(", ")
+            )?;
+        }
         writeln!(
             f,
-            "access log: {} responses 500/502/503/504, {} explained by a tracer failure on their upstream",
+            "access log: {} responses 500/502/503/504, {} explained by a tracer failure on their upstream{}",
             self.gateway_errors,
-            self.gateway_errors - self.unexplained.len()
+            self.gateway_errors - self.unexplained.len() - self.excused,
+            if self.excused > 0 {
+                format!(", {} by a failure tracer cannot see", self.excused)
+            } else {
+                String::new()
+            }
         )?;
         let problems = self.problems();
         if problems.is_empty() {
@@ -582,6 +656,30 @@ mod tests {
         let (total, unexplained) = explain_gateway_errors(&requests, &BTreeMap::new(), &tracer);
         assert_eq!(total, 2);
         assert_eq!(unexplained, vec![requests[1].clone()]);
+    }
+
+    #[test]
+    fn only_as_many_responses_as_unseen_failures_are_excused_per_unix_upstream() {
+        let sock = "unix:/run/app.sock";
+        let unseen = |n| {
+            (0..n)
+                .map(|_| LoggedFailure {
+                    upstream: sock.to_string(),
+                    cause: Some("response_timeout"),
+                    message: String::new(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let requests = vec![
+            request(10.0, 3.0, 504, &[sock]),
+            request(11.0, 3.0, 504, &[sock]),
+            request(12.0, 3.0, 502, &[A]),
+        ];
+        let (rest, excused) = excuse(requests.clone(), &unseen(1));
+        assert_eq!(excused, 1);
+        assert_eq!(rest, vec![requests[1].clone(), requests[2].clone()]);
+        let (rest, excused) = excuse(requests.clone(), &unseen(5));
+        assert_eq!((rest, excused), (vec![requests[2].clone()], 2));
     }
 
     #[test]

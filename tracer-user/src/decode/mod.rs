@@ -18,7 +18,7 @@ pub use self::lifecycle::{
 
 use tracer_common::{
     CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent, OomEvent, Outcome,
-    Proxy, RecordKind, RouteKey, Source,
+    RecordKind, RouteKey, Source, Task as KernelTask,
     conn::EndKind,
     net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
 };
@@ -271,7 +271,7 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn from_kernel(proxy: &Proxy) -> Task {
+    pub fn from_kernel(proxy: &KernelTask) -> Task {
         Task {
             comm: comm(&proxy.comm),
             pid: proxy.tgid,
@@ -426,13 +426,13 @@ impl LatencyCount {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::{ConnTrack, Proxy};
+    use tracer_common::{ConnTrack, Task as KernelTask};
 
     use super::*;
 
     pub(crate) fn refused_event() -> FailureEvent {
         let mut conn = ConnTrack::connecting(
-            Proxy {
+            KernelTask {
                 cgroup_id: 7,
                 tgid: 812,
                 pid: 813,
