@@ -810,11 +810,14 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         proxy.stop();
     }
     std::thread::sleep(Duration::from_millis(300));
+    // Runs of tracer's programs the kernel skipped (one was running on that CPU already, e.g.
+    // interrupted by a softirq): tracer exports them as tracer_program_misses_total.
+    let skipped_runs: u64 = crate::bpf::program_misses(tracer.pid()).iter().sum();
     let (events, _stderr) = tracer.stop_collecting();
 
     let failures = proxies.iter().flat_map(|p| p.failures()).collect();
     let requests = proxies.iter().flat_map(|p| p.requests()).collect();
-    let report = LabReport::build(
+    let mut report = LabReport::build(
         matrix,
         options,
         failures,
@@ -824,6 +827,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         load_time,
         started.elapsed(),
     );
+    report.skipped_runs = skipped_runs;
     drop(proxies);
     drop(unix_servers);
     if std::env::var_os("TRACER_LAB_KEEP").is_some() {
