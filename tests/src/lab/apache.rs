@@ -10,6 +10,7 @@
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use super::{
@@ -33,14 +34,20 @@ impl Apache {
         std::fs::create_dir_all(dir).expect("Apache's directory");
         let conf = dir.join("apache2.conf");
         std::fs::write(&conf, config(dir, routes)).expect("writing apache2.conf");
-        let conf = conf.to_string_lossy().into_owned();
         let daemon = Daemon::start(
             "apache2",
             netns,
-            "apache2",
-            &["-f", &conf, "-DFOREGROUND"],
+            &[
+                "apache2".as_ref(),
+                "-f".as_ref(),
+                conf.as_os_str(),
+                "-DFOREGROUND".as_ref(),
+            ],
             &dir.join("output.log"),
             &listen_addrs(routes),
+            // A graceful stop, finishing the requests in progress.
+            libc::SIGWINCH,
+            Duration::from_secs(5),
         );
         Apache {
             daemon,
@@ -52,8 +59,7 @@ impl Apache {
 
 impl LabProxy for Apache {
     fn stop(&mut self) {
-        // SIGWINCH: a graceful stop, finishing the requests in progress.
-        self.daemon.stop(libc::SIGWINCH);
+        self.daemon.stop();
     }
 
     fn failures(&self) -> Vec<LoggedFailure> {

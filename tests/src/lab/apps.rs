@@ -5,15 +5,14 @@
 //! `request_terminate_timeout`, a socket gone after a stop.
 
 use std::{
+    ffi::{OsStr, OsString},
     fmt::Write as _,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use super::LabAddr;
-use crate::{netns::Netns, process::stop_gracefully};
+use super::{LabAddr, proxy::Daemon};
+use crate::netns::Netns;
 
 /// How long nginx waits for these upstreams' responses: longer than any app server's own
 /// limit, so that what nginx sees is the app server's doing.
@@ -93,7 +92,7 @@ impl App {
 
     /// Starts it at `addr` (TCP ones in `upstream_host`), its files in `dir`/apps, and waits
     /// until it accepts connections; a stopped one is started, then stopped.
-    pub fn start(self, addr: &LabAddr, upstream_host: &Netns, dir: &Path) -> AppServer {
+    pub fn start(self, addr: &LabAddr, upstream_host: &Netns, dir: &Path) -> Daemon {
         let apps = dir.join("apps");
         std::fs::create_dir_all(&apps).expect("the apps' directory");
         write_scripts(&apps);
@@ -108,45 +107,47 @@ impl App {
             LabAddr::Tcp(a) => a.to_string(),
             LabAddr::Unix(path) => path.to_string(),
         };
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &upstream_host.name]);
         let output = apps.join(format!("{tag}.log"));
-        if self.is_php() {
+        let (name, stop_signal, argv): (_, _, Vec<OsString>) = if self.is_php() {
             let conf = apps.join(format!("php-fpm-{tag}.conf"));
             std::fs::write(&conf, php_fpm_config(self, &listen, &apps, &tag))
                 .expect("writing php-fpm's configuration");
-            command
-                .arg(php_fpm_binary().expect("php-fpm (cargo xtask setup installs it)"))
-                .args(["--nodaemonize", "--fpm-config"])
-                .arg(&conf);
+            let php_fpm = php_fpm_binary().expect("php-fpm (cargo xtask setup installs it)");
+            (
+                "php-fpm",
+                libc::SIGQUIT,
+                vec![
+                    php_fpm.into(),
+                    "--nodaemonize".into(),
+                    "--fpm-config".into(),
+                    conf.into(),
+                ],
+            )
         } else {
-            command
-                .args([
-                    "gunicorn",
-                    "--bind",
-                    &listen,
-                    "--workers",
-                    "2",
-                    "--timeout",
-                    "2",
-                ])
-                .arg("--chdir")
-                .arg(&apps)
-                .arg("wsgi:app");
-        }
-        let log = std::fs::File::create(&output).expect("the app server's output file");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("output file"))
-            .stderr(log)
-            .spawn()
-            .expect("starting the app server (cargo xtask setup installs it)");
-        let mut server = AppServer {
-            child,
-            name: if self.is_php() { "php-fpm" } else { "gunicorn" },
-            output,
+            let args = [
+                "gunicorn",
+                "--bind",
+                &listen,
+                "--workers",
+                "2",
+                "--timeout",
+                "2",
+            ];
+            let mut argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+            argv.extend(["--chdir".into(), apps.clone().into(), "wsgi:app".into()]);
+            // SIGTERM: gunicorn's master stops its workers and exits.
+            ("gunicorn", libc::SIGTERM, argv)
         };
-        server.wait_accepting(addr, upstream_host);
+        let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
+        let mut server = Daemon::start(
+            name,
+            upstream_host,
+            &argv,
+            &output,
+            std::slice::from_ref(addr),
+            stop_signal,
+            Duration::from_secs(10),
+        );
         if self == App::PhpFpmStopped {
             server.stop();
             assert!(
@@ -155,53 +156,6 @@ impl App {
             );
         }
         server
-    }
-}
-
-/// A running application server; stops on drop.
-pub struct AppServer {
-    child: Child,
-    name: &'static str,
-    output: PathBuf,
-}
-
-impl AppServer {
-    fn wait_accepting(&mut self, addr: &LabAddr, host: &Netns) {
-        // (Slow under emulation: the kernel matrix's guests.)
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let accepting = || match addr {
-            LabAddr::Tcp(a) => host
-                .run(|| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)))
-                .is_ok(),
-            LabAddr::Unix(path) => UnixStream::connect(path).is_ok(),
-        };
-        while !accepting() {
-            if Instant::now() > deadline || !matches!(self.child.try_wait(), Ok(None)) {
-                self.stop();
-                panic!(
-                    "{} did not start at {addr}: {}",
-                    self.name,
-                    std::fs::read_to_string(&self.output).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops it gracefully (SIGQUIT for php-fpm, SIGTERM for gunicorn's master) and waits.
-    pub fn stop(&mut self) {
-        let signal = if self.name == "php-fpm" {
-            libc::SIGQUIT
-        } else {
-            libc::SIGTERM
-        };
-        stop_gracefully(&mut self.child, signal, Duration::from_secs(10));
-    }
-}
-
-impl Drop for AppServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -41,15 +41,21 @@ impl Haproxy {
         let log = Syslog::start(netns);
         let conf = dir.join("haproxy.cfg");
         std::fs::write(&conf, config(routes, log.addr)).expect("writing haproxy.cfg");
-        let conf = conf.to_string_lossy().into_owned();
         let daemon = Daemon::start(
             "haproxy",
             netns,
-            "haproxy",
             // -db: stay in the foreground.
-            &["-db", "-f", &conf],
+            &[
+                "haproxy".as_ref(),
+                "-db".as_ref(),
+                "-f".as_ref(),
+                conf.as_os_str(),
+            ],
             &dir.join("output.log"),
             &listen_addrs(routes),
+            // A soft stop, finishing the sessions in progress.
+            libc::SIGUSR1,
+            Duration::from_secs(5),
         );
         Haproxy {
             daemon,
@@ -61,8 +67,7 @@ impl Haproxy {
 
 impl LabProxy for Haproxy {
     fn stop(&mut self) {
-        // SIGUSR1: a soft stop, finishing the sessions in progress.
-        self.daemon.stop(libc::SIGUSR1);
+        self.daemon.stop();
         self.log.finish();
     }
 

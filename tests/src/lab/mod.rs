@@ -26,12 +26,7 @@ use std::{
 };
 
 use self::{
-    apache::Apache,
-    apps::{App, AppServer},
-    haproxy::Haproxy,
-    nginx::Nginx,
-    proxy::LabProxy,
-    report::LabReport,
+    apache::Apache, apps::App, haproxy::Haproxy, nginx::Nginx, proxy::LabProxy, report::LabReport,
 };
 use crate::{
     netns::{self, Netns},
@@ -750,7 +745,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         .collect();
     let software = matrix.software;
     // Application servers start (and a stopped one stops) before tracer watches.
-    let _apps: Vec<AppServer> = matrix
+    let _apps: Vec<proxy::Daemon> = matrix
         .upstreams
         .iter()
         .filter_map(|spec| Some(spec.app?.start(&spec.addr, &topology.upstream, &dir)))

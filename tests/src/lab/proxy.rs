@@ -2,13 +2,15 @@
 //! as its own logs tell them. Each proxy's module reads its own log formats into these.
 
 use std::{
+    ffi::OsStr,
     net::SocketAddr,
+    os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use super::Route;
+use super::{LabAddr, Route};
 use crate::{netns::Netns, process::stop_gracefully};
 
 /// One failed upstream attempt, as the proxy's log tells it.
@@ -64,83 +66,86 @@ pub fn errno_in(text: &str) -> Option<i32> {
     digits.parse().ok()
 }
 
-/// A proxy's process, started with `ip netns exec` (which execs it in place, so that the child
-/// is the proxy's own main process), its output in a file of the lab directory.
+/// A server of the lab (a proxy, an application server), started with `ip netns exec` (which
+/// execs it in place, so that the child is the server's own main process), its output in a file
+/// of the lab directory. Stopped gracefully when dropped.
 pub struct Daemon {
     child: Child,
     name: &'static str,
+    /// Its graceful stop, and how long it may take before the server is killed.
+    stop_signal: i32,
+    grace: Duration,
 }
 
 impl Daemon {
-    /// Starts `program args` in namespace `netns`, its stdout and stderr into `output`, and
-    /// waits until every address of `listening` accepts a connection.
+    /// Starts `argv` in namespace `netns`, its stdout and stderr into `output`, and waits until
+    /// every address of `listening` accepts a connection (TCP ones from inside `netns`).
     pub fn start(
         name: &'static str,
         netns: &Netns,
-        program: &str,
-        args: &[&str],
+        argv: &[&OsStr],
         output: &Path,
-        listening: &[SocketAddr],
+        listening: &[LabAddr],
+        stop_signal: i32,
+        grace: Duration,
     ) -> Daemon {
-        let log = std::fs::File::create(output).expect("the proxy's output file");
+        let log = std::fs::File::create(output).expect("the server's output file");
         let child = Command::new("ip")
-            .args(["netns", "exec", &netns.name, program])
-            .args(args)
+            .args(["netns", "exec", &netns.name])
+            .args(argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("output file"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {program} ({e}); cargo xtask setup installs it"));
-        let mut daemon = Daemon { child, name };
+            .unwrap_or_else(|e| panic!("starting {name} ({e}); cargo xtask setup installs it"));
+        let mut daemon = Daemon {
+            child,
+            name,
+            stop_signal,
+            grace,
+        };
         // (Slow under emulation: the kernel matrix's guests.)
         let deadline = Instant::now() + Duration::from_secs(60);
-        let ready = netns.run(|| {
-            listening.iter().all(|addr| {
-                loop {
-                    if std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200))
-                        .is_ok()
-                    {
-                        break true;
-                    }
-                    if Instant::now() > deadline {
-                        break false;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+        let accepting = |addr: &LabAddr| match addr {
+            LabAddr::Tcp(a) => netns
+                .run(|| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)))
+                .is_ok(),
+            LabAddr::Unix(path) => UnixStream::connect(path).is_ok(),
+        };
+        for addr in listening {
+            while !accepting(addr) {
+                if Instant::now() > deadline || !matches!(daemon.child.try_wait(), Ok(None)) {
+                    daemon.stop();
+                    panic!(
+                        "{name} did not start at {addr}: {}",
+                        std::fs::read_to_string(output).unwrap_or_default()
+                    );
                 }
-            })
-        });
-        if !ready || !matches!(daemon.child.try_wait(), Ok(None)) {
-            daemon.kill();
-            panic!(
-                "{name} did not start: {}",
-                std::fs::read_to_string(output).unwrap_or_default()
-            );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         daemon
     }
 
-    /// Sends `signal` (the proxy's graceful stop) and waits up to 5 s before killing it.
-    pub fn stop(&mut self, signal: i32) {
-        if !stop_gracefully(&mut self.child, signal, Duration::from_secs(5)) {
-            eprintln!("lab: {} did not stop within 5 s; killed", self.name);
+    /// Stops it gracefully and waits, killing it if it takes longer than its grace.
+    pub fn stop(&mut self) {
+        if !stop_gracefully(&mut self.child, self.stop_signal, self.grace) {
+            eprintln!(
+                "lab: {} did not stop within {} s; killed",
+                self.name,
+                self.grace.as_secs()
+            );
         }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill();
-        }
+        self.stop();
     }
 }
 
 /// The addresses a route list's clients connect to.
-pub fn listen_addrs(routes: &[Route]) -> Vec<SocketAddr> {
-    routes.iter().map(Route::listen).collect()
+pub fn listen_addrs(routes: &[Route]) -> Vec<LabAddr> {
+    routes.iter().map(|r| LabAddr::Tcp(r.listen())).collect()
 }

@@ -748,10 +748,22 @@ mod tests {
 
     #[test]
     fn failures_missing_are_accepted_only_as_many_as_the_kernel_skipped_runs() {
-        assert!(!report(4, 3, 1, 0).passed(), "nothing skipped: a missing failure fails");
-        assert!(report(4, 3, 1, 1).passed(), "one run skipped covers one missing failure");
-        assert!(!report(4, 2, 2, 1).passed(), "one skipped run does not cover two");
-        assert!(!report(4, 5, 0, 5).passed(), "skipped runs never excuse counting more");
+        assert!(
+            !report(4, 3, 1, 0).passed(),
+            "nothing skipped: a missing failure fails"
+        );
+        assert!(
+            report(4, 3, 1, 1).passed(),
+            "one run skipped covers one missing failure"
+        );
+        assert!(
+            !report(4, 2, 2, 1).passed(),
+            "one skipped run does not cover two"
+        );
+        assert!(
+            !report(4, 5, 0, 5).passed(),
+            "skipped runs never excuse counting more"
+        );
     }
 
     #[test]
