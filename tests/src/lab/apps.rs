@@ -166,8 +166,17 @@ fn write_scripts(apps: &Path) {
         ("slow.php", "<?php sleep(10); echo \"done\\n\";\n"),
         ("index.php", "<?php echo \"ok\\n\";\n"),
     ];
+    // Each app's start writes them, while the app servers started before may be loading them
+    // (a gunicorn worker importing a truncated wsgi.py fails to boot, and its master exits):
+    // a script is replaced whole, by a rename, and only if it differs.
     for (name, text) in files {
-        std::fs::write(apps.join(name), text).expect("writing an app's script");
+        let path = apps.join(name);
+        if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+            continue;
+        }
+        let fresh = apps.join(format!(".{name}.new"));
+        std::fs::write(&fresh, text).expect("writing an app's script");
+        std::fs::rename(&fresh, &path).expect("putting an app's script in place");
     }
 }
 

@@ -745,7 +745,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         .collect();
     let software = matrix.software;
     // Application servers start (and a stopped one stops) before tracer watches.
-    let _apps: Vec<proxy::Daemon> = matrix
+    let mut apps: Vec<proxy::Daemon> = matrix
         .upstreams
         .iter()
         .filter_map(|spec| Some(spec.app?.start(&spec.addr, &topology.upstream, &dir)))
@@ -798,6 +798,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     let load_started = Instant::now();
     let load = load::run_routes(&topology.proxy, &matrix.routes);
     let load_time = load_started.elapsed();
+    let servers_died: Vec<String> = apps.iter_mut().filter_map(proxy::Daemon::died).collect();
     // Let the last timeouts fire, then stop the proxy gracefully (it closes its idle
     // keep-alive connections) and tracer.
     std::thread::sleep(proxy_timeout() + Duration::from_millis(500));
@@ -823,7 +824,9 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
         started.elapsed(),
     );
     report.skipped_runs = skipped_runs;
+    report.servers_died = servers_died;
     drop(proxies);
+    drop(apps);
     drop(unix_servers);
     if std::env::var_os("TRACER_LAB_KEEP").is_some() {
         eprintln!(

@@ -75,6 +75,11 @@ pub struct Daemon {
     /// Its graceful stop, and how long it may take before the server is killed.
     stop_signal: i32,
     grace: Duration,
+    /// Its output file, and where it listens (for what it says if it dies).
+    output: std::path::PathBuf,
+    listening: Vec<LabAddr>,
+    /// Stopped by the lab (not died on its own).
+    stopped: bool,
 }
 
 impl Daemon {
@@ -103,6 +108,9 @@ impl Daemon {
             name,
             stop_signal,
             grace,
+            output: output.to_path_buf(),
+            listening: listening.to_vec(),
+            stopped: false,
         };
         // (Slow under emulation: the kernel matrix's guests.)
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -127,8 +135,27 @@ impl Daemon {
         daemon
     }
 
+    /// If it exited on its own (the lab did not stop it), what happened, with the end of its
+    /// output: a lab whose upstream server is gone does not test what it says.
+    pub fn died(&mut self) -> Option<String> {
+        if self.stopped {
+            return None;
+        }
+        let status = self.child.try_wait().ok()??;
+        let output = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let tail: Vec<&str> = output.lines().rev().take(5).collect();
+        let at: Vec<String> = self.listening.iter().map(ToString::to_string).collect();
+        Some(format!(
+            "{} at {} exited during the lab ({status}); its last output: {}",
+            self.name,
+            at.join(", "),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
+    }
+
     /// Stops it gracefully and waits, killing it if it takes longer than its grace.
     pub fn stop(&mut self) {
+        self.stopped = true;
         if !stop_gracefully(&mut self.child, self.stop_signal, self.grace) {
             eprintln!(
                 "lab: {} did not stop within {} s; killed",

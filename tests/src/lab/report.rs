@@ -77,6 +77,8 @@ pub struct LabReport {
     /// many failures may be missing from tracer's events, and the report accepts that many
     /// fewer (never more).
     pub skipped_runs: u64,
+    /// Upstream servers the lab started that exited on their own during the run.
+    pub servers_died: Vec<String>,
     pub load: Vec<RouteLoad>,
     pub requests: usize,
     pub load_time: Duration,
@@ -258,6 +260,7 @@ impl LabReport {
             unseen,
             excused,
             skipped_runs: 0,
+            servers_died: Vec::new(),
             gateway_errors,
             unexplained,
             requests: load
@@ -272,7 +275,7 @@ impl LabReport {
 
     /// What fails the lab, one line each; empty when it passed.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.servers_died.clone();
         let forgiven = self.forgiven();
         for cell in &self.cells {
             if cell.agreement() < self.target && !(forgiven && cell.tracer < cell.proxy) {
@@ -742,6 +745,7 @@ mod tests {
             unseen: Vec::new(),
             excused: 0,
             skipped_runs,
+            servers_died: Vec::new(),
             load: Vec::new(),
             requests: proxy,
             load_time: Duration::ZERO,
