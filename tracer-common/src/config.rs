@@ -68,6 +68,15 @@ pub struct KernelOffsets {
     pub socket_state: u32,
     /// `sock.sk_max_ack_backlog`: a listener's listen() backlog.
     pub sk_max_ack_backlog: u32,
+    /// `tcp_sock.bytes_sent`: whether a server answered before its side ended.
+    pub tcp_bytes_sent: u32,
+    /// `sock.sk_socket`: set once a process accept()ed the connection.
+    pub sk_socket: u32,
+    /// From a `struct socket` to its inode's number: `socket_alloc.vfs_inode` (the socket is
+    /// the allocation's first member) plus `inode.i_ino`.
+    pub socket_inode_ino: u32,
+    /// `task_struct.real_parent`.
+    pub task_real_parent: u32,
 }
 
 impl KernelOffsets {
@@ -191,6 +200,10 @@ impl Config {
             socket_type: 0,
             socket_state: 0,
             sk_max_ack_backlog: 0,
+            tcp_bytes_sent: 0,
+            sk_socket: 0,
+            socket_inode_ino: 0,
+            task_real_parent: 0,
         },
         syscalls: SyscallFields {
             connect_fd: 0,

@@ -111,6 +111,8 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const LIFECYCLE_RING_BYTES: u32 = 1 << 16;
 /// Size of `LISTENER_OWNERS` (processes that own listeners, whose exits are reported).
 pub const LISTENER_OWNERS_MAX_ENTRIES: u32 = 16_384;
+/// Size of `SIGNALLED` (the last ending signal sent to each process; an LRU hash).
+pub const SIGNALLED_MAX_ENTRIES: u32 = 4_096;
 /// Size of `UNIX_PATHS` (Unix socket path key → path; an LRU hash).
 pub const UNIX_PATHS_MAX_ENTRIES: u32 = 4_096;
 /// Entries of `OVERFLOW_COUNTS`, indexed by outcome code.
@@ -132,11 +134,12 @@ pub enum Program {
     SysExitAccept = 7,
     SchedProcessExit = 8,
     MarkVictim = 9,
+    SignalGenerate = 10,
 }
 
 impl Program {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Program; 10] = [
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Program; 11] = [
         Program::InetSockSetState,
         Program::TcpProbe,
         Program::SysEnterConnect,
@@ -147,6 +150,7 @@ impl Program {
         Program::SysExitAccept,
         Program::SchedProcessExit,
         Program::MarkVictim,
+        Program::SignalGenerate,
     ];
 
     /// The program's name (its tracepoint's), as `tracer check` and the metrics show it.
@@ -162,6 +166,7 @@ impl Program {
             Program::SysExitAccept => "sys_exit_accept",
             Program::SchedProcessExit => "sched_process_exit",
             Program::MarkVictim => "mark_victim",
+            Program::SignalGenerate => "signal_generate",
         }
     }
 }
@@ -191,11 +196,16 @@ pub enum Stat {
     /// Failure events not sent because their key was over its events-per-second budget (they
     /// are counted all the same).
     EventsSampledOut = 9,
+    /// Server-side ends (a local upstream closed before answering, or its process was dying)
+    /// written to the event ring buffer.
+    ServerEndsSent = 10,
+    /// Server-side ends not sent: over the events-per-second budget, or the ring buffer full.
+    ServerEndsDropped = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Stat; 10] = [
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Stat; 12] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -206,6 +216,8 @@ impl Stat {
         Stat::LatencyOverflowed,
         Stat::LifecycleLost,
         Stat::EventsSampledOut,
+        Stat::ServerEndsSent,
+        Stat::ServerEndsDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -220,6 +232,8 @@ impl Stat {
             Stat::LatencyOverflowed => "latency_overflowed",
             Stat::LifecycleLost => "lifecycle_lost",
             Stat::EventsSampledOut => "events_sampled_out",
+            Stat::ServerEndsSent => "server_ends_sent",
+            Stat::ServerEndsDropped => "server_ends_dropped",
         }
     }
 }

@@ -16,6 +16,7 @@ pub enum RecordKind {
     Oom = 3,
     Exit = 4,
     SelfProbe = 5,
+    ServerEnd = 6,
 }
 
 impl RecordKind {
@@ -26,6 +27,7 @@ impl RecordKind {
             3 => RecordKind::Oom,
             4 => RecordKind::Exit,
             5 => RecordKind::SelfProbe,
+            6 => RecordKind::ServerEnd,
             _ => return None,
         })
     }
@@ -150,4 +152,60 @@ pub struct SelfProbeEvent {
     pub time_ns: u64,
     /// The path's key in `UNIX_PATHS`.
     pub path_key: u64,
+}
+
+/// How the server's side of a connection ended ([`ServerEndEvent::how`]).
+pub mod server_end {
+    /// Its process closed it (FIN): ESTABLISHED→FIN_WAIT1, CLOSE_WAIT→LAST_ACK.
+    pub const CLOSED: u32 = 1;
+    /// Its process aborted it (RST: closed with unread data, or SO_LINGER 0): →CLOSE.
+    pub const ABORTED: u32 = 2;
+    /// The peer (the proxy) ended it first, by a FIN (→CLOSE_WAIT) or a reset.
+    pub const PEER_FIRST: u32 = 3;
+}
+
+/// The last signal that ends a process (SIGKILL, SIGTERM, SIGABRT, SIGSEGV…) a process was
+/// sent (`signal:signal_generate`), kept per target process in the kernel's `SIGNALLED` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signalled {
+    pub time_ns: u64,
+    pub signal: u32,
+    /// `si_code`: 0 (`SI_USER`, kill()), 0x80 (`SI_KERNEL`), negative for other user sends
+    /// (tkill, sigqueue), positive for a fault the kernel raised (SEGV_MAPERR…).
+    pub code: i32,
+    /// The sending process (the current task at the time: the faulting process itself for a
+    /// fault, the allocating one for the OOM killer).
+    pub sender_tgid: u32,
+    /// The target's parent, to tell a master's signal from another's.
+    pub target_parent: u32,
+    pub sender_comm: [u8; 16],
+}
+
+/// The server's side of a connection ended before it answered, or its process was dying: the
+/// other end of what a proxy may see as a failure, when the upstream runs on this host. Sent
+/// only when the server had received bytes and sent none, or when the closing process exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerEndEvent {
+    pub kind: u32,
+    /// A [`server_end`] value.
+    pub how: u32,
+    pub time_ns: u64,
+    /// The server's address (what the proxy connected to) and the proxy's.
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    /// The task that closed it (zero when the peer ended first: that happens in no task's
+    /// context), with its `flags` and `exit_code` (meaningful when it is exiting).
+    pub task: Task,
+    pub task_flags: u32,
+    pub exit_code: i32,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// 1 when a process had accept()ed it (`sk->sk_socket` set), and that socket's inode.
+    pub accepted: u32,
+    pub _pad: u32,
+    pub inode: u64,
+    /// The last ending signal the closing process was sent (`signal` 0: none known).
+    pub signal: Signalled,
 }

@@ -51,6 +51,8 @@ impl_pod!(
     OomEvent,
     ExitEvent,
     event::SelfProbeEvent,
+    event::ServerEndEvent,
+    event::Signalled,
     conn::PendingConnect,
     counts::UnixFail,
     counts::UnixFailKey,
@@ -65,7 +67,7 @@ macro_rules! sizes {
 }
 
 sizes!(
-    Config = 216,
+    Config = 232,
     ConnTrack = 144,
     CountKey = 56,
     LatencyKey = 56,
@@ -76,6 +78,8 @@ sizes!(
     OomEvent = 48,
     ExitEvent = 64,
     event::SelfProbeEvent = 24,
+    event::ServerEndEvent = 184,
+    event::Signalled = 40,
     conn::PendingConnect = 40,
     counts::UnixFail = 72,
     counts::UnixFailKey = 16,

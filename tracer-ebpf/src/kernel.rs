@@ -90,3 +90,13 @@ pub fn current_is_ignored() -> bool {
     let ignored = config!(ignored_tgid);
     ignored != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 == ignored
 }
+
+/// `N` bytes at `offset` in a block read from the kernel.
+#[inline(always)]
+pub fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
+    let offset = offset as usize;
+    let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    Ok(out)
+}

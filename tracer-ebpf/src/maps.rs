@@ -7,11 +7,12 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ConnTrack, CountKey, LatencyKey, Program, Stat, Tally,
+    event::Signalled,
     conn::PendingConnect,
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
         LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
-        UNIX_PATHS_MAX_ENTRIES,
+        SIGNALLED_MAX_ENTRIES, UNIX_PATHS_MAX_ENTRIES,
     },
     counts::{UnixFail, UnixFailKey},
     net::UnixPath,
@@ -73,3 +74,12 @@ pub static LISTENER_OWNERS: HashMap<u32, u32> =
 #[map]
 pub static UNIX_CONNECT_FAILS: LruHashMap<UnixFailKey, UnixFail> =
     LruHashMap::with_max_entries(1024, 0);
+
+/// The last signal that ends a process each process was sent, by target tgid.
+#[map]
+pub static SIGNALLED: LruHashMap<u32, Signalled> =
+    LruHashMap::with_max_entries(SIGNALLED_MAX_ENTRIES, 0);
+
+/// The events-per-second budget of server-side ends, per CPU.
+#[map]
+pub static SERVER_END_BUDGET: PerCpuArray<Tally> = PerCpuArray::with_max_entries(1, 0);

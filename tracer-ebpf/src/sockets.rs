@@ -15,8 +15,9 @@ use tracer_common::{
 
 use crate::{
     counting::{Report, count, count_latency, note_error, report, stat},
-    kernel::{current_is_ignored, fill_current_proxy, local_port, now, read_kernel},
+    kernel::{current_is_ignored, field, fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
+    workers::server_side_changed,
     maps::{CONNECTS, CONNS},
 };
 
@@ -146,7 +147,8 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
         return Ok(());
     }
     let Some(conn) = tracked(sk) else {
-        return Ok(());
+        // Not a proxy's connection: perhaps a local upstream's side of one.
+        return server_side_changed(sk, old, new);
     };
     let inferred = config!(sends) == Config::SENDS_INFERRED;
     // The proxy's last sends before its FIN (which moves write_seq: ESTABLISHED→FIN_WAIT1,
@@ -228,16 +230,6 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         unsafe { (*pending).sk = key };
     }
     Ok(())
-}
-
-/// `N` bytes at `offset` in a block read from the kernel.
-#[inline(always)]
-fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
-    let offset = offset as usize;
-    let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
-    let mut out = [0u8; N];
-    out.copy_from_slice(bytes);
-    Ok(out)
 }
 
 /// The socket reached TCP_CLOSE from `old_state`: count the connection's outcome, and report it

@@ -40,7 +40,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 13] = [
+pub const PROBES: [Probe; 14] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -123,6 +123,13 @@ pub const PROBES: [Probe; 13] = [
         hook: Hook::Tracepoint("oom", "mark_victim"),
         required: false,
         purpose: "processes the kernel's OOM killer chose (root cause upstream_oom_killed)",
+    },
+    Probe {
+        program: "signal_generate",
+        hook: Hook::Raw("signal_generate"),
+        required: false,
+        purpose: "who sent the signal that ended a worker (its master, the OOM killer, a \
+                  person's kill): root cause worker_killed names the sender",
     },
 ];
 

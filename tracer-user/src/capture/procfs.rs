@@ -92,6 +92,39 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
         .collect()
 }
 
+/// The process that holds socket `inode` open, among `near` and their children (a server's
+/// master and its workers); with its name. Reads only those processes' descriptors.
+pub fn socket_holder(inode: u64, near: &[u32]) -> Option<(u32, String)> {
+    socket_holder_in(Path::new("/proc"), inode, near)
+}
+
+pub fn socket_holder_in(proc: &Path, inode: u64, near: &[u32]) -> Option<(u32, String)> {
+    let wanted = format!("socket:[{inode}]");
+    let mut candidates: Vec<u32> = near.to_vec();
+    for pid in near {
+        // Every thread's children (CONFIG_PROC_CHILDREN, which distributions enable).
+        let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
+        for task in tasks.into_iter().flatten().filter_map(Result::ok) {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                candidates.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    candidates.sort_unstable();
+    candidates.dedup();
+    let pid = candidates.into_iter().find(|pid| {
+        std::fs::read_dir(proc.join(pid.to_string()).join("fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str()))
+    })?;
+    let comm = std::fs::read(proc.join(pid.to_string()).join("comm"))
+        .map(|c| untrusted(c.strip_suffix(b"\n").unwrap_or(&c)))
+        .unwrap_or_default();
+    Some((pid, comm))
+}
+
 /// The network namespace (inode number) of a process or task directory.
 fn netns_of(task: &Path) -> Option<u32> {
     let link = std::fs::read_link(task.join("ns/net")).ok()?;
@@ -346,5 +379,25 @@ mod tests {
             .unwrap_or_else(|| panic!("{addr} not found among {found:?}"));
         assert!(mine.pids.contains(&std::process::id()));
         assert!(mine.netns > 0);
+    }
+
+    #[test]
+    fn finds_the_process_holding_a_socket_among_a_parent_s_children() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", accepted.as_raw_fd())).unwrap();
+        let inode: u64 = link.to_str().unwrap()["socket:[".len()..]
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        let me = std::process::id();
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() } as u32;
+        assert_eq!(socket_holder(inode, &[me]).map(|(pid, _)| pid), Some(me));
+        assert_eq!(socket_holder(inode, &[parent]).map(|(pid, _)| pid), Some(me));
+        drop(accepted);
+        assert_eq!(socket_holder(inode, &[me]), None, "closed, it is held by nobody");
     }
 }

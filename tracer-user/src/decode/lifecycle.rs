@@ -117,7 +117,7 @@ impl Lifecycle {
                 process: Task::from_kernel(&e.task),
                 ending: Ending::of(e.exit_code),
             }),
-            Record::Failure(_) | Record::SelfProbe(_) => return Ok(None),
+            Record::Failure(_) | Record::SelfProbe(_) | Record::ServerEnd(_) => return Ok(None),
         }))
     }
 }

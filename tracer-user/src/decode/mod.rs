@@ -10,10 +10,12 @@ use std::{
 use thiserror::Error;
 pub mod cgroup;
 mod lifecycle;
+mod server;
 pub mod text;
 
-pub use self::lifecycle::{
-    Ending, ExistingListenerInfo, Lifecycle, ListenerChange, OomKill, ProcessExit,
+pub use self::{
+    lifecycle::{Ending, ExistingListenerInfo, Lifecycle, ListenerChange, OomKill, ProcessExit},
+    server::{ServerEnd, ServerEndHow, SignalSent},
 };
 
 use tracer_common::{
@@ -43,6 +45,7 @@ pub enum Record {
     Oom(OomEvent),
     Exit(ExitEvent),
     SelfProbe(tracer_common::event::SelfProbeEvent),
+    ServerEnd(tracer_common::event::ServerEndEvent),
 }
 
 /// A record from a ring buffer.
@@ -61,6 +64,7 @@ pub fn record(bytes: &[u8]) -> Result<Record, DecodeError> {
             RecordKind::Oom => Record::Oom(plain(bytes)?),
             RecordKind::Exit => Record::Exit(plain(bytes)?),
             RecordKind::SelfProbe => Record::SelfProbe(plain(bytes)?),
+            RecordKind::ServerEnd => Record::ServerEnd(plain(bytes)?),
         },
     )
 }
