@@ -1,16 +1,19 @@
 //! Root causes on the real kernel: an upstream process OOM-killed in a memory-limited cgroup,
 //! crashed with SIGSEGV, killed with SIGKILL, restarting after 2 s; and refusals with no death
 //! behind them (wrong interface, wrong port, another network namespace). tracer must name the
-//! process and what happened to it on the refusals that follow.
+//! process and what happened to it on the refusals that follow. Behind the worker: a pre-fork
+//! server's worker killed while the client waits (its master still listening), a request no
+//! worker accepted, and one a worker accepted and never answered.
 
 use std::{
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tracer_tests::{
-    client::refuse,
+    client::{refuse, request_with_timeout},
     kernel_tests_enabled,
     netns::Netns,
     process::{MemoryCgroup, UpstreamProcess},
@@ -327,5 +330,124 @@ fn listener_with_a_full_accept_queue_is_the_root_cause_of_connect_timeouts() {
     }
     drop(held);
     drop(busy);
+    tracer.stop();
+}
+
+/// The children of process `pid`, once it has some.
+fn children_of(pid: u32) -> Vec<u32> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let children: Vec<u32> =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect();
+        if !children.is_empty() || Instant::now() > deadline {
+            return children;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_worker_killed_while_the_client_waits_is_named_with_who_killed_it() {
+    if !kernel_tests_enabled("a_worker_killed_while_the_client_waits_is_named_with_who_killed_it")
+    {
+        return;
+    }
+    let ns = Netns::new("worker");
+    let upstream = "127.77.67.1:8067";
+    let tracer = Tracer::events(&["--upstream", upstream]);
+    // The master keeps listening while its worker dies: no listener root cause applies.
+    let master = UpstreamProcess::start(&ns, upstream, "prefork", 0);
+    let workers = children_of(master.pid());
+    assert_eq!(workers.len(), 1, "upstream-process prefork has one worker");
+    let worker = workers[0];
+    let addr: SocketAddr = upstream.parse().unwrap();
+    ns.run(|| {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+            .expect("request");
+        // The worker reads it; then this test kills the worker, as a person's kill would.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: plain kill of our grandchild.
+        assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+        let mut answer = [0u8; 64];
+        assert_eq!(stream.read(&mut answer).unwrap_or(0), 0, "no answer");
+    });
+    let events = tracer.collect(1, WAIT, SETTLE);
+    let failed = failures(&events, upstream);
+    assert_eq!(failed.len(), 1, "{events:#?}");
+    let event = failed[0];
+    assert_eq!(event["cause"], "closed_before_response", "{event}");
+    assert_eq!(event["root_cause"], "worker_killed", "{event}");
+    assert_eq!(event["root_cause_pid"], worker, "{event}");
+    let detail = event["root_cause_detail"].as_str().unwrap();
+    let me = std::process::id();
+    assert!(
+        detail.contains(&format!("(pid {worker}) that had this connection was sent SIGKILL by"))
+            && detail.contains(&format!("(pid {me})")),
+        "{detail}"
+    );
+    // The sender is not the worker's parent: no "its master".
+    assert!(!detail.contains("its master"), "{detail}");
+    drop(master);
+    tracer.stop();
+}
+
+#[test]
+fn a_request_no_worker_took_is_told_from_one_a_worker_never_answered() {
+    if !kernel_tests_enabled("a_request_no_worker_took_is_told_from_one_a_worker_never_answered") {
+        return;
+    }
+    let ns = Netns::new("waiting");
+    let queued = "127.77.68.1:8068";
+    let stuck = "127.77.68.2:8068";
+    let tracer = Tracer::events(&["--upstream", queued, "--upstream", stuck]);
+    let never_accepts = tracer_tests::upstream::Upstream::start(
+        &ns,
+        queued.parse().unwrap(),
+        tracer_tests::upstream::Behaviour::NeverAccept,
+    );
+    let never_answers = tracer_tests::upstream::Upstream::start(
+        &ns,
+        stuck.parse().unwrap(),
+        tracer_tests::upstream::Behaviour::NeverAnswer,
+    );
+    let patience = Duration::from_millis(300);
+    ns.run(|| {
+        for upstream in [never_accepts.addr, never_answers.addr] {
+            let gave_up = request_with_timeout(upstream, patience).expect("request");
+            assert!(gave_up, "{upstream} should not have answered");
+        }
+    });
+    let events = tracer.collect(2, WAIT, SETTLE);
+    let me = std::process::id();
+    let waiting = failures(&events, queued);
+    assert_eq!(waiting.len(), 1, "{events:#?}");
+    let event = waiting[0];
+    assert_eq!(event["cause"], "response_timeout", "{event}");
+    assert_eq!(event["root_cause"], "never_accepted", "{event}");
+    assert_eq!(event["root_cause_pid"], me, "{event}");
+    let detail = event["root_cause_detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("listening on {queued}) took this connection"))
+            && detail.contains("in the accept queue (1 queued now, backlog 1)"),
+        "{detail}"
+    );
+    let stuck_events = failures(&events, stuck);
+    assert_eq!(stuck_events.len(), 1, "{events:#?}");
+    let event = stuck_events[0];
+    assert_eq!(event["cause"], "response_timeout", "{event}");
+    assert_eq!(event["root_cause"], "slow_upstream", "{event}");
+    // The process that held the connection: this test's own server thread.
+    assert_eq!(event["root_cause_pid"], me, "{event}");
+    let detail = event["root_cause_detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("(pid {me}) on {stuck} had accepted this request")),
+        "{detail}"
+    );
     tracer.stop();
 }

@@ -1,12 +1,16 @@
 //! An upstream server that is a process of its own, so tests can make it die the ways real
-//! upstreams do: `upstream-process ADDR [oom|segv|exit] [AFTER_MS]`.
+//! upstreams do: `upstream-process ADDR [oom|segv|exit|prefork] [AFTER_MS]`.
 //!
 //! It listens on ADDR and answers every request (`upstream::Behaviour::Answer`). After AFTER_MS
 //! it allocates memory until the kernel OOM-kills it (`oom`, in a memory-limited cgroup),
 //! crashes with SIGSEGV (`segv`), or exits with code 0 (`exit`). With no action it runs until
 //! killed.
+//!
+//! `prefork` is a pre-fork server instead: the process (the master) keeps the listener and
+//! forks one worker, which accepts connections, reads their requests and never answers; the
+//! master only waits. Tests find the worker among its children and kill it.
 
-use std::{net::TcpListener, time::Duration};
+use std::{io::Read, net::TcpListener, time::Duration};
 
 use tracer_tests::upstream::{Behaviour, serve_listener};
 
@@ -18,6 +22,9 @@ fn main() {
     let action = args.next().unwrap_or_default();
     let after = Duration::from_millis(args.next().and_then(|a| a.parse().ok()).unwrap_or(500));
     let listener = TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    if action == "prefork" {
+        prefork(listener);
+    }
     std::thread::spawn(move || {
         serve_listener(
             listener,
@@ -55,5 +62,30 @@ fn main() {
         _ => loop {
             std::thread::sleep(Duration::from_secs(60));
         },
+    }
+}
+
+/// Forks the worker (before any thread starts), tells the test, and waits.
+fn prefork(listener: TcpListener) -> ! {
+    // SAFETY: no other thread exists yet; the child only uses the listener and the heap.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: plain prctl: the worker dies with its master.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let mut held = Vec::new();
+            for mut stream in listener.incoming().flatten() {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                held.push(stream);
+            }
+            std::process::exit(0)
+        }
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        _ => {
+            println!("listening");
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
     }
 }

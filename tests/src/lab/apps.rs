@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{LabAddr, proxy::Daemon};
-use crate::netns::Netns;
+use crate::{netns::Netns, process::MemoryCgroup};
 
 /// How long nginx waits for these upstreams' responses: longer than any app server's own
 /// limit, so that what nginx sees is the app server's doing.
@@ -48,13 +48,27 @@ pub enum App {
     PhpFpmTerminate,
     /// php-fpm on a Unix socket, stopped before the load: the socket is gone.
     PhpFpmStopped,
+    /// php-fpm on TCP with one child and a script that takes 10 s, behind a 1 s read timeout,
+    /// asked by several clients at once: the child has one request (a slow upstream), the
+    /// others wait in the accept queue until nginx gives up (never accepted).
+    PhpFpmSlow,
+    /// php-fpm on TCP with one child, in a memory-limited cgroup, and a script that allocates
+    /// until the OOM killer takes the child (the master starts another).
+    PhpFpmOom,
 }
+
+/// The memory limit of [`App::PhpFpmOom`]'s cgroup.
+const OOM_LIMIT: u64 = 64 << 20;
 
 impl App {
     fn is_php(self) -> bool {
         matches!(
             self,
-            App::PhpFpmExhausted | App::PhpFpmTerminate | App::PhpFpmStopped
+            App::PhpFpmExhausted
+                | App::PhpFpmTerminate
+                | App::PhpFpmStopped
+                | App::PhpFpmSlow
+                | App::PhpFpmOom
         )
     }
 
@@ -66,12 +80,22 @@ impl App {
             App::PhpFpmExhausted => "busy.php",
             App::PhpFpmTerminate => "slow.php",
             App::PhpFpmStopped => "index.php",
+            App::PhpFpmSlow => "slow.php",
+            App::PhpFpmOom => "hog.php",
+        }
+    }
+
+    /// How long nginx waits for its response.
+    pub fn read_timeout(self) -> Duration {
+        match self {
+            App::PhpFpmSlow => Duration::from_secs(1),
+            _ => READ_TIMEOUT,
         }
     }
 
     /// nginx's `location /` body for a route to upstream group `name` of this app.
     pub fn nginx_location(self, name: &str, dir: &Path) -> String {
-        let timeout = READ_TIMEOUT.as_secs();
+        let timeout = self.read_timeout().as_secs();
         if self.is_php() {
             let script = dir.join("apps").join(self.script());
             format!(
@@ -148,6 +172,9 @@ impl App {
             stop_signal,
             Duration::from_secs(10),
         );
+        if self == App::PhpFpmOom {
+            server.confine(MemoryCgroup::new("lab-php-oom", OOM_LIMIT));
+        }
         if self == App::PhpFpmStopped {
             server.stop();
             assert!(
@@ -165,6 +192,10 @@ fn write_scripts(apps: &Path) {
         ("busy.php", "<?php usleep(2000000); echo \"done\\n\";\n"),
         ("slow.php", "<?php sleep(10); echo \"done\\n\";\n"),
         ("index.php", "<?php echo \"ok\\n\";\n"),
+        (
+            "hog.php",
+            "<?php $a = []; while (true) { $a[] = str_repeat(\"x\", 1 << 20); }\n",
+        ),
     ];
     // Each app's start writes them, while the app servers started before may be loading them
     // (a gunicorn worker importing a truncated wsgi.py fails to boot, and its master exits):
@@ -185,8 +216,10 @@ fn php_fpm_config(app: App, listen: &str, apps: &Path, tag: &str) -> String {
     let (children, backlog, terminate) = match app {
         App::PhpFpmExhausted => (1, 1, 0),
         App::PhpFpmTerminate => (2, 511, 1),
+        App::PhpFpmSlow | App::PhpFpmOom => (1, 511, 0),
         _ => (2, 511, 0),
     };
+
     let mut conf = format!(
         "[global]
 pid = {d}/php-fpm-{tag}.pid
@@ -201,6 +234,7 @@ listen.backlog = {backlog}
 pm = static
 pm.max_children = {children}
 catch_workers_output = yes
+php_admin_value[memory_limit] = -1
 "
     );
     if terminate > 0 {

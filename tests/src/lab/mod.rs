@@ -538,7 +538,7 @@ impl Matrix {
     /// script killed by `request_terminate_timeout` on TCP, and php-fpm's socket gone after a
     /// stop.
     pub fn apps() -> Matrix {
-        let spec = |addr: LabAddr, app, expected| UpstreamSpec {
+        let spec = |addr: LabAddr, app, expected, root_cause| UpstreamSpec {
             addr,
             behaviour: None,
             unix: None,
@@ -546,25 +546,58 @@ impl Matrix {
             expected: Some(expected),
             must_fail: true,
             dies: None,
-            root_cause: None,
+            root_cause,
             app: Some(app),
         };
         let tcp = |port: u16| LabAddr::Tcp(SocketAddr::from(([10, 88, 0, 2], port)));
         let upstreams = vec![
-            spec(tcp(9030), App::GunicornTimeout, "closed_before_response"),
-            spec(tcp(9032), App::GunicornCrash, "closed_before_response"),
+            spec(
+                tcp(9030),
+                App::GunicornTimeout,
+                "closed_before_response",
+                Some("worker_killed"),
+            ),
+            spec(
+                tcp(9032),
+                App::GunicornCrash,
+                "closed_before_response",
+                Some("worker_crashed"),
+            ),
+            // After connect() on a Unix socket tracer sees nothing: no worker root causes.
             spec(
                 LabAddr::Unix("/tmp/tracer-lab-unix/php-busy.sock"),
                 App::PhpFpmExhausted,
                 "unix_backlog_full",
+                None,
             ),
             // The same pool on TCP: SYNs to its full accept queue are dropped.
-            spec(tcp(9033), App::PhpFpmExhausted, "connect_timeout"),
-            spec(tcp(9031), App::PhpFpmTerminate, "reset_before_response"),
+            // (backlog_overflow for most, but the queue is read at most once a second and a
+            // child may have drained it since: not asked for.)
+            spec(tcp(9033), App::PhpFpmExhausted, "connect_timeout", None),
+            spec(
+                tcp(9031),
+                App::PhpFpmTerminate,
+                "reset_before_response",
+                Some("worker_killed"),
+            ),
             spec(
                 LabAddr::Unix("/tmp/tracer-lab-unix/php-stopped.sock"),
                 App::PhpFpmStopped,
                 "unix_missing",
+                None,
+            ),
+            spec(
+                tcp(9034),
+                App::PhpFpmSlow,
+                "response_timeout",
+                Some("slow_upstream|never_accepted"),
+            ),
+            // The killed child had not read all of nginx's request: a reset.
+            spec(
+                tcp(9035),
+                App::PhpFpmOom,
+                "reset_before_response",
+                Some("worker_oom_killed"),
             ),
         ];
         let route = |name, listen_port, upstream: usize, requests, concurrency| Route {
@@ -584,6 +617,8 @@ impl Matrix {
             route("php_fpm_exhausted_tcp", 8135, 3, 24, 12),
             route("php_fpm_terminated", 8133, 4, 4, 2),
             route("php_fpm_stopped", 8134, 5, 20, 4),
+            route("php_fpm_slow", 8136, 6, 4, 4),
+            route("php_fpm_oom", 8137, 7, 3, 1),
         ];
         Matrix {
             name: "real app servers",

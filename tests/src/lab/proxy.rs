@@ -11,7 +11,10 @@ use std::{
 };
 
 use super::{LabAddr, Route};
-use crate::{netns::Netns, process::stop_gracefully};
+use crate::{
+    netns::Netns,
+    process::{MemoryCgroup, stop_gracefully},
+};
 
 /// One failed upstream attempt, as the proxy's log tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub struct Daemon {
     listening: Vec<LabAddr>,
     /// Stopped by the lab (not died on its own).
     stopped: bool,
+    /// The memory-limited cgroup it runs in, removed after it stops (fields drop after
+    /// `drop`).
+    cgroup: Option<MemoryCgroup>,
 }
 
 impl Daemon {
@@ -111,6 +117,7 @@ impl Daemon {
             output: output.to_path_buf(),
             listening: listening.to_vec(),
             stopped: false,
+            cgroup: None,
         };
         // (Slow under emulation: the kernel matrix's guests.)
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -133,6 +140,20 @@ impl Daemon {
             }
         }
         daemon
+    }
+
+    /// Moves it into `cgroup`: its main process (whose later workers are born there) and the
+    /// workers it has already.
+    pub fn confine(&mut self, cgroup: MemoryCgroup) {
+        let pid = self.child.id();
+        cgroup.add(pid);
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        for child in children.unwrap_or_default().split_whitespace() {
+            if let Ok(child) = child.parse() {
+                cgroup.add(child);
+            }
+        }
+        self.cgroup = Some(cgroup);
     }
 
     /// If it exited on its own (the lab did not stop it), what happened, with the end of its

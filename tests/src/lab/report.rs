@@ -33,6 +33,8 @@ pub struct Cell {
     /// What the proxy's log and tracer's event said of the first such failure.
     pub proxy_says: Option<String>,
     pub tracer_says: Option<String>,
+    /// tracer's sentence for the first failure of each root cause.
+    pub root_says: BTreeMap<String, String>,
 }
 
 impl Cell {
@@ -91,6 +93,7 @@ struct TracerFailure {
     cause: String,
     root_cause: Option<String>,
     explanation: Option<String>,
+    root_detail: Option<String>,
     time: f64,
 }
 
@@ -104,6 +107,7 @@ fn tracer_failures(events: &[Value]) -> Vec<TracerFailure> {
                 cause: e["cause"].as_str()?.to_string(),
                 root_cause: e["root_cause"].as_str().map(str::to_string),
                 explanation: e["explanation"].as_str().map(str::to_string),
+                root_detail: e["root_cause_detail"].as_str().map(str::to_string),
                 time: time
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()?
@@ -151,6 +155,7 @@ impl LabReport {
         let mut causes: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
         let mut proxy_says: BTreeMap<(String, String), String> = BTreeMap::new();
         let mut tracer_says: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut root_says: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
         for f in &logged {
             if let Some(cause) = f.cause {
                 let key = (as_tracer_names_it(&f.upstream, cause), cause.to_string());
@@ -172,6 +177,13 @@ impl LabReport {
                 tracer_says
                     .entry(key.clone())
                     .or_insert_with(|| explanation.clone());
+            }
+            if let (Some(root), Some(detail)) = (&f.root_cause, &f.root_detail) {
+                root_says
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(root.clone())
+                    .or_insert_with(|| detail.clone());
             }
             if let Some(root) = &f.root_cause {
                 *roots
@@ -203,6 +215,9 @@ impl LabReport {
                     .unwrap_or_default(),
                 proxy_says: proxy_says.remove(&(upstream.clone(), cause.clone())),
                 tracer_says: tracer_says.remove(&(upstream.clone(), cause.clone())),
+                root_says: root_says
+                    .remove(&(upstream.clone(), cause.clone()))
+                    .unwrap_or_default(),
                 upstream,
                 cause,
                 proxy,
@@ -308,7 +323,11 @@ impl LabReport {
                 .iter()
                 .filter(|c| c.upstream == *upstream && c.cause == *cause && c.tracer > 0)
             {
-                let named = cell.root_causes.get(root).copied().unwrap_or(0);
+                // One root cause, or alternatives ("slow_upstream|never_accepted").
+                let named: usize = root
+                    .split('|')
+                    .map(|r| cell.root_causes.get(r).copied().unwrap_or(0))
+                    .sum();
                 let share = named as f64 / cell.tracer as f64;
                 if share < self.target {
                     problems.push(format!(
@@ -571,6 +590,9 @@ impl fmt::Display for LabReport {
                 said(&cell.proxy_says)
             )?;
             writeln!(f, "    {:<7} {}", "tracer", said(&cell.tracer_says))?;
+            for (root, detail) in &cell.root_says {
+                writeln!(f, "    {:<7} {root}: {detail}", "root")?;
+            }
         }
         writeln!(f)?;
         writeln!(f, "what the clients saw, per route:")?;
@@ -654,6 +676,7 @@ mod tests {
             cause: "refused".to_string(),
             root_cause: None,
             explanation: None,
+            root_detail: None,
             time,
         }
     }
@@ -733,6 +756,7 @@ mod tests {
                 root_causes: BTreeMap::new(),
                 proxy_says: None,
                 tracer_says: None,
+                root_says: BTreeMap::new(),
             }],
             must_fail: Vec::new(),
             root_causes: Vec::new(),

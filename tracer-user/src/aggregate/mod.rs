@@ -159,6 +159,27 @@ impl ListenerTotals {
     }
 }
 
+/// Failure events tracer gave a root cause, per proxy name, upstream, cause and root cause.
+/// Counted from the events that reach the agent (under a storm above the events-per-second
+/// budget, a sample of the failures, which the kernel counts exactly by cause).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootCauseTotals {
+    pub counts: BTreeMap<(String, String, &'static str, &'static str), u64>,
+}
+
+impl RootCauseTotals {
+    /// Label sets kept at most; past them, the upstream is `other`.
+    pub const MAX_SERIES: usize = 2048;
+
+    pub fn add(&mut self, proxy: &str, upstream: &str, cause: Outcome, root: &'static str) {
+        let mut key = (proxy.to_string(), upstream.to_string(), cause.name(), root);
+        if !self.counts.contains_key(&key) && self.counts.len() >= Self::MAX_SERIES {
+            key.1 = "other".to_string();
+        }
+        *self.counts.entry(key).or_default() += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,7 +64,7 @@ impl Source {
                     Some(Duration::from_millis(100)),
                     |_, happening| match happening {
                         Happening::Failure(failure) => {
-                            if tx.try_send(EventRecord::from(&failure)).is_err() {
+                            if tx.try_send(EventRecord::from(&*failure)).is_err() {
                                 dropped.fetch_add(1, Ordering::Relaxed);
                             }
                             ControlFlow::Continue(())

@@ -173,6 +173,12 @@ impl Exporter {
             shared.stat(Stat::EventsSampledOut),
         );
         text.single(
+            "tracer_server_ends_dropped_total",
+            "Server-side ends of local upstreams' connections (the evidence of worker root causes) the kernel did not send: over the --event-rate budget or the ring buffer full.",
+            COUNTER,
+            shared.stat(Stat::ServerEndsDropped),
+        );
+        text.single(
             "tracer_events_undecodable_total",
             "Failure events the agent could not decode.",
             COUNTER,
@@ -220,6 +226,22 @@ impl Exporter {
         );
         for ((upstream, comm), n) in &listeners.restarts {
             restarts.sample(&[("upstream", upstream), ("comm", comm)], *n);
+        }
+        let mut roots = text.family(
+            "tracer_root_causes_total",
+            "Failure events tracer found a root cause for, by root cause (counted from the events that reach the agent: a sample under a storm).",
+            COUNTER,
+        );
+        for ((proxy, upstream, cause, root), n) in &shared.root_cause_totals().counts {
+            roots.sample(
+                &[
+                    ("proxy", proxy),
+                    ("upstream", upstream),
+                    ("cause", cause),
+                    ("root_cause", root),
+                ],
+                *n,
+            );
         }
         text.single(
             "tracer_lifecycle_events_lost_total",

@@ -34,6 +34,26 @@ impl Death {
     }
 }
 
+/// How the worker on the server's side of a connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEnd {
+    /// Another process (or the kernel, for a stopping signal of unknown sender) sent it a
+    /// signal that ends a process: its master past a worker timeout, a person's kill.
+    Killed {
+        signal: i32,
+        /// Who sent it (pid, name), when the kernel saw the send.
+        sender: Option<(u32, String)>,
+        /// The sender is the worker's parent (its master).
+        by_parent: bool,
+    },
+    /// The kernel's OOM killer chose it.
+    OomKilled { anon_rss_kb: u64 },
+    /// Its own fault or abort: SIGSEGV, SIGBUS, SIGABRT…
+    Crashed { signal: i32 },
+    /// It exited (code) without answering.
+    Exited { code: i32 },
+}
+
 /// Why failures toward an upstream happen, beyond the failure's own cause.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RootCause {
@@ -69,6 +89,30 @@ pub enum RootCause {
         /// The namespace's `ListenOverflows` so far.
         overflows: u64,
     },
+    /// The worker that had this connection was killed, crashed or exited while the proxy
+    /// waited for its answer.
+    WorkerEnded {
+        worker: Task,
+        how: WorkerEnd,
+        /// How long after the proxy's request it happened.
+        into_request: Duration,
+    },
+    /// The proxy gave up while the connection still waited in the listener's accept queue: no
+    /// worker took it.
+    NeverAccepted {
+        listener: SocketAddr,
+        /// The listener's process, when tracer knows it.
+        owner: Option<Task>,
+        queued: Option<u32>,
+        backlog: Option<u32>,
+    },
+    /// A worker had accepted the request and not answered when the proxy gave up.
+    SlowUpstream {
+        listener: Option<SocketAddr>,
+        /// The process that held the connection, when tracer found it.
+        worker: Option<Task>,
+        owner: Option<Task>,
+    },
 }
 
 impl RootCause {
@@ -92,6 +136,14 @@ impl RootCause {
             RootCause::WrongAddress { .. } => "listener_wrong_address",
             RootCause::OtherNetns { .. } => "listener_other_netns",
             RootCause::BacklogFull { .. } => "backlog_overflow",
+            RootCause::WorkerEnded { how, .. } => match how {
+                WorkerEnd::Killed { .. } => "worker_killed",
+                WorkerEnd::OomKilled { .. } => "worker_oom_killed",
+                WorkerEnd::Crashed { .. } => "worker_crashed",
+                WorkerEnd::Exited { .. } => "worker_exited",
+            },
+            RootCause::NeverAccepted { .. } => "never_accepted",
+            RootCause::SlowUpstream { .. } => "slow_upstream",
         }
     }
 
@@ -102,7 +154,12 @@ impl RootCause {
             | RootCause::Restarting { process, .. }
             | RootCause::WrongAddress { process, .. }
             | RootCause::OtherNetns { process, .. }
-            | RootCause::BacklogFull { process, .. } => Some(process),
+            | RootCause::BacklogFull { process, .. }
+            | RootCause::WorkerEnded {
+                worker: process, ..
+            } => Some(process),
+            RootCause::NeverAccepted { owner, .. } => owner.as_ref(),
+            RootCause::SlowUpstream { worker, owner, .. } => worker.as_ref().or(owner.as_ref()),
             RootCause::NothingListened { .. } => None,
         }
     }
@@ -204,7 +261,105 @@ impl RootCause {
                  no room for ({overflows} listen overflows in its network namespace so far)",
                 process.comm, process.pid
             ),
+            RootCause::WorkerEnded {
+                worker,
+                how,
+                into_request,
+            } => {
+                // (Times from two records: a few ms either way.)
+                let into = if *into_request < Duration::from_millis(1) {
+                    "just after the request arrived".to_string()
+                } else {
+                    format!("{} into this request", human_duration(*into_request))
+                };
+                let what = match how {
+                    WorkerEnd::Killed {
+                        signal,
+                        sender: Some((pid, comm)),
+                        by_parent,
+                    } => format!(
+                        "was sent {} by {}{comm} (pid {pid}) {into}{}",
+                        signal_name(*signal),
+                        if *by_parent { "its master " } else { "" },
+                        if *by_parent { " (a worker timeout?)" } else { "" }
+                    ),
+                    WorkerEnd::Killed {
+                        signal,
+                        sender: None,
+                        ..
+                    } => format!("was killed by {} {into}", signal_name(*signal)),
+                    WorkerEnd::OomKilled { anon_rss_kb } if *anon_rss_kb > 0 => format!(
+                        "was OOM-killed (anon-rss {}) {into}",
+                        bytes(anon_rss_kb * 1024)
+                    ),
+                    WorkerEnd::OomKilled { .. } => {
+                        format!("was OOM-killed {into}")
+                    }
+                    WorkerEnd::Crashed { signal } => format!(
+                        "crashed ({}) {into}",
+                        signal_name(*signal)
+                    ),
+                    WorkerEnd::Exited { code } => {
+                        format!("exited (code {code}) {into}")
+                    }
+                };
+                format!(
+                    "the worker {} (pid {}) that had this connection {what}; {proxy} saw {}",
+                    worker.comm,
+                    worker.pid,
+                    symptom(failure.cause)
+                )
+            }
+            RootCause::NeverAccepted {
+                listener,
+                owner,
+                queued,
+                backlog,
+            } => {
+                let whose = owner.as_ref().map_or_else(
+                    || format!("the server listening on {listener}"),
+                    |o| format!("{} (pid {}, listening on {listener})", o.comm, o.pid),
+                );
+                let queue = match (queued, backlog) {
+                    (Some(q), Some(b)) => format!(" ({q} queued now, backlog {b})"),
+                    (Some(q), None) => format!(" ({q} queued now)"),
+                    _ => String::new(),
+                };
+                format!(
+                    "no worker of {whose} took this connection: it waited {} in the accept \
+                     queue{queue} and was never picked up (every worker busy?)",
+                    human_duration(failure.evidence.waited)
+                )
+            }
+            RootCause::SlowUpstream {
+                listener,
+                worker,
+                owner,
+            } => {
+                let who = match (worker, owner) {
+                    (Some(w), _) => format!("{} (pid {})", w.comm, w.pid),
+                    (None, Some(o)) => format!("a worker of {} (pid {})", o.comm, o.pid),
+                    (None, None) => "a worker".to_string(),
+                };
+                let on = listener.map_or_else(String::new, |l| format!(" on {l}"));
+                format!(
+                    "{who}{on} had accepted this request and had not answered when {proxy} gave \
+                     up after {} (a slow upstream)",
+                    human_duration(failure.evidence.waited)
+                )
+            }
         }
+    }
+}
+
+/// What the proxy saw, in a few words.
+fn symptom(cause: Outcome) -> &'static str {
+    match cause {
+        Outcome::ClosedBeforeResponse => "the connection closed before any response",
+        Outcome::ResetBeforeResponse => "the connection reset before any response",
+        Outcome::ResetMidResponse => "the connection reset in the middle of the response",
+        Outcome::ResponseTimeout => "no response before it gave up",
+        _ => "the attempt fail",
     }
 }
 

@@ -15,6 +15,9 @@ mod cause;
 mod queues;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_tests;
+mod workers;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -24,16 +27,20 @@ use std::{
 
 use tracer_common::Outcome;
 
-use self::queues::{QueueReader, QueuesRead};
+use self::{
+    queues::{QueueReader, QueuesRead},
+    workers::ServerEnds,
+};
 pub use self::{
-    cause::{Death, Notice, RootCause, signal_name},
+    cause::{Death, Notice, RootCause, WorkerEnd, signal_name},
     queues::QUEUES_FRESH,
+    workers::HolderFinder,
 };
 use crate::{
-    capture::procfs::accept_queues,
+    capture::procfs::{accept_queues, socket_holder},
     decode::{
         Ending, ExistingListenerInfo, Failure, Lifecycle, ListenerChange, OomKill, ProcessExit,
-        Task,
+        ServerEnd, Task,
     },
 };
 
@@ -70,6 +77,8 @@ pub struct Listeners {
     exits: VecDeque<ProcessExit>,
     read_queues: QueueReader,
     queues: HashMap<u32, QueuesRead>,
+    server_ends: ServerEnds,
+    find_holder: HolderFinder,
 }
 
 impl Listeners {
@@ -86,7 +95,21 @@ impl Listeners {
             exits: VecDeque::new(),
             read_queues,
             queues: HashMap::new(),
+            server_ends: ServerEnds::default(),
+            find_holder: Box::new(socket_holder),
         }
+    }
+
+    /// Finds socket holders with `find` (tests give their own).
+    pub fn with_holder_finder(mut self, find: HolderFinder) -> Listeners {
+        self.find_holder = find;
+        self
+    }
+
+    /// The server's side of a connection ended before it answered: kept for the proxy's
+    /// failure on the same connection, which follows.
+    pub fn on_server_end(&mut self, end: ServerEnd) {
+        self.server_ends.insert(end);
     }
 
     /// The listeners that were there before tracer started.
@@ -240,14 +263,17 @@ impl Listeners {
 
     /// The root cause of a failure, if one is known; counts the failure against it.
     pub fn root_cause(&mut self, failure: &Failure) -> Option<RootCause> {
-        match failure.cause {
+        let listener = match failure.cause {
             Outcome::Refused => self.behind_refusal(failure),
             Outcome::ResetBeforeResponse
             | Outcome::ResetMidResponse
             | Outcome::ClosedBeforeResponse => self.behind_reset(failure),
             Outcome::ConnectTimeout => self.behind_timeout(failure),
             _ => None,
-        }
+        };
+        // The listener's process died: that says it all. Otherwise (a pre-fork server's
+        // master keeps listening), the worker on the other end of this very connection.
+        listener.or_else(|| self.behind_worker(failure))
     }
 
     /// Listeners that would accept a connection to `upstream` from namespace `netns`.

@@ -55,7 +55,7 @@ impl Listeners {
     }
 
     /// Namespace `netns`'s accept queues, read at most once per [`QUEUES_FRESH`].
-    fn accept_queues(&mut self, netns: u32) -> Option<&QueuesRead> {
+    pub(super) fn accept_queues(&mut self, netns: u32) -> Option<&QueuesRead> {
         let now = Instant::now();
         let fresh = self
             .queues

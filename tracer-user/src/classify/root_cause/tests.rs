@@ -8,14 +8,14 @@ use super::{queues::QUEUES_FRESH, *};
 use crate::capture::procfs::AcceptQueues;
 use crate::decode::Evidence;
 
-const NS: u32 = 4026531840;
+pub(super) const NS: u32 = 4026531840;
 const OTHER_NS: u32 = 4026532999;
 
-fn at(s: u64) -> SystemTime {
+pub(super) fn at(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_763_769_600 + s)
 }
 
-fn process(comm: &str, pid: u32, netns: u32) -> Task {
+pub(super) fn process(comm: &str, pid: u32, netns: u32) -> Task {
     Task {
         comm: comm.into(),
         pid,
@@ -25,7 +25,7 @@ fn process(comm: &str, pid: u32, netns: u32) -> Task {
     }
 }
 
-fn change(opened: bool, t: u64, local: &str, task: Task, dying: Option<Ending>) -> Lifecycle {
+pub(super) fn change(opened: bool, t: u64, local: &str, task: Task, dying: Option<Ending>) -> Lifecycle {
     Lifecycle::Listener(ListenerChange {
         opened,
         time: at(t),
@@ -36,7 +36,7 @@ fn change(opened: bool, t: u64, local: &str, task: Task, dying: Option<Ending>) 
     })
 }
 
-fn failure(t: u64, upstream: &str, cause: Outcome) -> Failure {
+pub(super) fn failure(t: u64, upstream: &str, cause: Outcome) -> Failure {
     Failure {
         time: at(t),
         proxy: process("nginx", 812, NS),
