@@ -9,12 +9,12 @@
 //!   failure record (the server's end comes first), under an events-per-second budget.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
+    helpers::bpf_get_current_pid_tgid,
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    Config, Endpoint, Program, RecordKind, Stat, Task,
+    Endpoint, Program, RecordKind, Stat, Task,
     conn::tcp_state,
     event::{ServerEndEvent, Signalled, server_end, task_flags::PF_EXITING},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
@@ -23,7 +23,7 @@ use tracer_common::{
 use crate::{
     counting::{note_error, stat},
     kernel::{
-        current_task, field, fill_current_proxy, local_port, netns_of, now, read_kernel,
+        current_task, fill_current_proxy, local_port, netns_of, now, read_kernel,
     },
     maps::{EVENTS, SERVER_END_BUDGET, SIGNALLED},
 };
@@ -186,23 +186,12 @@ fn send_server_end(sk: *const u8, ending: &Ending) -> Result<(), i64> {
         stat(Stat::ServerEndsDropped);
         return Ok(());
     }
-    let mut block = [0u8; Config::SOCK_COMMON_BLOCK as usize];
-    // SAFETY: bpf_probe_read_kernel_buf copes with any address.
-    unsafe { bpf_probe_read_kernel_buf(sk, &mut block).map_err(i64::from)? };
-    let family = u16::from_ne_bytes(field(&block, config!(offsets.skc_family))?);
-    let remote_port = u16::from_be_bytes(field(&block, config!(offsets.skc_dport))?);
-    let local_port = local_port(sk);
-    let (local, remote) = match family {
-        AF_INET => (
-            Endpoint::v4(field(&block, config!(offsets.skc_rcv_saddr))?, local_port),
-            Endpoint::v4(field(&block, config!(offsets.skc_daddr))?, remote_port),
-        ),
-        AF_INET6 => (
-            Endpoint::v6(field(&block, config!(offsets.skc_v6_rcv_saddr))?, local_port),
-            Endpoint::v6(field(&block, config!(offsets.skc_v6_daddr))?, remote_port),
-        ),
-        _ => return Ok(()),
-    };
+    // Field by field, not the 128-byte block the connection path reads: this call chain is
+    // the deepest (kernels before 6.13 allow 512 bytes of stack for all its frames together).
+    let family = read_kernel::<u16>(sk, config!(offsets.skc_family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
     let socket = read_kernel::<*const u8>(sk, config!(offsets.sk_socket)).unwrap_or(core::ptr::null());
     let Some(mut entry) = EVENTS.reserve::<ServerEndEvent>(0) else {
         stat(Stat::ServerEndsDropped);
@@ -213,8 +202,7 @@ fn send_server_end(sk: *const u8, ending: &Ending) -> Result<(), i64> {
     event.kind = RecordKind::ServerEnd as u32;
     event.how = ending.how;
     event.time_ns = now;
-    event.local = local;
-    event.remote = remote;
+    fill_endpoints(sk, family, &mut event.local, &mut event.remote);
     event.task_flags = ending.task_flags;
     event.exit_code = ending.exit_code;
     event.bytes_received = ending.bytes_received;
@@ -241,4 +229,30 @@ fn send_server_end(sk: *const u8, ending: &Ending) -> Result<(), i64> {
     entry.submit(0);
     stat(Stat::ServerEndsSent);
     Ok(())
+}
+
+/// The socket's local and remote addresses, read into the record in place.
+#[inline(never)]
+fn fill_endpoints(sk: *const u8, family: u16, local: &mut Endpoint, remote: &mut Endpoint) {
+    let local_port = local_port(sk);
+    let remote_port = u16::from_be(read_kernel::<u16>(sk, config!(offsets.skc_dport)).unwrap_or(0));
+    if family == AF_INET {
+        *local = Endpoint::v4(
+            read_kernel(sk, config!(offsets.skc_rcv_saddr)).unwrap_or([0; 4]),
+            local_port,
+        );
+        *remote = Endpoint::v4(
+            read_kernel(sk, config!(offsets.skc_daddr)).unwrap_or([0; 4]),
+            remote_port,
+        );
+    } else {
+        *local = Endpoint::v6(
+            read_kernel(sk, config!(offsets.skc_v6_rcv_saddr)).unwrap_or([0; 16]),
+            local_port,
+        );
+        *remote = Endpoint::v6(
+            read_kernel(sk, config!(offsets.skc_v6_daddr)).unwrap_or([0; 16]),
+            remote_port,
+        );
+    }
 }
