@@ -352,8 +352,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 #[test]
 fn a_worker_killed_while_the_client_waits_is_named_with_who_killed_it() {
-    if !kernel_tests_enabled("a_worker_killed_while_the_client_waits_is_named_with_who_killed_it")
-    {
+    if !kernel_tests_enabled("a_worker_killed_while_the_client_waits_is_named_with_who_killed_it") {
         return;
     }
     let ns = Netns::new("worker");
@@ -387,8 +386,9 @@ fn a_worker_killed_while_the_client_waits_is_named_with_who_killed_it() {
     let detail = event["root_cause_detail"].as_str().unwrap();
     let me = std::process::id();
     assert!(
-        detail.contains(&format!("(pid {worker}) that had this connection was sent SIGKILL by"))
-            && detail.contains(&format!("(pid {me})")),
+        detail.contains(&format!(
+            "(pid {worker}) that had this connection was sent SIGKILL by"
+        )) && detail.contains(&format!("(pid {me})")),
         "{detail}"
     );
     // The sender is not the worker's parent: no "its master".

@@ -107,12 +107,22 @@ fn listener_that_never_accepts_is_unix_backlog_full() {
     let queued = unix_connect(&path).expect("the first connection is queued");
     failing_connects(&path, N, ErrorKind::WouldBlock);
     let events = tracer.collect(N, WAIT, SETTLE);
+    let me = std::process::id();
     for event in assert_failures(&events, &upstream(&path), "unix_backlog_full", N) {
         assert_eq!(event["errno_name"], "EAGAIN", "{event}");
         assert!(
             event["explanation"]
                 .as_str()
                 .is_some_and(|e| e.contains("listen queue is full")),
+            "{event}"
+        );
+        // The listener, its queue and backlog from the socket diagnostics, and its process.
+        assert_eq!(event["root_cause"], "never_accepted", "{event}");
+        assert_eq!(event["root_cause_pid"], me, "{event}");
+        assert!(
+            event["root_cause_detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("its queue is full (1 queued now, backlog 0)")),
             "{event}"
         );
     }

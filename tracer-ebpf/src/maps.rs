@@ -7,7 +7,6 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ConnTrack, CountKey, LatencyKey, Program, Stat, Tally,
-    event::Signalled,
     conn::PendingConnect,
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
@@ -15,6 +14,7 @@ use tracer_common::{
         SIGNALLED_MAX_ENTRIES, UNIX_PATHS_MAX_ENTRIES,
     },
     counts::{UnixFail, UnixFailKey},
+    event::Signalled,
     net::UnixPath,
 };
 

@@ -17,8 +17,8 @@ use crate::{
     counting::{Report, count, count_latency, note_error, report, stat},
     kernel::{current_is_ignored, field, fill_current_proxy, local_port, now, read_kernel},
     lifecycle::listener_changed,
-    workers::server_side_changed,
     maps::{CONNECTS, CONNS},
+    workers::server_side_changed,
 };
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]

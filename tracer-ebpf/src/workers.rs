@@ -9,9 +9,7 @@
 //!   failure record (the server's end comes first), under an events-per-second budget.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
 };
 use tracer_common::{
     Endpoint, Program, RecordKind, Stat, Task,
@@ -22,9 +20,7 @@ use tracer_common::{
 
 use crate::{
     counting::{note_error, stat},
-    kernel::{
-        current_task, fill_current_proxy, local_port, netns_of, now, read_kernel,
-    },
+    kernel::{current_task, fill_current_proxy, local_port, netns_of, now, read_kernel},
     maps::{EVENTS, SERVER_END_BUDGET, SIGNALLED},
 };
 
@@ -40,7 +36,10 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
     let info: *const u8 = ctx.arg(1);
     let task: *const u8 = ctx.arg(2);
     let result: i32 = ctx.arg(4);
-    note_error(Program::SignalGenerate, signalled(signal, info, task, result));
+    note_error(
+        Program::SignalGenerate,
+        signalled(signal, info, task, result),
+    );
     0
 }
 
@@ -175,13 +174,11 @@ struct Ending {
 #[inline(never)]
 fn send_server_end(sk: *const u8, ending: &Ending) -> Result<(), i64> {
     let now = now();
-    let within_budget = SERVER_END_BUDGET
-        .get_ptr_mut(0)
-        .is_some_and(|budget| {
-            let per_second = config!(events_per_second);
-            // SAFETY: this CPU's slot of a per-CPU array.
-            unsafe { (*budget).add(0, now, per_second) }
-        });
+    let within_budget = SERVER_END_BUDGET.get_ptr_mut(0).is_some_and(|budget| {
+        let per_second = config!(events_per_second);
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { (*budget).add(0, now, per_second) }
+    });
     if !within_budget {
         stat(Stat::ServerEndsDropped);
         return Ok(());
@@ -192,7 +189,8 @@ fn send_server_end(sk: *const u8, ending: &Ending) -> Result<(), i64> {
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
     }
-    let socket = read_kernel::<*const u8>(sk, config!(offsets.sk_socket)).unwrap_or(core::ptr::null());
+    let socket =
+        read_kernel::<*const u8>(sk, config!(offsets.sk_socket)).unwrap_or(core::ptr::null());
     let Some(mut entry) = EVENTS.reserve::<ServerEndEvent>(0) else {
         stat(Stat::ServerEndsDropped);
         return Ok(());

@@ -365,12 +365,10 @@ impl Agent {
                     },
                 )
             }
-            Ok(Record::ServerEnd(event)) => {
-                ServerEnd::from_event(&event, &self.clock).map(|end| {
-                    self.listeners.on_server_end(end);
-                    None
-                })
-            }
+            Ok(Record::ServerEnd(event)) => ServerEnd::from_event(&event, &self.clock).map(|end| {
+                self.listeners.on_server_end(end);
+                None
+            }),
             Ok(record) => Lifecycle::from_record(&record, &self.clock).map(|lifecycle| {
                 let notice = lifecycle.and_then(|l| self.listeners.on_lifecycle(&l))?;
                 self.shared

@@ -563,12 +563,13 @@ impl Matrix {
                 "closed_before_response",
                 Some("worker_crashed"),
             ),
-            // After connect() on a Unix socket tracer sees nothing: no worker root causes.
+            // The listener's queue, from the socket diagnostics. (After connect() on a Unix
+            // socket tracer sees nothing: no worker root causes there.)
             spec(
                 LabAddr::Unix("/tmp/tracer-lab-unix/php-busy.sock"),
                 App::PhpFpmExhausted,
                 "unix_backlog_full",
-                None,
+                Some("never_accepted"),
             ),
             // The same pool on TCP: SYNs to its full accept queue are dropped.
             // (backlog_overflow for most, but the queue is read at most once a second and a

@@ -98,15 +98,33 @@ pub fn socket_holder(inode: u64, near: &[u32]) -> Option<(u32, String)> {
     socket_holder_in(Path::new("/proc"), inode, near)
 }
 
+/// The process that holds socket `inode` open, among every process (a full /proc walk: for
+/// the rare lookups that have nothing nearer to start from).
+pub fn socket_holder_anywhere(inode: u64) -> Option<(u32, String)> {
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    socket_holder_in(Path::new("/proc"), inode, &all)
+}
+
 pub fn socket_holder_in(proc: &Path, inode: u64, near: &[u32]) -> Option<(u32, String)> {
     let wanted = format!("socket:[{inode}]");
     let mut candidates: Vec<u32> = near.to_vec();
-    for pid in near {
+    // (A full walk has every process already.)
+    let expand = if near.len() <= 16 { near } else { &[] };
+    for pid in expand {
         // Every thread's children (CONFIG_PROC_CHILDREN, which distributions enable).
         let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
         for task in tasks.into_iter().flatten().filter_map(Result::ok) {
             if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                candidates.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                candidates.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -396,8 +414,15 @@ mod tests {
         // SAFETY: getppid has no preconditions.
         let parent = unsafe { libc::getppid() } as u32;
         assert_eq!(socket_holder(inode, &[me]).map(|(pid, _)| pid), Some(me));
-        assert_eq!(socket_holder(inode, &[parent]).map(|(pid, _)| pid), Some(me));
+        assert_eq!(
+            socket_holder(inode, &[parent]).map(|(pid, _)| pid),
+            Some(me)
+        );
         drop(accepted);
-        assert_eq!(socket_holder(inode, &[me]), None, "closed, it is held by nobody");
+        assert_eq!(
+            socket_holder(inode, &[me]),
+            None,
+            "closed, it is held by nobody"
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! The kernel's socket diagnostics (NETLINK_SOCK_DIAG, what `ss -lnt` uses): for every TCP
-//! listener of a network namespace, its accept queue and its listen() backlog, which
-//! /proc/net/tcp does not show.
+//! The kernel's socket diagnostics (NETLINK_SOCK_DIAG, what `ss -lnt` and `ss -lx` use): for
+//! every TCP and Unix stream listener of a network namespace, its accept queue and its listen()
+//! backlog, which /proc/net/tcp does not show and /proc/net/unix does not either.
 
 use std::{
     io,
@@ -33,16 +33,40 @@ pub struct Listener {
     pub backlog: u32,
 }
 
+/// A Unix stream listener as the kernel describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixListener {
+    /// Its name as bytes (NUL-padded, or starting with a NUL for an abstract one).
+    pub name: Vec<u8>,
+    pub inode: u64,
+    /// Connections waiting to be accepted, and its listen() backlog.
+    pub queued: u32,
+    pub backlog: u32,
+}
+
 /// The TCP listeners of the network namespace of task directory `task` (`/proc/PID` or
 /// `/proc/PID/task/TID`). Entering another namespace takes CAP_SYS_ADMIN; without it, only the
 /// agent's own namespace can be read.
 pub fn listeners_of(task: &Path) -> io::Result<Vec<Listener>> {
+    in_namespace_of(task, dump_listeners)
+}
+
+/// The Unix stream listeners of the network namespace of task directory `task`.
+pub fn unix_listeners_of(task: &Path) -> io::Result<Vec<UnixListener>> {
+    in_namespace_of(task, dump_unix_listeners)
+}
+
+/// Runs `dump` in the network namespace of task directory `task`.
+fn in_namespace_of<T: Send>(
+    task: &Path,
+    dump: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     let target = std::fs::File::open(task.join("ns/net"))?;
     let own = std::fs::metadata("/proc/thread-self/ns/net")?;
     if std::os::unix::fs::MetadataExt::ino(&target.metadata()?)
         == std::os::unix::fs::MetadataExt::ino(&own)
     {
-        return dump_listeners();
+        return dump();
     }
     // A thread of its own enters the namespace, so the rest of the agent stays where it is.
     std::thread::scope(|scope| {
@@ -52,15 +76,15 @@ pub fn listeners_of(task: &Path) -> io::Result<Vec<Listener>> {
                 if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                dump_listeners()
+                dump()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
     })
 }
 
-/// The TCP listeners of the calling thread's network namespace.
-fn dump_listeners() -> io::Result<Vec<Listener>> {
+/// A NETLINK_SOCK_DIAG socket.
+fn diag_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(
@@ -73,11 +97,75 @@ fn dump_listeners() -> io::Result<Vec<Listener>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct unix_diag_req` and `struct unix_diag_msg`; the attributes asked for and read.
+const UNIX_REQUEST: usize = 24;
+const UNIX_MESSAGE: usize = 16;
+const UDIAG_SHOW_NAME: u32 = 0x01;
+const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_RQLEN: u16 = 4;
+
+/// The Unix stream listeners of the calling thread's network namespace.
+fn dump_unix_listeners() -> io::Result<Vec<UnixListener>> {
+    let socket = diag_socket()?;
+    let mut m = [0u8; HEADER + UNIX_REQUEST];
+    m[0..4].copy_from_slice(&((HEADER + UNIX_REQUEST) as u32).to_ne_bytes());
+    m[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // unix_diag_req: family, protocol, pad, states, ino (0: all), show, cookie.
+    m[HEADER] = libc::AF_UNIX as u8;
+    m[HEADER + 4..HEADER + 8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    m[HEADER + 12..HEADER + 16]
+        .copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    send(&socket, &m)?;
+    let mut found = Vec::new();
+    receive(&socket, &mut found, parse_unix)?;
+    Ok(found)
+}
+
+/// One `struct unix_diag_msg` and its attributes (a listener without a name is left out).
+fn parse_unix(message: &[u8]) -> Option<UnixListener> {
+    if message.len() < UNIX_MESSAGE || i32::from(message[0]) != libc::AF_UNIX {
+        return None;
+    }
+    let inode = u64::from(u32::from_ne_bytes(message[4..8].try_into().ok()?));
+    let (mut name, mut queue) = (None, None);
+    let mut rest = message.get(UNIX_MESSAGE..)?;
+    while rest.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]);
+        let payload = rest.get(4..len)?;
+        match kind {
+            UNIX_DIAG_NAME => name = Some(payload.to_vec()),
+            UNIX_DIAG_RQLEN if payload.len() >= 8 => {
+                let word =
+                    |at: usize| u32::from_ne_bytes(payload[at..at + 4].try_into().expect("4"));
+                queue = Some((word(0), word(4)));
+            }
+            _ => {}
+        }
+        rest = rest.get((len + 3) & !3..).unwrap_or_default();
+    }
+    let (queued, backlog) = queue?;
+    Some(UnixListener {
+        name: name?,
+        inode,
+        queued,
+        backlog,
+    })
+}
+
+/// The TCP listeners of the calling thread's network namespace.
+fn dump_listeners() -> io::Result<Vec<Listener>> {
+    let socket = diag_socket()?;
     let mut found = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         send(&socket, &request(family))?;
-        receive(&socket, &mut found)?;
+        receive(&socket, &mut found, parse)?;
     }
     Ok(found)
 }
@@ -113,7 +201,11 @@ fn send(socket: &OwnedFd, message: &[u8]) -> io::Result<()> {
 }
 
 /// Reads the dump's answers until its end.
-fn receive(socket: &OwnedFd, found: &mut Vec<Listener>) -> io::Result<()> {
+fn receive<T>(
+    socket: &OwnedFd,
+    found: &mut Vec<T>,
+    parse: fn(&[u8]) -> Option<T>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         // SAFETY: a valid buffer of the length given.
@@ -121,14 +213,14 @@ fn receive(socket: &OwnedFd, found: &mut Vec<Listener>) -> io::Result<()> {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if walk(&buf[..n as usize], found)? {
+        if walk(&buf[..n as usize], found, parse)? {
             return Ok(());
         }
     }
 }
 
 /// The netlink messages of one reply, their listeners added to `found`: whether the dump ended.
-fn walk(reply: &[u8], found: &mut Vec<Listener>) -> io::Result<bool> {
+fn walk<T>(reply: &[u8], found: &mut Vec<T>, parse: fn(&[u8]) -> Option<T>) -> io::Result<bool> {
     let mut rest = reply;
     while rest.len() >= HEADER {
         let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
@@ -183,11 +275,11 @@ mod tests {
         reply[0..4].copy_from_slice(&17u32.to_ne_bytes());
         reply[4..6].copy_from_slice(&20u16.to_ne_bytes());
         let mut found = Vec::new();
-        assert!(!walk(&reply, &mut found).unwrap());
+        assert!(!walk(&reply, &mut found, parse).unwrap());
         assert!(found.is_empty());
         // A length past the reply's end.
         reply[0..4].copy_from_slice(&64u32.to_ne_bytes());
-        assert!(walk(&reply, &mut found).is_err());
+        assert!(walk(&reply, &mut found, parse).is_err());
     }
 
     use super::*;
@@ -220,5 +312,31 @@ mod tests {
         let mine = found.iter().find(|l| l.local == local).expect("listed");
         // std asks for 128.
         assert_eq!((mine.queued, mine.backlog), (0, 128));
+    }
+
+    #[test]
+    fn finds_a_unix_listener_with_its_queue_and_backlog() {
+        let dir = std::env::temp_dir().join(format!("tracer-diag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) again on our own socket, to set a backlog of our choosing.
+        assert_eq!(
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 5) },
+            0
+        );
+        // Two connections wait, not accepted.
+        let _a = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let _b = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let found = unix_listeners_of(Path::new("/proc/self")).expect("sock_diag");
+        let wanted = path.as_os_str().as_encoded_bytes();
+        let mine = found
+            .iter()
+            .find(|l| l.name.strip_suffix(&[0]).unwrap_or(&l.name) == wanted)
+            .unwrap_or_else(|| panic!("{} not among {found:?}", path.display()));
+        assert_eq!((mine.queued, mine.backlog), (2, 5));
+        assert!(mine.inode > 0);
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

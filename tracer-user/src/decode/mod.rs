@@ -180,6 +180,12 @@ impl UnixPaths for () {
 /// A `sockaddr_un` path as text: up to its NUL, or `@` and the name of an abstract socket;
 /// escaped ([`text::untrusted`]).
 pub fn unix_path_text(path: &UnixPath) -> String {
+    unix_name_text(path)
+}
+
+/// A Unix socket's name as bytes (NUL-padded; abstract when it starts with a NUL) as tracer
+/// writes it: the path, or `@` and the abstract name, escaped.
+pub fn unix_name_text(path: &[u8]) -> String {
     match path.split_first() {
         Some((0, name)) => {
             let end = name.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);

@@ -98,9 +98,10 @@ pub enum RootCause {
         into_request: Duration,
     },
     /// The proxy gave up while the connection still waited in the listener's accept queue: no
-    /// worker took it.
+    /// worker took it. Or (a Unix socket) the queue was full, so connect() failed at once.
     NeverAccepted {
-        listener: SocketAddr,
+        /// `ip:port`, or `unix:PATH`.
+        listener: String,
         /// The listener's process, when tracer knows it.
         owner: Option<Task>,
         queued: Option<u32>,
@@ -281,7 +282,11 @@ impl RootCause {
                         "was sent {} by {}{comm} (pid {pid}) {into}{}",
                         signal_name(*signal),
                         if *by_parent { "its master " } else { "" },
-                        if *by_parent { " (a worker timeout?)" } else { "" }
+                        if *by_parent {
+                            " (a worker timeout?)"
+                        } else {
+                            ""
+                        }
                     ),
                     WorkerEnd::Killed {
                         signal,
@@ -295,10 +300,9 @@ impl RootCause {
                     WorkerEnd::OomKilled { .. } => {
                         format!("was OOM-killed {into}")
                     }
-                    WorkerEnd::Crashed { signal } => format!(
-                        "crashed ({}) {into}",
-                        signal_name(*signal)
-                    ),
+                    WorkerEnd::Crashed { signal } => {
+                        format!("crashed ({}) {into}", signal_name(*signal))
+                    }
                     WorkerEnd::Exited { code } => {
                         format!("exited (code {code}) {into}")
                     }
@@ -325,6 +329,12 @@ impl RootCause {
                     (Some(q), None) => format!(" ({q} queued now)"),
                     _ => String::new(),
                 };
+                if failure.cause == Outcome::UnixBacklogFull {
+                    return format!(
+                        "every worker of {whose} is busy: its queue is full{queue}, so \
+                         connect() failed at once (too few workers, or a backlog too short?)"
+                    );
+                }
                 format!(
                     "no worker of {whose} took this connection: it waited {} in the accept \
                      queue{queue} and was never picked up (every worker busy?)",

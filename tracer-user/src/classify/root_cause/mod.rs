@@ -15,6 +15,7 @@ mod cause;
 mod queues;
 #[cfg(test)]
 mod tests;
+mod unix_queues;
 #[cfg(test)]
 mod worker_tests;
 mod workers;
@@ -27,14 +28,15 @@ use std::{
 
 use tracer_common::Outcome;
 
-use self::{
-    queues::{QueueReader, QueuesRead},
-    workers::ServerEnds,
-};
 pub use self::{
     cause::{Death, Notice, RootCause, WorkerEnd, signal_name},
     queues::QUEUES_FRESH,
     workers::HolderFinder,
+};
+use self::{
+    queues::{QueueReader, QueuesRead},
+    unix_queues::UnixQueues,
+    workers::ServerEnds,
 };
 use crate::{
     capture::procfs::{accept_queues, socket_holder},
@@ -79,6 +81,7 @@ pub struct Listeners {
     queues: HashMap<u32, QueuesRead>,
     server_ends: ServerEnds,
     find_holder: HolderFinder,
+    unix_queues: UnixQueues,
 }
 
 impl Listeners {
@@ -97,7 +100,15 @@ impl Listeners {
             queues: HashMap::new(),
             server_ends: ServerEnds::default(),
             find_holder: Box::new(socket_holder),
+            unix_queues: UnixQueues::default(),
         }
+    }
+
+    /// Reads Unix listeners' queues with `queues` (tests give their own).
+    #[cfg(test)]
+    fn with_unix_queues(mut self, queues: UnixQueues) -> Listeners {
+        self.unix_queues = queues;
+        self
     }
 
     /// Finds socket holders with `find` (tests give their own).
@@ -269,6 +280,7 @@ impl Listeners {
             | Outcome::ResetMidResponse
             | Outcome::ClosedBeforeResponse => self.behind_reset(failure),
             Outcome::ConnectTimeout => self.behind_timeout(failure),
+            Outcome::UnixBacklogFull => self.behind_full_unix(failure),
             _ => None,
         };
         // The listener's process died: that says it all. Otherwise (a pre-fork server's

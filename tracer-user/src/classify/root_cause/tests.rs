@@ -25,7 +25,13 @@ pub(super) fn process(comm: &str, pid: u32, netns: u32) -> Task {
     }
 }
 
-pub(super) fn change(opened: bool, t: u64, local: &str, task: Task, dying: Option<Ending>) -> Lifecycle {
+pub(super) fn change(
+    opened: bool,
+    t: u64,
+    local: &str,
+    task: Task,
+    dying: Option<Ending>,
+) -> Lifecycle {
     Lifecycle::Listener(ListenerChange {
         opened,
         time: at(t),

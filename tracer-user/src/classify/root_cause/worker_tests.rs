@@ -127,7 +127,10 @@ fn a_dying_worker_crashed_exited_or_was_oom_killed() {
         assert_eq!(root.name(), name, "{dying:?}");
         let text = root.explain(&f);
         assert!(text.contains("the worker gunicorn (pid 4242)"), "{text}");
-        assert!(text.ends_with("nginx saw the connection reset before any response"), "{text}");
+        assert!(
+            text.ends_with("nginx saw the connection reset before any response"),
+            "{text}"
+        );
     }
 }
 
@@ -140,7 +143,10 @@ fn a_request_the_proxy_gave_up_on_was_never_accepted_or_slow() {
     let f = failed(60, Outcome::ResponseTimeout, Duration::from_secs(60));
     let root = registry.root_cause(&f).expect("a root cause");
     assert_eq!(root.name(), "never_accepted");
-    let RootCause::NeverAccepted { listener, owner, .. } = &root else {
+    let RootCause::NeverAccepted {
+        listener, owner, ..
+    } = &root
+    else {
         panic!("{root:?}");
     };
     assert_eq!(listener.to_string(), "0.0.0.0:8000");
@@ -175,7 +181,10 @@ fn the_proxy_s_own_end_is_not_taken_for_the_worker_s_close_and_the_other_way() {
     closed.dying = Some(Ending::Exited(0));
     registry.on_server_end(closed);
     let f = failed(9, Outcome::ResponseTimeout, Duration::from_secs(1));
-    assert_eq!(registry.root_cause(&f).map(|r| r.name()), Some("slow_upstream"));
+    assert_eq!(
+        registry.root_cause(&f).map(|r| r.name()),
+        Some("slow_upstream")
+    );
     // A refusal has no server end.
     registry.on_server_end(end(at(9), ServerEndHow::PeerFirst, None));
     let mut refused = failed(9, Outcome::Refused, Duration::ZERO);
@@ -203,4 +212,49 @@ fn waiting_ends_are_bounded() {
         registry.on_server_end(e);
     }
     assert!(registry.server_ends.len() <= super::workers::WAITING_MAX);
+}
+
+#[test]
+fn a_full_unix_listener_names_its_process_queue_and_backlog() {
+    use crate::capture::sock_diag::UnixListener;
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    let queues = super::unix_queues::UnixQueues::with(
+        Box::new(move |pid| {
+            assert_eq!(pid, 812, "read in the proxy's namespace");
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(vec![
+                UnixListener {
+                    name: b"/run/other.sock\0".to_vec(),
+                    inode: 8,
+                    queued: 0,
+                    backlog: 128,
+                },
+                UnixListener {
+                    name: b"/run/php/php8.2-fpm.sock\0".to_vec(),
+                    inode: 9,
+                    queued: 2,
+                    backlog: 1,
+                },
+            ])
+        }),
+        Box::new(|inode| (inode == 9).then(|| (700, "php-fpm8.2".to_string()))),
+    );
+    let mut registry = Listeners::new(at(0)).with_unix_queues(queues);
+    let f = failure(3, "unix:/run/php/php8.2-fpm.sock", Outcome::UnixBacklogFull);
+    let root = registry.root_cause(&f).expect("a root cause");
+    assert_eq!(root.name(), "never_accepted");
+    assert_eq!(root.process().map(|p| p.pid), Some(700));
+    assert_eq!(
+        root.explain(&f),
+        "every worker of php-fpm8.2 (pid 700, listening on unix:/run/php/php8.2-fpm.sock) is \
+         busy: its queue is full (2 queued now, backlog 1), so connect() failed at once (too few \
+         workers, or a backlog too short?)"
+    );
+    // A second failure within the second reads nothing again.
+    assert!(registry.root_cause(&f).is_some());
+    assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A socket the diagnostics do not list: no root cause.
+    let gone = failure(3, "unix:/run/gone.sock", Outcome::UnixBacklogFull);
+    assert_eq!(registry.root_cause(&gone), None);
 }

@@ -96,7 +96,7 @@ impl ServerEnds {
     }
 
     /// Whether one more /proc lookup fits this second's budget.
-    fn may_look_up(&mut self) -> bool {
+    pub(super) fn may_look_up(&mut self) -> bool {
         let now = Instant::now();
         let (since, used) = &mut self.lookups;
         if since.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
@@ -160,9 +160,10 @@ impl Listeners {
             return Some((WorkerEnd::OomKilled { anon_rss_kb }, kill.time));
         }
         // A signal sent while the proxy waited (not one from an earlier request).
-        let signal = end.signal.as_ref().filter(|s| {
-            s.time + SLACK >= request_at && s.time <= end.time + SLACK
-        });
+        let signal = end
+            .signal
+            .as_ref()
+            .filter(|s| s.time + SLACK >= request_at && s.time <= end.time + SLACK);
         let killed_by_another = signal.filter(|s| !s.self_inflicted(worker.pid));
         if let Some(s) = killed_by_another {
             return Some((
@@ -239,7 +240,7 @@ impl Listeners {
             None => (None, None),
         };
         RootCause::NeverAccepted {
-            listener: listener_addr.unwrap_or(end.local),
+            listener: listener_addr.unwrap_or(end.local).to_string(),
             owner,
             queued,
             backlog,
