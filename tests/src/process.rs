@@ -119,6 +119,15 @@ impl MemoryCgroup {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         std::fs::write(dir.join(limit_file), limit_bytes.to_string())
             .unwrap_or_else(|e| panic!("limiting {}: {e}", dir.display()));
+        // No swap to spill into (on a host that has some), so the limit means an OOM kill.
+        let swap = if limit_file == "memory.max" {
+            ("memory.swap.max", "0".to_string())
+        } else {
+            ("memory.memsw.limit_in_bytes", limit_bytes.to_string())
+        };
+        if dir.join(swap.0).exists() {
+            let _ = std::fs::write(dir.join(swap.0), swap.1);
+        }
         MemoryCgroup { dir }
     }
 
