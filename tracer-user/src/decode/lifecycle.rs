@@ -74,13 +74,11 @@ impl From<&crate::capture::procfs::ExistingListener> for ExistingListenerInfo {
         ExistingListenerInfo {
             local: l.local,
             netns: l.netns,
-            owner: Task {
-                comm: l.comm.clone(),
-                pid: l.pids.first().copied().unwrap_or(0),
-                tid: l.pids.first().copied().unwrap_or(0),
-                cgroup_id: 0,
-                netns: l.netns,
-            },
+            owner: Task::process(
+                l.comm.clone(),
+                l.pids.first().copied().unwrap_or(0),
+                l.netns,
+            ),
         }
     }
 }

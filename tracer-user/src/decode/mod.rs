@@ -281,6 +281,17 @@ pub struct Task {
 }
 
 impl Task {
+    /// A process found in /proc (its pid also as the thread; no cgroup id).
+    pub fn process(comm: String, pid: u32, netns: u32) -> Task {
+        Task {
+            comm,
+            pid,
+            tid: pid,
+            cgroup_id: 0,
+            netns,
+        }
+    }
+
     pub fn from_kernel(proxy: &KernelTask) -> Task {
         Task {
             comm: comm(&proxy.comm),

@@ -240,19 +240,23 @@ impl Listeners {
 
     /// How process `pid` died, given how it ended: an OOM kill when the OOM killer chose it.
     fn death_of(&self, pid: u32, ending: Ending, at: SystemTime) -> Death {
-        let oom = self.ooms.iter().rev().find(|k| {
-            k.pid == pid
-                && at
-                    .duration_since(k.time)
-                    .is_ok_and(|d| d <= Duration::from_secs(30))
-        });
-        match (oom, ending) {
+        match (self.oom_kill_of(pid, at), ending) {
             (Some(kill), _) => Death::OomKilled {
                 anon_rss_kb: kill.anon_rss_kb,
             },
             (None, Ending::Signal(signal)) if !stopping_signal(signal) => Death::Crashed { signal },
             (None, ending) => Death::Exited(ending),
         }
+    }
+
+    /// The OOM killer's choice of process `pid` in the 30 s before `at`, if it chose it.
+    fn oom_kill_of(&self, pid: u32, at: SystemTime) -> Option<&OomKill> {
+        self.ooms.iter().rev().find(|k| {
+            k.pid == pid
+                && at
+                    .duration_since(k.time)
+                    .is_ok_and(|d| d <= Duration::from_secs(30))
+        })
     }
 
     fn forget_old_closed(&mut self) {

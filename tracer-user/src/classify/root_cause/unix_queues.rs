@@ -21,6 +21,8 @@ pub type UnixQueueReader = Box<dyn FnMut(u32) -> Option<Vec<UnixListener>> + Sen
 const OWNERS_MAX: usize = 256;
 /// In how many network namespaces a Unix listener is looked for.
 const NAMESPACES_MAX: usize = 8;
+/// How many namespaces' readings are kept.
+const READINGS_MAX: usize = 256;
 
 pub(super) struct UnixQueues {
     read: UnixQueueReader,
@@ -88,7 +90,7 @@ impl Listeners {
                 .is_some_and(|(at, _)| now.duration_since(*at) < QUEUES_FRESH);
             if !fresh {
                 let listeners = (queues.read)(pid).unwrap_or_default();
-                if queues.read_at.len() >= OWNERS_MAX {
+                if queues.read_at.len() >= READINGS_MAX {
                     queues.read_at.clear();
                 }
                 queues.read_at.insert(netns, (now, listeners));
@@ -120,13 +122,7 @@ impl Listeners {
             .get(&listener.inode)
             .cloned()
             .flatten()
-            .map(|(pid, comm)| Task {
-                comm,
-                pid,
-                tid: pid,
-                cgroup_id: 0,
-                netns,
-            });
+            .map(|(pid, comm)| Task::process(comm, pid, netns));
         Some(never_accepted(path, owner, &listener))
     }
 }

@@ -148,14 +148,7 @@ impl Listeners {
         worker: &Task,
         request_at: SystemTime,
     ) -> Option<(WorkerEnd, SystemTime)> {
-        let oom = self.ooms.iter().rev().find(|k| {
-            k.pid == worker.pid
-                && end
-                    .time
-                    .duration_since(k.time)
-                    .is_ok_and(|d| d <= Duration::from_secs(30))
-        });
-        if let Some(kill) = oom {
+        if let Some(kill) = self.oom_kill_of(worker.pid, end.time) {
             let anon_rss_kb = kill.anon_rss_kb;
             return Some((WorkerEnd::OomKilled { anon_rss_kb }, kill.time));
         }
@@ -209,13 +202,8 @@ impl Listeners {
         if end.accepted {
             let worker = match (&owner, end.inode) {
                 (Some(owner), inode) if inode != 0 && self.server_ends.may_look_up() => {
-                    (self.find_holder)(inode, &[owner.pid]).map(|(pid, comm)| Task {
-                        comm,
-                        pid,
-                        tid: pid,
-                        cgroup_id: 0,
-                        netns: owner.netns,
-                    })
+                    (self.find_holder)(inode, &[owner.pid])
+                        .map(|(pid, comm)| Task::process(comm, pid, owner.netns))
                 }
                 _ => None,
             };
