@@ -337,12 +337,7 @@ fn listener_with_a_full_accept_queue_is_the_root_cause_of_connect_timeouts() {
 fn children_of(pid: u32) -> Vec<u32> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let children: Vec<u32> =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect();
+        let children = tracer_user::capture::procfs::children(pid);
         if !children.is_empty() || Instant::now() > deadline {
             return children;
         }

@@ -147,11 +147,8 @@ impl Daemon {
     pub fn confine(&mut self, cgroup: MemoryCgroup) {
         let pid = self.child.id();
         cgroup.add(pid);
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
-        for child in children.unwrap_or_default().split_whitespace() {
-            if let Ok(child) = child.parse() {
-                cgroup.add(child);
-            }
+        for child in tracer_user::capture::procfs::children(pid) {
+            cgroup.add(child);
         }
         self.cgroup = Some(cgroup);
     }

@@ -92,6 +92,28 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
         .collect()
 }
 
+/// The children of process `pid`: those of every one of its threads
+/// (`/proc/PID/task/TID/children`, CONFIG_PROC_CHILDREN, which distributions enable).
+pub fn children(pid: u32) -> Vec<u32> {
+    children_in(Path::new("/proc"), pid)
+}
+
+fn children_in(proc: &Path, pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
+    tasks
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The process that holds socket `inode` open, among `near` and their children (a server's
 /// master and its workers); with its name. Reads only those processes' descriptors.
 pub fn socket_holder(inode: u64, near: &[u32]) -> Option<(u32, String)> {
@@ -116,17 +138,7 @@ pub fn socket_holder_in(proc: &Path, inode: u64, near: &[u32]) -> Option<(u32, S
     // (A full walk has every process already.)
     let expand = if near.len() <= 16 { near } else { &[] };
     for pid in expand {
-        // Every thread's children (CONFIG_PROC_CHILDREN, which distributions enable).
-        let tasks = std::fs::read_dir(proc.join(pid.to_string()).join("task"));
-        for task in tasks.into_iter().flatten().filter_map(Result::ok) {
-            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                candidates.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
+        candidates.extend(children_in(proc, *pid));
     }
     candidates.sort_unstable();
     candidates.dedup();

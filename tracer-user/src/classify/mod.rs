@@ -296,7 +296,7 @@ pub fn source_name(source: Source) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::SystemTime;
 
     use super::*;
@@ -335,7 +335,8 @@ mod tests {
         }
     }
 
-    pub(super) fn evidence() -> Evidence {
+    /// A refusal's evidence, for the tests' made-up failures to start from.
+    pub(crate) fn evidence() -> Evidence {
         Evidence {
             errno: 0,
             connect_time: None,

@@ -304,7 +304,7 @@ pub fn text_line(c: &Classified) -> String {
 mod tests {
     use std::time::SystemTime;
 
-    use tracer_common::{Outcome, Source, conn::EndKind};
+    use tracer_common::Outcome;
 
     use super::*;
     use crate::decode::{Evidence, Task};
@@ -331,16 +331,8 @@ mod tests {
             cause: Outcome::Refused,
             evidence: Evidence {
                 errno: 111,
-                connect_time: None,
-                syn_retransmits: 0,
-                retransmits: 0,
-                requests: 0,
-                bytes_sent: 0,
-                bytes_received: 0,
                 waited: Duration::from_micros(250),
-                ended_by: EndKind::PeerReset,
-                reset_received: true,
-                source: Source::SocketClosed,
+                ..crate::classify::tests::evidence()
             },
         }
     }

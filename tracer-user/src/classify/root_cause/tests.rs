@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tracer_common::{Source, conn::EndKind};
-
 use super::{queues::QUEUES_FRESH, *};
 use crate::capture::procfs::AcceptQueues;
 use crate::decode::Evidence;
@@ -51,16 +49,8 @@ pub(super) fn failure(t: u64, upstream: &str, cause: Outcome) -> Failure {
         cause,
         evidence: Evidence {
             errno: 111,
-            connect_time: None,
-            syn_retransmits: 0,
-            retransmits: 0,
-            requests: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
             waited: Duration::ZERO,
-            ended_by: EndKind::PeerReset,
-            reset_received: true,
-            source: Source::SocketClosed,
+            ..crate::classify::tests::evidence()
         },
     }
 }
