@@ -128,15 +128,11 @@ pub fn server_side_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64>
     };
     let bytes_sent = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_sent))?;
     let own = how != server_end::PEER_FIRST;
-    let (task_flags, exit_code) = if own {
-        // In the closing task's context (close(), or a dying process's files closing).
-        let task = current_task();
-        (
-            read_kernel::<u32>(task, config!(offsets.task_flags)).unwrap_or(0),
-            read_kernel::<i32>(task, config!(offsets.task_exit_code)).unwrap_or(0),
-        )
+    // In the closing task's context (close(), or a dying process's files closing).
+    let task_flags = if own {
+        read_kernel::<u32>(current_task(), config!(offsets.task_flags)).unwrap_or(0)
     } else {
-        (0, 0)
+        0
     };
     if bytes_sent > 0 && task_flags & PF_EXITING == 0 {
         // It answered (most connections end here), and nobody is dying.
@@ -155,7 +151,12 @@ pub fn server_side_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64>
         &Ending {
             how,
             task_flags,
-            exit_code,
+            // Read only now: most closes return above.
+            exit_code: if own {
+                read_kernel::<i32>(current_task(), config!(offsets.task_exit_code)).unwrap_or(0)
+            } else {
+                0
+            },
             bytes_sent,
             bytes_received,
         },
