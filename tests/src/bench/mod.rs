@@ -27,17 +27,37 @@ use crate::tracer_process::Tracer;
 pub enum Condition {
     Untraced,
     Tracer,
+    /// tracer on the path older kernels take: without `tcp_sendmsg_locked` (Linux 6.16+),
+    /// requests are inferred from the segments that arrive (`tcp_probe`), as on 5.10–6.12.
+    TracerOlderKernels,
     Bpftrace,
 }
 
 impl Condition {
+    /// The conditions of the throughput pass.
     pub const ALL: [Condition; 3] = [Condition::Untraced, Condition::Tracer, Condition::Bpftrace];
+
+    /// The conditions of the kernel-time pass.
+    pub const TRACED: [Condition; 3] = [
+        Condition::Tracer,
+        Condition::TracerOlderKernels,
+        Condition::Bpftrace,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Condition::Untraced => "untraced",
             Condition::Tracer => "tracer",
+            Condition::TracerOlderKernels => "tracer, older kernels' path",
             Condition::Bpftrace => "bpftrace",
+        }
+    }
+
+    /// The `tracer run` arguments that put tracer on this condition's path.
+    fn tracer_args(self) -> &'static [&'static str] {
+        match self {
+            Condition::TracerOlderKernels => &["--skip-probe", "tcp_sendmsg_locked"],
+            _ => &[],
         }
     }
 }
@@ -66,11 +86,12 @@ impl Running {
     pub fn start(condition: Condition, api_port: u16, tracer_args: &[String]) -> Running {
         match condition {
             Condition::Untraced => Running::Untraced,
-            Condition::Tracer => {
+            Condition::Tracer | Condition::TracerOlderKernels => {
                 let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("address");
                 let listen = api.to_string();
                 let mut args = vec!["run", "--listen", &listen];
                 args.extend(tracer_args.iter().map(String::as_str));
+                args.extend(condition.tracer_args());
                 let tracer = Tracer::start(&args);
                 Running::Tracer { tracer, api }
             }
