@@ -63,9 +63,6 @@ pub struct KernelOffsets {
     pub nsproxy_net_ns: u32,
     /// `struct socket.type` (SOCK_STREAM…), to tell a Unix upstream from a datagram socket.
     pub socket_type: u32,
-    /// `struct socket.state` (SS_CONNECTING…), to tell a connect() that starts an attempt
-    /// from one that only collects the outcome of an attempt already under way.
-    pub socket_state: u32,
     /// `sock.sk_max_ack_backlog`: a listener's listen() backlog.
     pub sk_max_ack_backlog: u32,
     /// `tcp_sock.bytes_sent`: whether a server answered before its side ended.
@@ -77,6 +74,8 @@ pub struct KernelOffsets {
     pub socket_inode_ino: u32,
     /// `task_struct.real_parent`.
     pub task_real_parent: u32,
+    /// Keeps the size a multiple of 8, so that `Config` has no padding the compiler fills in.
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -198,12 +197,12 @@ impl Config {
             task_nsproxy: 0,
             nsproxy_net_ns: 0,
             socket_type: 0,
-            socket_state: 0,
             sk_max_ack_backlog: 0,
             tcp_bytes_sent: 0,
             sk_socket: 0,
             socket_inode_ino: 0,
             task_real_parent: 0,
+            _pad: 0,
         },
         syscalls: SyscallFields {
             connect_fd: 0,

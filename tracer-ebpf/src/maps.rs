@@ -22,10 +22,11 @@ use tracer_common::{
 #[map]
 pub static CONNS: LruHashMap<u64, ConnTrack> = LruHashMap::with_max_entries(CONNS_MAX_ENTRIES, 0);
 
-/// connect() calls in flight, keyed by thread (`pid_tgid`).
+/// Each thread's last connect() call (`active` while it is under way), keyed by `pid_tgid`:
+/// written over in place by the thread's next call; threads that are gone fall out.
 #[map]
-pub static CONNECTS: HashMap<u64, PendingConnect> =
-    HashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
+pub static CONNECTS: LruHashMap<u64, PendingConnect> =
+    LruHashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
 
 /// Exact counts per proxy × upstream × outcome.
 #[map]

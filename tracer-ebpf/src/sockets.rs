@@ -227,7 +227,11 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
     // Tell the connect() in flight which socket it is about.
     if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
         // SAFETY: a pointer into the map's value, valid while this program runs.
-        unsafe { (*pending).sk = key };
+        unsafe {
+            if (*pending).active != 0 {
+                (*pending).sk = key;
+            }
+        }
     }
     Ok(())
 }
@@ -244,7 +248,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
             // SAFETY: a pointer into the map's value, valid while this program runs.
             let pending = unsafe { &mut *pending };
-            if pending.sk == sk as u64 {
+            if pending.active != 0 && pending.sk == sk as u64 {
                 pending.closed_in_call = 1;
                 return;
             }

@@ -68,26 +68,52 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// connect() called: notes where to (read only if it fails before any SYN) in this thread's
+/// record, written over in place. Nothing else: most calls decide nothing here.
 fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
     if config!(ready) == 0 {
         return Ok(());
     }
-    // Only where the destination is: it is read at exit, and only if connect() failed early.
-    let fd = read_field::<u64>(ctx, config!(syscalls.connect_fd))? as u32;
+    let fd_at = config!(syscalls.connect_fd);
+    // fd, uservaddr and addrlen are 8-byte slots one after the other on every kernel; read
+    // them in one go where the format file says so.
+    let [fd, uservaddr, addrlen] = if config!(syscalls.connect_uservaddr) == fd_at + 8
+        && config!(syscalls.connect_addrlen) == fd_at + 16
+    {
+        read_field::<[u64; 3]>(ctx, fd_at)?
+    } else {
+        [
+            read_field(ctx, fd_at)?,
+            read_field(ctx, config!(syscalls.connect_uservaddr))?,
+            read_field(ctx, config!(syscalls.connect_addrlen))?,
+        ]
+    };
+    let thread = bpf_get_current_pid_tgid();
+    let start_ns = now();
+    if let Some(pending) = CONNECTS.get_ptr_mut(&thread) {
+        // SAFETY: a pointer into the map's value, valid while this program runs; the record
+        // is this thread's.
+        let pending = unsafe { &mut *pending };
+        pending.uservaddr = uservaddr;
+        pending.addrlen = addrlen;
+        pending.start_ns = start_ns;
+        pending.sk = 0;
+        pending.closed_in_call = 0;
+        pending.active = 1;
+        pending.fd = fd as u32;
+        return Ok(());
+    }
     let pending = PendingConnect {
-        uservaddr: read_field(ctx, config!(syscalls.connect_uservaddr))?,
-        addrlen: read_field(ctx, config!(syscalls.connect_addrlen))?,
-        start_ns: now(),
+        uservaddr,
+        addrlen,
+        start_ns,
         sk: 0,
         closed_in_call: 0,
-        repeat: u8::from(already_connecting(fd)),
+        active: 1,
         _pad: [0; 2],
-        fd,
+        fd: fd as u32,
     };
-    if CONNECTS
-        .insert(&bpf_get_current_pid_tgid(), &pending, 0)
-        .is_err()
-    {
+    if CONNECTS.insert(&thread, &pending, 0).is_err() {
         stat(Stat::ConnectsUntracked);
     }
     Ok(())
@@ -117,13 +143,18 @@ fn destination(uservaddr: u64, addrlen: u64, into: &mut Endpoint) -> Result<bool
 }
 
 fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
-    let thread = bpf_get_current_pid_tgid();
-    let Some(pending) = CONNECTS.get_ptr(&thread) else {
+    let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) else {
         return Ok(());
     };
-    // SAFETY: a pointer into the map's value; copied before the entry is removed.
-    let pending = unsafe { *pending };
-    let _ = CONNECTS.remove(&thread);
+    // SAFETY: a pointer into the map's value, valid while this program runs; copied, and
+    // marked done (the record stays for the thread's next call).
+    let pending = unsafe {
+        if (*pending).active == 0 {
+            return Ok(());
+        }
+        (*pending).active = 0;
+        *pending
+    };
     let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
     // A socket that reached SYN_SENT is TCP; otherwise it may be a Unix one (the caller's
     // sockaddr says), read only then to keep TCP connects cheap.
@@ -140,8 +171,9 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
     if pending.sk != 0 {
         // It reached SYN_SENT, so it is TCP; its record is no longer needed.
         let _ = CONNS.remove(&pending.sk);
-    } else if !fd_is_tcp(pending.fd)? {
-        // A UDP socket's connect() failing (no route for a DNS query…) is not our business.
+    } else if !fresh_tcp_attempt(pending.fd)? {
+        // A UDP socket's connect() failing (no route for a DNS query…) is not our business;
+        // nor is a connect() that only collects how an earlier attempt ended.
         return Ok(());
     }
     let mut upstream = Endpoint::default();
@@ -221,24 +253,22 @@ fn fd_socket(fd: u32) -> Result<*const u8, i64> {
     read_kernel(file, config!(offsets.file_private_data))
 }
 
-/// Whether file descriptor `fd` of the current process is a socket that is connecting or
-/// connected already (`socket.state` past SS_UNCONNECTED): a connect() on it starts nothing.
-fn already_connecting(fd: u32) -> bool {
-    const SS_UNCONNECTED: u32 = 1;
-    match fd_socket(fd) {
-        Ok(socket) => read_kernel::<u32>(socket, config!(offsets.socket_state))
-            .is_ok_and(|state| state > SS_UNCONNECTED),
-        // Not a file this process has: connect() fails with EBADF, which is no attempt either.
-        Err(_) => false,
-    }
-}
-
-/// Whether file descriptor `fd` of the current process is a TCP socket (socket->sk->sk_protocol).
-fn fd_is_tcp(fd: u32) -> Result<bool, i64> {
+/// Whether file descriptor `fd` of the current process is a TCP socket on which this connect()
+/// failed before any SYN left, as a first attempt. A socket that had an attempt before has a
+/// send sequence number (`tcp_sock.write_seq`, set when the first SYN is built and never reset
+/// to 0): a connect() on it that failed without a SYN of its own only collected the earlier
+/// attempt's error (HAProxy learns how a non-blocking connect() ended by calling it again), and
+/// that attempt was counted when its socket closed. (An application that reuses a failed
+/// socket for a new attempt that then fails before any SYN is not counted: servers open a new
+/// socket per attempt.)
+fn fresh_tcp_attempt(fd: u32) -> Result<bool, i64> {
     let socket = fd_socket(fd)?;
     let sk: *const u8 = read_kernel(socket, config!(offsets.socket_sk))?;
     let protocol: u16 = read_kernel(sk, config!(offsets.sk_protocol))?;
-    Ok(protocol == IPPROTO_TCP)
+    if protocol != IPPROTO_TCP {
+        return Ok(false);
+    }
+    Ok(read_kernel::<u32>(sk, config!(offsets.tcp_write_seq))? == 0)
 }
 
 /// socket() or accept() returned (`ret` at offset `ret_at`): out of file descriptors, the proxy

@@ -48,7 +48,6 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
         socket_type: btf.member_offset("socket", "type")?,
-        socket_state: btf.member_offset("socket", "state")?,
         sk_max_ack_backlog: sock("sk_max_ack_backlog")?,
         tcp_bytes_sent: btf.member_offset("tcp_sock", "bytes_sent")?,
         sk_socket: sock("sk_socket")?,
@@ -56,6 +55,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
             - btf.member_offset("socket_alloc", "socket")?
             + btf.member_offset("inode", "i_ino")?,
         task_real_parent: btf.member_offset("task_struct", "real_parent")?,
+        _pad: 0,
     };
     // The programs read these from one block of Config::SOCK_COMMON_BLOCK bytes.
     let in_block = [
