@@ -7,10 +7,7 @@ use tracer_common::{
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
-use crate::{
-    kernel::now,
-    maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS},
-};
+use crate::maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS};
 
 /// What a failure report adds to the connection's record.
 pub struct Report {
@@ -77,9 +74,8 @@ fn route(proxy: &Task, upstream: &Endpoint) -> RouteKey {
 /// this function's own stack: per-CPU scratch is not private where the kernel can preempt a
 /// program (7.x), or where a softirq interrupts one.
 #[inline(never)]
-pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64) -> bool {
+pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64, now: u64) -> bool {
     let key = count_key(proxy, upstream, outcome);
-    let now = now();
     let per_second = config!(events_per_second);
     if let Some(tally) = COUNTS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry.

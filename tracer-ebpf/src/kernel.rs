@@ -65,7 +65,12 @@ pub fn current_netns() -> u32 {
 /// a returned `Task` would take another 48 bytes of stack.)
 #[inline(never)]
 pub fn fill_current_proxy(proxy: &mut Task, netns: u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    fill_current_task(proxy, bpf_get_current_pid_tgid(), netns);
+}
+
+/// [`fill_current_proxy`] for a caller that has the current `pid_tgid` at hand already.
+#[inline(never)]
+pub fn fill_current_task(proxy: &mut Task, pid_tgid: u64, netns: u32) {
     let task = current_task();
     // SAFETY: a helper without arguments.
     proxy.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -87,8 +92,14 @@ pub fn fill_current_proxy(proxy: &mut Task, netns: u32) {
 /// Whether the current task belongs to the process user space asked the programs to ignore
 /// (the agent: its own failed accept()s and connects are not a proxy's).
 pub fn current_is_ignored() -> bool {
+    is_ignored(bpf_get_current_pid_tgid())
+}
+
+/// [`current_is_ignored`], from the current `pid_tgid`.
+#[inline(always)]
+pub fn is_ignored(pid_tgid: u64) -> bool {
     let ignored = config!(ignored_tgid);
-    ignored != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 == ignored
+    ignored != 0 && (pid_tgid >> 32) as u32 == ignored
 }
 
 /// `N` bytes at `offset` in a block read from the kernel.
@@ -96,7 +107,6 @@ pub fn current_is_ignored() -> bool {
 pub fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
     let offset = offset as usize;
     let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
-    let mut out = [0u8; N];
-    out.copy_from_slice(bytes);
-    Ok(out)
+    // Not a zeroed array filled in: every zero-fill is a call to memset (see main.rs).
+    bytes.try_into().map_err(|_| -1i64)
 }

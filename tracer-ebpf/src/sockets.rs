@@ -2,20 +2,22 @@
 //! back, what the proxy sent, and how it ended. The outcome is decided at TCP_CLOSE by
 //! `ConnTrack::on_close`.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
+    helpers::{bpf_get_current_pid_tgid, generated},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 use tracer_common::{
     Config, ConnTrack, Endpoint, Outcome, Program, Source, Stat, Task,
-    conn::{CloseFacts, tcp_state},
+    conn::{CloseFacts, EndKind, tcp_state},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
 use crate::{
     counting::{Report, count, count_latency, note_error, report, stat},
-    kernel::{current_is_ignored, field, fill_current_proxy, local_port, now, read_kernel},
+    kernel::{field, fill_current_task, is_ignored, local_port, netns_of, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
     workers::server_side_changed,
@@ -79,7 +81,11 @@ fn segment_arriving(sk: *const u8, skb: *const u8) -> Result<(), i64> {
     if config!(sends) != Config::SENDS_INFERRED {
         return Ok(());
     }
-    // Pure ACKs (most segments) return before any map lookup.
+    // Segments of sockets tracer does not follow (a proxy's clients', a local upstream's)
+    // return after one lookup, pure ACKs (most segments) after reading the header.
+    let Some(conn) = tracked(sk) else {
+        return Ok(());
+    };
     let len: u32 = read_kernel(skb, config!(offsets.skb_len))?;
     let header: *const u8 = read_kernel(skb, config!(offsets.skb_data))?;
     // Data offset (in 32-bit words) in the high nibble of byte 12, flags in byte 13.
@@ -88,9 +94,7 @@ fn segment_arriving(sk: *const u8, skb: *const u8) -> Result<(), i64> {
     if !carries_data && flags & (TCP_FIN | TCP_RST) == 0 {
         return Ok(());
     }
-    if let Some(conn) = tracked(sk) {
-        note_sends(sk, conn);
-    }
+    note_sends(sk, conn);
     Ok(())
 }
 
@@ -169,12 +173,12 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
             stat(Stat::ConnsClosed);
         }
     } else if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
+        // (The local port is read when the connection closes: only a failure's report shows it.)
         let took = conn.on_established(now);
-        conn.local.port = local_port(sk);
         if inferred {
             conn.start_write_seq(read_kernel(sk, config!(offsets.tcp_write_seq)).unwrap_or(0));
         }
-        count(&conn.proxy, &conn.upstream, Outcome::Connected, took);
+        count(&conn.proxy, &conn.upstream, Outcome::Connected, took, now);
         count_latency(&conn.proxy, &conn.upstream, took);
     } else {
         conn.on_state_change(old, new, now);
@@ -187,16 +191,27 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
 /// program) and copied into `CONNS`.
 #[inline(never)]
 fn start_tracking(sk: *const u8) -> Result<(), i64> {
-    let protocol = read_kernel::<u16>(sk, config!(offsets.sk_protocol))?;
     // CLOSE→SYN_SENT happens inside connect(), so the current task is the one connecting.
-    if protocol != IPPROTO_TCP || current_is_ignored() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_ignored(pid_tgid) || read_kernel::<u16>(sk, config!(offsets.sk_protocol))? != IPPROTO_TCP
+    {
         return Ok(());
     }
-    // The sock_common fields in one read (user space checked they lie in the block).
-    let mut block = [0u8; Config::SOCK_COMMON_BLOCK as usize];
-    // SAFETY: bpf_probe_read_kernel_buf copes with any address.
-    unsafe { bpf_probe_read_kernel_buf(sk, &mut block).map_err(i64::from)? };
-    let common = &block;
+    // The sock_common fields in one read (user space checked they lie in the block), into
+    // memory not zeroed first.
+    let mut block = MaybeUninit::<[u8; Config::SOCK_COMMON_BLOCK as usize]>::uninit();
+    // SAFETY: the helper copes with any source address and fills the whole block, or fails.
+    let common = unsafe {
+        if generated::bpf_probe_read_kernel(
+            block.as_mut_ptr().cast(),
+            Config::SOCK_COMMON_BLOCK,
+            sk.cast(),
+        ) != 0
+        {
+            return Err(-1);
+        }
+        block.assume_init_ref()
+    };
     let family = u16::from_ne_bytes(field(common, config!(offsets.skc_family))?);
     let dport = u16::from_be_bytes(field(common, config!(offsets.skc_dport))?);
     let mut conn = ConnTrack::connecting(
@@ -216,16 +231,15 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
         }
         _ => return Ok(()),
     }
-    let net = usize::from_ne_bytes(field(common, config!(offsets.skc_net))?) as *const u8;
-    let netns = read_kernel::<u32>(net, config!(offsets.net_ns_inum)).unwrap_or(0);
-    fill_current_proxy(&mut conn.proxy, netns);
+    // The network namespace is read when a failure is reported (most connections never are).
+    fill_current_task(&mut conn.proxy, pid_tgid, 0);
     let key = sk as u64;
     match CONNS.insert(&key, &conn, 0) {
         Ok(()) => stat(Stat::ConnsTracked),
         Err(_) => stat(Stat::ConnsUntracked),
     }
     // Tell the connect() in flight which socket it is about.
-    if let Some(pending) = CONNECTS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+    if let Some(pending) = CONNECTS.get_ptr_mut(&pid_tgid) {
         // SAFETY: a pointer into the map's value, valid while this program runs.
         unsafe {
             if (*pending).active != 0 {
@@ -240,7 +254,10 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
 /// when it is a failure.
 #[inline(never)]
 fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) {
-    let sk_err = read_kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0);
+    // The socket's error decides only an attempt that never connected, or an end nothing
+    // announced (most connections ended with a FIN, seen already); a failure's report shows it.
+    let err_decides = conn.established_ns == 0 || conn.end == EndKind::Open as u8;
+    let sk_err = if err_decides { socket_error(sk) } else { 0 };
     let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
     if conn.established_ns == 0 && conn.reset_received == 0 && sk_err == 0 {
         // SYN_SENT→CLOSE with no error of its own inside connect() (no local port left): the
@@ -268,9 +285,11 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     let Some(outcome) = verdict.outcome else {
         return;
     };
-    let send = count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns);
+    let send = count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now);
     if outcome.is_failure() {
         let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
+        let sk_err = if err_decides { sk_err } else { socket_error(sk) };
+        conn.proxy.netns = netns_of(sk);
         report(
             &Report {
                 send,
@@ -285,6 +304,12 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
             |into| *into = *conn,
         );
     }
+}
+
+/// `sk->sk_err`, 0 when it cannot be read.
+#[inline(always)]
+fn socket_error(sk: *const u8) -> i32 {
+    read_kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0)
 }
 
 /// The record of a tracked connection.

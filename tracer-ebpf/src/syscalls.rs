@@ -209,7 +209,7 @@ fn decided_in_call(
     fill_current_proxy(&mut proxy, current_netns());
     let now = now();
     let waited_ns = now.saturating_sub(start_ns);
-    let send = count(&proxy, upstream, outcome, waited_ns);
+    let send = count(&proxy, upstream, outcome, waited_ns, now);
     if outcome == Outcome::Connected {
         // A Unix socket connected: its connect time, as for TCP at ESTABLISHED.
         count_latency(&proxy, upstream, waited_ns);
