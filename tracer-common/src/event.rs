@@ -200,6 +200,7 @@ pub struct ServerEndEvent {
     pub task: Task,
     pub task_flags: u32,
     pub exit_code: i32,
+    /// Data bytes the server received (the proxy's FIN not counted) and sent.
     pub bytes_received: u64,
     pub bytes_sent: u64,
     /// 1 when a process had accept()ed it (`sk->sk_socket` set), and that socket's inode.

@@ -138,9 +138,14 @@ pub fn server_side_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64>
         // It answered (most connections end here), and nobody is dying.
         return Ok(());
     }
-    let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received))?;
+    // Sequence space, where the proxy's FIN takes one number: it came in just now
+    // (ESTABLISHED→CLOSE_WAIT) or before (from CLOSE_WAIT).
+    let peer_fin = u64::from(new == tcp_state::CLOSE_WAIT || old == tcp_state::CLOSE_WAIT);
+    let bytes_received =
+        read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received))?.saturating_sub(peer_fin);
     if bytes_received == 0 {
-        // Nothing was asked of it.
+        // Nothing was asked of it (a health check that connects and closes, a client that
+        // left before asking).
         return Ok(());
     }
     if read_kernel::<u16>(sk, config!(offsets.sk_protocol))? != IPPROTO_TCP {
