@@ -13,25 +13,18 @@ pub struct RouteKey {
     pub upstream: Endpoint,
 }
 
-/// The key of the kernel's `COUNTS` per-CPU hash: route × outcome.
+/// The key of the kernel's `COUNTS` per-CPU hash: route × outcome, and for `connected`, the
+/// connect time's bucket too: one count per connection is both the total and the histogram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CountKey {
     pub route: RouteKey,
     /// An [`crate::Outcome`] code.
     pub outcome: u8,
-    pub _pad: [u8; 7],
-}
-
-/// The key of the kernel's `CONNECT_LATENCY` per-CPU hash: route × latency bucket; the value is
-/// how many successful connects took that long.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LatencyKey {
-    pub route: RouteKey,
-    /// An index into [`CONNECT_BUCKETS_NS`]; `CONNECT_BUCKETS_NS.len()` for slower ones.
+    /// For [`crate::Outcome::Connected`]: an index into [`CONNECT_BUCKETS_NS`]
+    /// (`CONNECT_BUCKETS_NS.len()` for slower ones); 0 for every other outcome.
     pub bucket: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 
 /// Upper bounds of the connect-latency buckets, in nanoseconds (100 µs … 5 s).
@@ -96,11 +89,10 @@ impl Tally {
     }
 }
 
-/// Size of `COUNTS`. When it is full, new keys are counted per outcome only, in
-/// `OVERFLOW_COUNTS`, and [`Stat::CountsOverflowed`] goes up.
-pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
-/// Size of `CONNECT_LATENCY` (about a dozen buckets per route in use).
-pub const LATENCY_MAX_ENTRIES: u32 = 65_536;
+/// Size of `COUNTS` (a route's connects take a few connect-time buckets). When it is full, new
+/// keys are counted per outcome only, in `OVERFLOW_COUNTS`, and [`Stat::CountsOverflowed`]
+/// goes up.
+pub const COUNTS_MAX_ENTRIES: u32 = 32_768;
 /// Size of the live-connection table `CONNS` (an LRU hash keyed by socket).
 pub const CONNS_MAX_ENTRIES: u32 = 65_536;
 /// Size of the in-flight connect() table `CONNECTS` (keyed by thread).
@@ -189,23 +181,21 @@ pub enum Stat {
     ConnectsUntracked = 5,
     /// Tracked connections that reached TCP_CLOSE (tracked − closed − live = evicted).
     ConnsClosed = 6,
-    /// Connect latencies not recorded because `CONNECT_LATENCY` was full.
-    LatencyOverflowed = 7,
     /// Lifecycle records (listeners, OOM kills, exits) lost because their ring buffer was full.
-    LifecycleLost = 8,
+    LifecycleLost = 7,
     /// Failure events not sent because their key was over its events-per-second budget (they
     /// are counted all the same).
-    EventsSampledOut = 9,
+    EventsSampledOut = 8,
     /// Server-side ends (a local upstream closed before answering, or its process was dying)
     /// written to the event ring buffer.
-    ServerEndsSent = 10,
+    ServerEndsSent = 9,
     /// Server-side ends not sent: over the events-per-second budget, or the ring buffer full.
-    ServerEndsDropped = 11,
+    ServerEndsDropped = 10,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
-    pub const ALL: [Stat; 12] = [
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Stat; 11] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -213,7 +203,6 @@ impl Stat {
         Stat::CountsOverflowed,
         Stat::ConnectsUntracked,
         Stat::ConnsClosed,
-        Stat::LatencyOverflowed,
         Stat::LifecycleLost,
         Stat::EventsSampledOut,
         Stat::ServerEndsSent,
@@ -229,7 +218,6 @@ impl Stat {
             Stat::CountsOverflowed => "counts_overflowed",
             Stat::ConnectsUntracked => "connects_untracked",
             Stat::ConnsClosed => "connections_closed",
-            Stat::LatencyOverflowed => "latency_overflowed",
             Stat::LifecycleLost => "lifecycle_lost",
             Stat::EventsSampledOut => "events_sampled_out",
             Stat::ServerEndsSent => "server_ends_sent",

@@ -22,7 +22,7 @@ pub mod outcome;
 
 pub use config::{Config, KernelOffsets, OomFields, SyscallFields};
 pub use conn::{ConnTrack, EndKind, Task, Verdict};
-pub use counts::{CountKey, LatencyKey, Program, RouteKey, Stat, Tally};
+pub use counts::{CountKey, Program, RouteKey, Stat, Tally};
 pub use event::{ExitEvent, FailureEvent, ListenerEvent, OomEvent, RecordKind, Source};
 pub use net::Endpoint;
 pub use outcome::Outcome;
@@ -43,7 +43,6 @@ impl_pod!(
     Config,
     ConnTrack,
     CountKey,
-    LatencyKey,
     RouteKey,
     Tally,
     FailureEvent,
@@ -70,7 +69,6 @@ sizes!(
     Config = 232,
     ConnTrack = 144,
     CountKey = 56,
-    LatencyKey = 56,
     RouteKey = 48,
     Tally = 32,
     FailureEvent = 192,

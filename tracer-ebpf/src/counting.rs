@@ -2,12 +2,12 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
-    ConnTrack, CountKey, Endpoint, FailureEvent, LatencyKey, Outcome, Program, RecordKind,
+    ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Program, RecordKind,
     RouteKey, Source, Stat, Tally, Task,
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
-use crate::maps::{CONNECT_LATENCY, COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS};
+use crate::maps::{COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS};
 
 /// What a failure report adds to the connection's record.
 pub struct Report {
@@ -69,13 +69,17 @@ fn route(proxy: &Task, upstream: &Endpoint) -> RouteKey {
     }
 }
 
-/// Counts one `outcome` of `proxy` toward `upstream`, exactly; returns whether an event may go
+/// Counts one `outcome` of `proxy` toward `upstream`, exactly (a connect under its connect
+/// time's bucket: one count is both the total and the histogram); returns whether an event may go
 /// to user space for it (the events-per-second budget of this key on this CPU). The key is on
 /// this function's own stack: per-CPU scratch is not private where the kernel can preempt a
 /// program (7.x), or where a softirq interrupts one.
 #[inline(never)]
 pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64, now: u64) -> bool {
-    let key = count_key(proxy, upstream, outcome);
+    let mut key = count_key(proxy, upstream, outcome);
+    if outcome == Outcome::Connected {
+        key.bucket = connect_bucket(ns);
+    }
     let per_second = config!(events_per_second);
     if let Some(tally) = COUNTS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry.
@@ -106,7 +110,8 @@ pub fn count_key(proxy: &Task, upstream: &Endpoint, outcome: Outcome) -> CountKe
     CountKey {
         route: route(proxy, upstream),
         outcome: outcome as u8,
-        _pad: [0; 7],
+        bucket: 0,
+        _pad: [0; 6],
     }
 }
 
@@ -120,32 +125,6 @@ pub fn uncount(fail: &UnixFail) {
         unsafe {
             (*tally).count = (*tally).count.wrapping_sub(1);
             (*tally).sum_ns = (*tally).sum_ns.wrapping_sub(fail.waited_ns);
-        }
-    }
-}
-
-/// Counts a successful connect of `proxy` to `upstream` that took `ns`, in its connect-time
-/// bucket.
-#[inline(never)]
-pub fn count_latency(proxy: &Task, upstream: &Endpoint, ns: u64) {
-    let key = LatencyKey {
-        route: route(proxy, upstream),
-        bucket: connect_bucket(ns),
-        _pad: [0; 7],
-    };
-    if let Some(n) = CONNECT_LATENCY.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value of a per-CPU map entry.
-        unsafe { *n += 1 };
-        return;
-    }
-    if CONNECT_LATENCY
-        .insert(&key, &1, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        match CONNECT_LATENCY.get_ptr_mut(&key) {
-            // SAFETY: as above.
-            Some(n) => unsafe { *n += 1 },
-            None => stat(Stat::LatencyOverflowed),
         }
     }
 }

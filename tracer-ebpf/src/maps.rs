@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    ConnTrack, CountKey, LatencyKey, Program, Stat, Tally,
+    ConnTrack, CountKey, Program, Stat, Tally,
     conn::PendingConnect,
     counts::{
         CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-        LATENCY_MAX_ENTRIES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
+        LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
         SIGNALLED_MAX_ENTRIES, UNIX_PATHS_MAX_ENTRIES,
     },
     counts::{UnixFail, UnixFailKey},
@@ -28,15 +28,10 @@ pub static CONNS: LruHashMap<u64, ConnTrack> = LruHashMap::with_max_entries(CONN
 pub static CONNECTS: LruHashMap<u64, PendingConnect> =
     LruHashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
 
-/// Exact counts per proxy × upstream × outcome.
+/// Exact counts per proxy × upstream × outcome (× connect-time bucket, for connects).
 #[map]
 pub static COUNTS: PerCpuHashMap<CountKey, Tally> =
     PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
-
-/// Successful connects per route × connect-time bucket.
-#[map]
-pub static CONNECT_LATENCY: PerCpuHashMap<LatencyKey, u64> =
-    PerCpuHashMap::with_max_entries(LATENCY_MAX_ENTRIES, 0);
 
 /// Counts per outcome that did not fit in `COUNTS`.
 #[map]

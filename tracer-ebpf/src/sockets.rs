@@ -16,7 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count, count_latency, note_error, report, stat},
+    counting::{Report, count, note_error, report, stat},
     kernel::{field, fill_current_task, is_ignored, local_port, netns_of, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
@@ -179,7 +179,6 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
             conn.start_write_seq(read_kernel(sk, config!(offsets.tcp_write_seq)).unwrap_or(0));
         }
         count(&conn.proxy, &conn.upstream, Outcome::Connected, took, now);
-        count_latency(&conn.proxy, &conn.upstream, took);
     } else {
         conn.on_state_change(old, new, now);
     }

@@ -21,7 +21,7 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count, count_key, count_latency, note_error, report, stat, uncount},
+    counting::{Report, count, count_key, note_error, report, stat, uncount},
     kernel::{
         current_is_ignored, current_netns, current_task, fill_current_proxy, now, read_field,
         read_kernel,
@@ -209,11 +209,8 @@ fn decided_in_call(
     fill_current_proxy(&mut proxy, current_netns());
     let now = now();
     let waited_ns = now.saturating_sub(start_ns);
+    // (A Unix socket that connected is counted with its connect time, as TCP at ESTABLISHED.)
     let send = count(&proxy, upstream, outcome, waited_ns, now);
-    if outcome == Outcome::Connected {
-        // A Unix socket connected: its connect time, as for TCP at ESTABLISHED.
-        count_latency(&proxy, upstream, waited_ns);
-    }
     if outcome.is_failure() {
         report(
             &Report {

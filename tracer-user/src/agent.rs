@@ -20,7 +20,7 @@ use tracer_common::{Endpoint, Outcome, Stat};
 use crate::{
     aggregate::{
         ListenerTotals, RootCauseTotals, Totals,
-        ledger::{EntryKey, Ledger},
+        ledger::Ledger,
     },
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
     classify::{Classified, Listeners, Notice, is_not_an_upstream, self_probe::SelfProbes},
@@ -63,19 +63,21 @@ impl Shared {
         // Held while the kernel is read: a retiring pass moves counts from the kernel to the
         // ledger under it, so no read sees them twice or not at all.
         let ledger = self.ledger();
-        let counts = self
-            .counters
-            .counts()
-            .into_iter()
+        let kernel = self.counters.counts();
+        let counts = kernel
+            .iter()
             .filter_map(|(key, tally)| {
-                Count::from_kernel(&key, tally.count, tally.sum_ns, &*self.counters).ok()
+                Count::from_kernel(key, tally.count, tally.sum_ns, &*self.counters).ok()
             })
             .filter(|c| !is_not_an_upstream(&c.route.upstream));
-        let latency = self
-            .counters
-            .latency()
-            .into_iter()
-            .filter_map(|(key, n)| LatencyCount::from_kernel(&key, n, &*self.counters).ok())
+        // A connect's count is kept under its connect-time bucket: the same entries are the
+        // histogram.
+        let latency = kernel
+            .iter()
+            .filter(|(key, _)| key.outcome == Outcome::Connected as u8)
+            .filter_map(|(key, tally)| {
+                LatencyCount::from_kernel(key, tally.count, &*self.counters).ok()
+            })
             .filter(|c| !is_not_an_upstream(&c.route.upstream));
         let mut totals = Totals::from_counts(counts, latency);
         for (code, tally) in self.counters.overflow_counts() {
@@ -107,10 +109,16 @@ impl Shared {
             else {
                 continue;
             };
-            let entry = EntryKey::Count(key);
-            if ledger.idle(entry, tally.count, now)
+            if ledger.idle(key, tally.count, now)
                 && let Some(last) = self.counters.take_count(&key)
             {
+                if count.outcome == Outcome::Connected {
+                    latency.push(LatencyCount {
+                        route: count.route.clone(),
+                        bucket: usize::from(key.bucket),
+                        count: last.count,
+                    });
+                }
                 counts.push(Count {
                     count: last.count,
                     total_time: Duration::from_nanos(last.sum_ns),
@@ -118,25 +126,8 @@ impl Shared {
                 });
                 continue;
             }
-            live_keys.insert(entry);
+            live_keys.insert(key);
             live_upstreams.insert(count.route.upstream.to_string());
-        }
-        for (key, n) in self.counters.latency() {
-            let Ok(bucket) = LatencyCount::from_kernel(&key, n, &*self.counters) else {
-                continue;
-            };
-            let entry = EntryKey::Latency(key);
-            if ledger.idle(entry, n, now)
-                && let Some(last) = self.counters.take_latency(&key)
-            {
-                latency.push(LatencyCount {
-                    count: last,
-                    ..bucket
-                });
-                continue;
-            }
-            live_keys.insert(entry);
-            live_upstreams.insert(bucket.route.upstream.to_string());
         }
         let retired = Totals::from_counts(
             counts

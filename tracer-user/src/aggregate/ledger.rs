@@ -1,7 +1,7 @@
 //! What the agent keeps so that the kernel's tables never fill for good, and which upstreams
 //! have series of their own.
 //!
-//! The kernel counts per route in maps of fixed size (`COUNTS`, `CONNECT_LATENCY`). A host
+//! The kernel counts per route in a map of fixed size (`COUNTS`). A host
 //! that talks to ever new upstreams (autoscaling, pod IPs, a storm of distinct addresses)
 //! would fill them, and from then on new routes would only be counted under `other`. So a
 //! kernel entry that has not changed for `idle_after` is *retired*: its value is added to the
@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_common::counts::{CountKey, LatencyKey};
+use tracer_common::counts::CountKey;
 
 use super::{Route, RouteTotals};
 use crate::decode::Upstream;
@@ -33,12 +33,8 @@ pub const DEFAULT_MAX_UPSTREAMS: usize = 1000;
 /// The default `--idle-after`.
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(300);
 
-/// A kernel entry the ledger follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EntryKey {
-    Count(CountKey),
-    Latency(LatencyKey),
-}
+/// A kernel entry the ledger follows: a `COUNTS` key (for connects, one connect-time bucket).
+pub type EntryKey = CountKey;
 
 /// Admission, retired totals, and how long kernel entries have been idle.
 #[derive(Debug)]
@@ -216,7 +212,7 @@ mod tests {
     fn an_entry_is_idle_once_unchanged_for_idle_after() {
         let mut ledger = Ledger::new(10, Duration::from_secs(60));
         let t0 = Instant::now();
-        let k = EntryKey::Count(CountKey::default());
+        let k = CountKey::default();
         assert!(!ledger.idle(k, 5, t0));
         assert!(!ledger.idle(k, 5, t0 + Duration::from_secs(59)));
         assert!(!ledger.idle(k, 6, t0 + Duration::from_secs(61)), "it moved");

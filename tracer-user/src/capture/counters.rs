@@ -2,7 +2,7 @@
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use tracer_common::{
-    ConnTrack, CountKey, LatencyKey, Program, Stat, Tally, counts::OVERFLOW_SLOTS, net::UnixPath,
+    ConnTrack, CountKey, Program, Stat, Tally, counts::OVERFLOW_SLOTS, net::UnixPath,
 };
 
 use crate::decode::UnixPaths;
@@ -11,7 +11,6 @@ use crate::decode::UnixPaths;
 pub struct Counters {
     // Locked: the agent frees idle entries while scrapes read them.
     pub(super) counts: std::sync::Mutex<PerCpuHashMap<MapData, CountKey, Tally>>,
-    pub(super) latency: std::sync::Mutex<PerCpuHashMap<MapData, LatencyKey, u64>>,
     pub(super) overflow: PerCpuArray<MapData, Tally>,
     pub(super) stats: PerCpuArray<MapData, u64>,
     pub(super) program_errors: PerCpuArray<MapData, u64>,
@@ -28,23 +27,14 @@ impl UnixPaths for Counters {
 }
 
 impl Counters {
-    /// The exact counts per route × outcome, summed over CPUs.
+    /// The exact counts per route × outcome (× connect-time bucket for connects), summed over
+    /// CPUs.
     pub fn counts(&self) -> Vec<(CountKey, Tally)> {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts
             .iter()
             .filter_map(Result::ok)
             .map(|(key, per_cpu)| (key, sum_tallies(per_cpu.iter())))
-            .collect()
-    }
-
-    /// Successful connects per route × connect-time bucket, summed over CPUs.
-    pub fn latency(&self) -> Vec<(LatencyKey, u64)> {
-        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        latency
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
             .collect()
     }
 
@@ -55,14 +45,6 @@ impl Counters {
         let tally = sum_tallies(counts.get(key, 0).ok()?.iter());
         counts.remove(key).ok()?;
         Some(tally)
-    }
-
-    /// Frees latency entry `key`, returning its last value.
-    pub fn take_latency(&self, key: &LatencyKey) -> Option<u64> {
-        let mut latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let n = latency.get(key, 0).ok()?.iter().sum();
-        latency.remove(key).ok()?;
-        Some(n)
     }
 
     /// Counts per outcome code that did not fit in the counts map.

@@ -202,7 +202,6 @@ impl Capture {
         let listener_owners = take(&mut ebpf, "LISTENER_OWNERS")?;
         let counters = Counters {
             counts: std::sync::Mutex::new(take(&mut ebpf, "COUNTS")?),
-            latency: std::sync::Mutex::new(take(&mut ebpf, "CONNECT_LATENCY")?),
             overflow: take(&mut ebpf, "OVERFLOW_COUNTS")?,
             stats: take(&mut ebpf, "STATS")?,
             program_errors: take(&mut ebpf, "PROGRAM_ERRORS")?,

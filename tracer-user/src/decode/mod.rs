@@ -19,7 +19,7 @@ pub use self::{
 };
 
 use tracer_common::{
-    CountKey, Endpoint, ExitEvent, FailureEvent, LatencyKey, ListenerEvent, OomEvent, Outcome,
+    CountKey, Endpoint, ExitEvent, FailureEvent, ListenerEvent, OomEvent, Outcome,
     RecordKind, RouteKey, Source, Task as KernelTask,
     conn::EndKind,
     net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
@@ -422,8 +422,8 @@ impl Count {
     }
 }
 
-/// One row of the kernel's connect-latency histogram: successful connects of a route in one
-/// bucket (`tracer_common::counts::CONNECT_BUCKETS_NS`).
+/// One bucket of a route's connect-latency histogram: its successful connects that took that
+/// long (`tracer_common::counts::CONNECT_BUCKETS_NS`), from the kernel's count of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LatencyCount {
     pub route: Route,
@@ -433,7 +433,7 @@ pub struct LatencyCount {
 
 impl LatencyCount {
     pub fn from_kernel(
-        key: &LatencyKey,
+        key: &CountKey,
         count: u64,
         paths: &dyn UnixPaths,
     ) -> Result<LatencyCount, DecodeError> {

@@ -262,7 +262,6 @@ impl Exporter {
         for (map, stat) in [
             ("connections", Stat::ConnsUntracked),
             ("counts", Stat::CountsOverflowed),
-            ("connect_latency", Stat::LatencyOverflowed),
             ("connects_in_flight", Stat::ConnectsUntracked),
         ] {
             full.sample(&[("map", map)], shared.stat(stat));
