@@ -257,7 +257,12 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     // announced (most connections ended with a FIN, seen already); a failure's report shows it.
     let err_decides = conn.established_ns == 0 || conn.end == EndKind::Open as u8;
     let sk_err = if err_decides { socket_error(sk) } else { 0 };
-    let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
+    // What came back decides only a connection that was established.
+    let bytes_received = if conn.established_ns == 0 {
+        0
+    } else {
+        read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0)
+    };
     if conn.established_ns == 0 && conn.reset_received == 0 && sk_err == 0 {
         // SYN_SENT→CLOSE with no error of its own inside connect() (no local port left): the
         // syscall's return value says why, at sys_exit_connect.
@@ -269,9 +274,6 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
                 return;
             }
         }
-    }
-    if conn.local.port == 0 {
-        conn.local.port = local_port(sk);
     }
     let verdict = conn.on_close(CloseFacts {
         now_ns: now,
@@ -285,24 +287,35 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         return;
     };
     let send = count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now);
-    if outcome.is_failure() {
-        let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
-        let sk_err = if err_decides { sk_err } else { socket_error(sk) };
-        conn.proxy.netns = netns_of(sk);
-        report(
-            &Report {
-                send,
-                close_ns: now,
-                waited_ns: verdict.waited_ns,
-                bytes_received: conn.data_received(old_state, bytes_received),
-                bytes_acked,
-                errno: sk_err,
-                outcome,
-                source: Source::SocketClosed,
-            },
-            |into| *into = *conn,
-        );
+    if !outcome.is_failure() {
+        return;
     }
+    if !send {
+        // Over its key's events-per-second budget (a storm): counted, not reported, so
+        // nothing more is read.
+        stat(Stat::EventsSampledOut);
+        return;
+    }
+    // What only the report shows.
+    if conn.local.port == 0 {
+        conn.local.port = local_port(sk);
+    }
+    let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
+    let sk_err = if err_decides { sk_err } else { socket_error(sk) };
+    conn.proxy.netns = netns_of(sk);
+    report(
+        &Report {
+            send,
+            close_ns: now,
+            waited_ns: verdict.waited_ns,
+            bytes_received: conn.data_received(old_state, bytes_received),
+            bytes_acked,
+            errno: sk_err,
+            outcome,
+            source: Source::SocketClosed,
+        },
+        |into| *into = *conn,
+    );
 }
 
 /// `sk->sk_err`, 0 when it cannot be read.
