@@ -34,10 +34,6 @@ pub struct KernelOffsets {
     /// [`KernelOffsets::MISSING`] where absent): where sends are inferred.
     pub tcp_write_seq: u32,
     pub tcp_clock_cache: u32,
-    /// `sk_buff.len` and `sk_buff.data`: an incoming segment's length and where its TCP
-    /// header starts (at `tcp:tcp_probe`).
-    pub skb_len: u32,
-    pub skb_data: u32,
     /// `struct task_struct` members.
     pub task_group_leader: u32,
     pub task_comm: u32,
@@ -178,8 +174,6 @@ impl Config {
             tcp_bytes_acked: 0,
             tcp_write_seq: 0,
             tcp_clock_cache: KernelOffsets::MISSING,
-            skb_len: 0,
-            skb_data: 0,
             task_group_leader: 0,
             task_comm: 0,
             task_files: 0,

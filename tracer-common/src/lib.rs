@@ -66,7 +66,7 @@ macro_rules! sizes {
 }
 
 sizes!(
-    Config = 232,
+    Config = 224,
     ConnTrack = 144,
     CountKey = 56,
     RouteKey = 48,

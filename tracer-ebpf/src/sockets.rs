@@ -63,51 +63,42 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> i32 {
 }
 
 /// Where `tcp_sendmsg_locked` is missing (before Linux 6.16): a segment arrives on an
-/// established connection, before it is processed. Sends are inferred here, before a data
-/// segment (or the FIN or RST) changes what was received.
+/// established connection, before it is processed. Sends are inferred here, before the segment
+/// (data, the FIN or RST, or an ACK) changes what was received.
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let skb: *const u8 = ctx.arg(1);
-    note_error(Program::TcpProbe, segment_arriving(sk, skb));
+    note_error(Program::TcpProbe, segment_arriving(sk));
     0
 }
 
-/// TCP flags in the header's 14th byte.
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
-
-fn segment_arriving(sk: *const u8, skb: *const u8) -> Result<(), i64> {
+fn segment_arriving(sk: *const u8) -> Result<(), i64> {
     if config!(sends) != Config::SENDS_INFERRED {
         return Ok(());
     }
     // Segments of sockets tracer does not follow (a proxy's clients', a local upstream's)
-    // return after one lookup, pure ACKs (most segments) after reading the header.
-    let Some(conn) = tracked(sk) else {
-        return Ok(());
-    };
-    let len: u32 = read_kernel(skb, config!(offsets.skb_len))?;
-    let header: *const u8 = read_kernel(skb, config!(offsets.skb_data))?;
-    // Data offset (in 32-bit words) in the high nibble of byte 12, flags in byte 13.
-    let [data_offset, flags]: [u8; 2] = read_kernel(header, 12)?;
-    let carries_data = len > u32::from(data_offset >> 4) * 4;
-    if !carries_data && flags & (TCP_FIN | TCP_RST) == 0 {
-        return Ok(());
+    // return after one lookup; the others after one read, unless the proxy sent since.
+    if let Some(conn) = tracked(sk) {
+        note_sends(sk, conn);
     }
-    note_sends(sk, conn);
     Ok(())
 }
 
-/// Where sends are inferred: tells the record where the proxy's `write_seq` stands now.
+/// Where sends are inferred: tells the record where the proxy's `write_seq` stands now. Only
+/// when it moved since the last look (the proxy sent) is more read: what the connection had
+/// received by then (this segment is not processed yet), and when.
 #[inline(always)]
 fn note_sends(sk: *const u8, conn: &mut ConnTrack) {
     let Ok(write_seq) = read_kernel::<u32>(sk, config!(offsets.tcp_write_seq)) else {
         return;
     };
+    if write_seq == conn.seen_write_seq {
+        return;
+    }
     let bytes_received = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_received)).unwrap_or(0);
     let now = now();
-    // When the kernel last sent or received on this connection: the send, unless a pure ACK
-    // (or a retransmit) came after it.
+    // When the kernel last sent or received on this connection: the send, the first segment
+    // to arrive after it being the one looked at now.
     let clock_at = config!(offsets.tcp_clock_cache);
     let sent_ns = if clock_at == tracer_common::KernelOffsets::MISSING {
         now

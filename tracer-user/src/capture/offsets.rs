@@ -29,8 +29,6 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tcp_clock_cache: btf
             .member_offset("tcp_sock", "tcp_clock_cache")
             .unwrap_or(KernelOffsets::MISSING),
-        skb_len: btf.member_offset("sk_buff", "len")?,
-        skb_data: btf.member_offset("sk_buff", "data")?,
         task_group_leader: btf.member_offset("task_struct", "group_leader")?,
         task_comm: btf.member_offset("task_struct", "comm")?,
         task_files: btf.member_offset("task_struct", "files")?,
