@@ -2,8 +2,8 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
-    ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Program, RecordKind,
-    RouteKey, Source, Stat, Tally, Task,
+    ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Program, RecordKind, RouteKey, Source,
+    Stat, Tally, Task,
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 

@@ -292,7 +292,11 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         conn.local.port = local_port(sk);
     }
     let bytes_acked = read_kernel::<u64>(sk, config!(offsets.tcp_bytes_acked)).unwrap_or(0);
-    let sk_err = if err_decides { sk_err } else { socket_error(sk) };
+    let sk_err = if err_decides {
+        sk_err
+    } else {
+        socket_error(sk)
+    };
     conn.proxy.netns = netns_of(sk);
     report(
         &Report {

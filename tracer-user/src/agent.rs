@@ -18,10 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracer_common::{Endpoint, Outcome, Stat};
 
 use crate::{
-    aggregate::{
-        ListenerTotals, RootCauseTotals, Totals,
-        ledger::Ledger,
-    },
+    aggregate::{ListenerTotals, RootCauseTotals, Totals, ledger::Ledger},
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
     classify::{Classified, Listeners, Notice, is_not_an_upstream, self_probe::SelfProbes},
     decode::{

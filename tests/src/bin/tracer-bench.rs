@@ -417,7 +417,11 @@ impl Bench {
                     "less than".to_string()
                 };
                 self.verdict.check(
-                    if of_bpftrace < 1.0 { tr <= b * of_bpftrace } else { tr < b },
+                    if of_bpftrace < 1.0 {
+                        tr <= b * of_bpftrace
+                    } else {
+                        tr < b
+                    },
                     format!(
                         "{} ({}): {tr:.0} ns of kernel time per operation, {target} bpftrace's \
                          ({b:.0} ns)",

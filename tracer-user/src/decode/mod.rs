@@ -19,8 +19,8 @@ pub use self::{
 };
 
 use tracer_common::{
-    CountKey, Endpoint, ExitEvent, FailureEvent, ListenerEvent, OomEvent, Outcome,
-    RecordKind, RouteKey, Source, Task as KernelTask,
+    CountKey, Endpoint, ExitEvent, FailureEvent, ListenerEvent, OomEvent, Outcome, RecordKind,
+    RouteKey, Source, Task as KernelTask,
     conn::EndKind,
     net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
 };
