@@ -89,10 +89,11 @@ impl Tally {
     }
 }
 
-/// Size of `COUNTS` (a route's connects take a few connect-time buckets). When it is full, new
-/// keys are counted per outcome only, in `OVERFLOW_COUNTS`, and [`Stat::CountsOverflowed`]
-/// goes up.
-pub const COUNTS_MAX_ENTRIES: u32 = 32_768;
+/// Size of `COUNTS` (a route's connects take a few connect-time buckets; idle entries are
+/// retired by the agent). When it is full, new keys are counted per outcome only, in
+/// `OVERFLOW_COUNTS`, and [`Stat::CountsOverflowed`] goes up. (32,768 raised the agent's peak
+/// memory past 30 MB when every entry is in use: it reads them all at each scrape.)
+pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
 /// Size of the live-connection table `CONNS` (an LRU hash keyed by socket).
 pub const CONNS_MAX_ENTRIES: u32 = 65_536;
 /// Size of the in-flight connect() table `CONNECTS` (keyed by thread).

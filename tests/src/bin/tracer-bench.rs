@@ -24,8 +24,9 @@ struct Options {
     out: Option<String>,
     tracer_args: Vec<String>,
     /// `--only kernel`: only the kernel-time pass (with the untraced rates it is measured
-    /// against), to measure a change to the programs quickly.
-    kernel_only: bool,
+    /// against), to measure a change to the programs quickly; `--only footprint`: only the
+    /// agent's CPU and memory.
+    only: Option<String>,
 }
 
 /// Rounds of the kernel-time pass (each runs every workload under tracer, then bpftrace).
@@ -37,7 +38,7 @@ fn options() -> Options {
         seconds: 5,
         out: None,
         tracer_args: Vec::new(),
-        kernel_only: false,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -47,10 +48,10 @@ fn options() -> Options {
             ("--seconds", Some(v)) => options.seconds = v.parse().expect("--seconds S"),
             ("--out", Some(v)) => options.out = Some(v),
             ("--tracer-arg", Some(v)) => options.tracer_args.push(v),
-            ("--only", Some(v)) if v == "kernel" => options.kernel_only = true,
+            ("--only", Some(v)) if v == "kernel" || v == "footprint" => options.only = Some(v),
             _ => panic!(
                 "usage: tracer-bench [--rounds N] [--seconds S] [--out FILE] [--tracer-arg ARG]... \
-                 [--only kernel]"
+                 [--only kernel|footprint]"
             ),
         }
     }
@@ -88,11 +89,19 @@ fn main() -> ExitCode {
         report: String::new(),
         verdict: Verdict { lines: Vec::new() },
     };
-    if bench.options.kernel_only {
-        let throughput = bench.untraced_rates();
-        let kernel = bench.kernel_time();
-        bench.report_kernel_time(&kernel, &throughput);
-        return bench.finish(started);
+    match bench.options.only.as_deref() {
+        Some("kernel") => {
+            let throughput = bench.untraced_rates();
+            let kernel = bench.kernel_time();
+            bench.report_kernel_time(&kernel, &throughput);
+            return bench.finish(started);
+        }
+        Some(_) => {
+            let footprint = bench.footprint();
+            bench.report_footprint(&footprint, &bench.untraced_rates_none());
+            return bench.finish(started);
+        }
+        None => {}
     }
     let throughput = bench.throughput();
     bench.report_throughput(&throughput);
@@ -215,9 +224,9 @@ impl Bench {
         t
     }
 
-    /// `--only kernel`: the untraced rates alone, which the kernel time is measured against.
-    fn untraced_rates(&self) -> Throughput {
-        let mut t = Throughput {
+    /// No measurement of throughput (`--only footprint`).
+    fn untraced_rates_none(&self) -> Throughput {
+        Throughput {
             rates: BTreeMap::new(),
             ratios: BTreeMap::new(),
             mismatches: Vec::new(),
@@ -225,7 +234,12 @@ impl Bench {
             storm_cpu: Vec::new(),
             storm_events: Vec::new(),
             events_lost: 0,
-        };
+        }
+    }
+
+    /// `--only kernel`: the untraced rates alone, which the kernel time is measured against.
+    fn untraced_rates(&self) -> Throughput {
+        let mut t = self.untraced_rates_none();
         for _ in 0..self.options.rounds {
             for workload in Workload::ALL {
                 let done = self.env.run(workload, self.duration);
