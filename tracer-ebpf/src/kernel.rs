@@ -107,6 +107,7 @@ pub fn is_ignored(pid_tgid: u64) -> bool {
 pub fn field<const N: usize>(block: &[u8], offset: u32) -> Result<[u8; N], i64> {
     let offset = offset as usize;
     let bytes = block.get(offset..offset + N).ok_or(-1i64)?;
-    // Not a zeroed array filled in: every zero-fill is a call to memset (see main.rs).
+    // Not a zeroed array filled in (zero-fills used to be byte-by-byte memset calls; see
+    // build.rs).
     bytes.try_into().map_err(|_| -1i64)
 }

@@ -98,7 +98,8 @@ fn main() -> ExitCode {
         }
         Some(_) => {
             let footprint = bench.footprint();
-            bench.report_footprint(&footprint, &bench.untraced_rates_none());
+            // No throughput pass: the storm's agent CPU is not measured.
+            bench.report_footprint(&footprint, &Throughput::default());
             return bench.finish(started);
         }
         None => {}
@@ -125,6 +126,7 @@ struct Bench {
 
 /// Throughput per workload and condition, round by round, and the exactness checks made on the
 /// way.
+#[derive(Default)]
 struct Throughput {
     rates: BTreeMap<(Workload, Condition), Vec<f64>>,
     ratios: BTreeMap<(Workload, Condition), Vec<f64>>,
@@ -167,15 +169,7 @@ struct Footprint {
 impl Bench {
     /// Throughput, round by round, conditions in rotating order.
     fn throughput(&self) -> Throughput {
-        let mut t = Throughput {
-            rates: BTreeMap::new(),
-            ratios: BTreeMap::new(),
-            mismatches: Vec::new(),
-            exact_checks: 0,
-            storm_cpu: Vec::new(),
-            storm_events: Vec::new(),
-            events_lost: 0,
-        };
+        let mut t = Throughput::default();
         let rounds = self.options.rounds;
         for round in 0..rounds {
             let mut this_round: BTreeMap<(Workload, Condition), f64> = BTreeMap::new();
@@ -224,22 +218,9 @@ impl Bench {
         t
     }
 
-    /// No measurement of throughput (`--only footprint`).
-    fn untraced_rates_none(&self) -> Throughput {
-        Throughput {
-            rates: BTreeMap::new(),
-            ratios: BTreeMap::new(),
-            mismatches: Vec::new(),
-            exact_checks: 0,
-            storm_cpu: Vec::new(),
-            storm_events: Vec::new(),
-            events_lost: 0,
-        }
-    }
-
     /// `--only kernel`: the untraced rates alone, which the kernel time is measured against.
     fn untraced_rates(&self) -> Throughput {
-        let mut t = self.untraced_rates_none();
+        let mut t = Throughput::default();
         for _ in 0..self.options.rounds {
             for workload in Workload::ALL {
                 let done = self.env.run(workload, self.duration);
@@ -425,17 +406,13 @@ impl Bench {
                         share * 100.0
                     ),
                 );
-                let target = if of_bpftrace < 1.0 {
-                    "≤ half of".to_string()
+                let (met, target) = if of_bpftrace < 1.0 {
+                    (tr <= b * of_bpftrace, "≤ half of")
                 } else {
-                    "less than".to_string()
+                    (tr < b, "less than")
                 };
                 self.verdict.check(
-                    if of_bpftrace < 1.0 {
-                        tr <= b * of_bpftrace
-                    } else {
-                        tr < b
-                    },
+                    met,
                     format!(
                         "{} ({}): {tr:.0} ns of kernel time per operation, {target} bpftrace's \
                          ({b:.0} ns)",
@@ -593,11 +570,13 @@ impl Bench {
             "| agent CPU per 1,000 failure events (same run) | {:.1} ms | |",
             f.cpu_used.as_secs_f64() * 1000.0 / paced.max(1) as f64 * 1000.0
         );
-        let _ = writeln!(
-            report,
-            "| agent CPU during (a) at full rate (median; {storm_events:.0} events/s received, the rest sampled out) | {:.1}% of one core | |",
-            storm_cpu * 100.0
-        );
+        if !t.storm_cpu.is_empty() {
+            let _ = writeln!(
+                report,
+                "| agent CPU during (a) at full rate (median; {storm_events:.0} events/s received, the rest sampled out) | {:.1}% of one core | |",
+                storm_cpu * 100.0
+            );
+        }
         let _ = writeln!(
             report,
             "| agent peak RSS with 1,000 upstreams ({distinct} refused, {} series) | {:.1} MB (now {:.1} MB) | ≤ 30 MB |",
