@@ -166,10 +166,14 @@ impl Shared {
 
 /// Returns the heap's free memory to the system, after work that needed much of it for a
 /// moment (start-up, a scrape of thousands of series): freed memory otherwise stays in
-/// malloc's per-thread arenas and counts as the agent's RSS.
+/// malloc's per-thread arenas and counts as the agent's RSS. (musl's malloc, in the static
+/// build, has no arenas to trim: it returns freed pages itself.)
 pub fn give_memory_back() {
     // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// How often the agent collects failure records that did not wake it (at most this late).

@@ -175,6 +175,7 @@ pub fn run(
     workspace: &Path,
     kernels: &[&'static Kernel],
     tracer: &Path,
+    static_tracer: &Path,
     test_binaries: &BTreeMap<String, PathBuf>,
 ) -> anyhow::Result<()> {
     setup::packages(GUEST_PACKAGES)?;
@@ -188,7 +189,15 @@ pub fn run(
             "xtask: booting {} ({}) in QEMU (TCG) to run the kernel tests",
             kernel.name, unpacked.release
         );
-        let result = boot_and_test(&base, &vng, kernel, &unpacked, tracer, test_binaries)?;
+        let result = boot_and_test(
+            &base,
+            &vng,
+            kernel,
+            &unpacked,
+            tracer,
+            static_tracer,
+            test_binaries,
+        )?;
         println!("{}", table(std::slice::from_ref(&result)));
         results.push(result);
     }
@@ -484,6 +493,7 @@ fn boot_and_test(
     kernel: &'static Kernel,
     unpacked: &Unpacked,
     tracer: &Path,
+    static_tracer: &Path,
     test_binaries: &BTreeMap<String, PathBuf>,
 ) -> anyhow::Result<GuestResult> {
     let out = base.join("run").join(kernel.name);
@@ -505,6 +515,15 @@ fn boot_and_test(
     );
     let _ = writeln!(script, "export TRACER_TEST_GUEST={}", kernel.name);
     let _ = writeln!(script, "mkdir -p /tmp/tracer-guest && cd /tmp/tracer-guest");
+    // The release's static binary (cargo xtask dist) checks this kernel first.
+    let _ = writeln!(script, "echo \"== {STATIC_CHECK} $(date +%T)\"");
+    let _ = writeln!(
+        script,
+        "{} check > {} 2>&1; echo $? > {}",
+        static_tracer.display(),
+        out.join(format!("{STATIC_CHECK}.log")).display(),
+        out.join(format!("{STATIC_CHECK}.rc")).display()
+    );
     // One test at a time, and one CPU (below): with two, QEMU's emulation ran code the kernel
     // had just patched (a tracepoint switched on) and a 7.3.4 guest died of it ("Oops: int3 in
     // trace_syscall_exit"); a 5.10 guest hung with two tests at once. Everything the tests
@@ -557,6 +576,19 @@ fn boot_and_test(
     }
     let seconds = started.elapsed().as_secs();
     let mut tests = BTreeMap::new();
+    let check_log =
+        std::fs::read_to_string(out.join(format!("{STATIC_CHECK}.log"))).unwrap_or_default();
+    let check_rc = std::fs::read_to_string(out.join(format!("{STATIC_CHECK}.rc")))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let check = static_check_result(check_rc, &check_log);
+    if !matches!(check, Some((_, 0, 0))) {
+        println!(
+            "---- the static tracer's check on {} ({}):\n{check_log}",
+            kernel.name, unpacked.release
+        );
+    }
+    tests.insert(STATIC_CHECK.to_string(), check);
     for name in test_binaries.keys().filter(|name| kernel.runs(name)) {
         let rc = std::fs::read_to_string(out.join(format!("{name}.rc")))
             .ok()
@@ -592,6 +624,21 @@ fn boot_and_test(
             .collect(),
         seconds,
     })
+}
+
+/// The table's row for the static binary's `tracer check` in the guest.
+const STATIC_CHECK: &str = "static-tracer-check";
+
+/// `tracer check` passed when it exited 0 having loaded and attached the programs.
+fn static_check_result(rc: Option<i32>, log: &str) -> Option<(u32, u32, i32)> {
+    let attached = log
+        .lines()
+        .any(|l| l.split_whitespace().take(2).eq(["ok", "probes"]) && l.contains(" attached"));
+    match rc? {
+        0 if attached => Some((1, 0, 0)),
+        0 => Some((0, 1, 1)),
+        rc => Some((0, 1, rc)),
+    }
 }
 
 /// `ok. 16 passed; 0 failed; …` → (16, 0).
@@ -637,6 +684,16 @@ mod tests {
             Some((3, 2))
         );
         assert_eq!(parse_result("nonsense"), None);
+    }
+
+    #[test]
+    fn the_static_check_passes_only_when_it_attached() {
+        let ok = "ok   kernel  5.10.0-35-amd64\nok   probes  13/13 attached  and detached again\n";
+        assert_eq!(static_check_result(Some(0), ok), Some((1, 0, 0)));
+        assert_eq!(static_check_result(Some(1), ok), Some((0, 1, 1)));
+        let no_probes = "ok   probe oom:mark_victim  attached\nFAIL load and attach  failed\n";
+        assert_eq!(static_check_result(Some(0), no_probes), Some((0, 1, 1)));
+        assert_eq!(static_check_result(None, ok), None);
     }
 
     #[test]

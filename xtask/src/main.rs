@@ -8,8 +8,11 @@
 //!   own logs.
 //! - `cargo xtask bench [-- --rounds N --seconds S --out FILE]`: overhead against running nothing
 //!   and against bpftrace, exactness and footprint (see BENCHMARKS.md).
+//! - `cargo xtask dist`: the release artifacts in `target/dist/`: a static binary, an OCI image
+//!   and a Debian package (see `dist.rs` and RELEASING.md).
 //! - `cargo xtask setup [--test-deps]`, `cargo xtask build [--debug]`.
 
+mod dist;
 mod kernels;
 mod setup;
 
@@ -70,6 +73,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build what a release ships into target/dist/: the static binary `tracer`, the image
+    /// (`tracer-image.tar`, from `docker save`) and the Debian package.
+    Dist,
     /// Set up, build and run every test (kernel tests need root; with CI=true they must run).
     Test {
         /// Instead, run the kernel tests in QEMU guests booted with Debian's kernels: 5.10, 6.1,
@@ -105,6 +111,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Build { debug } => build(!debug).map(drop),
+        Task::Dist => {
+            setup::toolchain()?;
+            dist::dist(&workspace_root(), dist::Artifacts::All)
+        }
         Task::Run { args } => {
             setup::toolchain()?;
             let tracer = build(true)?;
@@ -279,7 +289,10 @@ fn test_kernels(which: &str, extra: &[String]) -> anyhow::Result<()> {
         extra.iter().map(String::as_str).collect()
     };
     let binaries = test_binaries(&names)?;
-    kernels::run(&workspace_root(), &kernels, &tracer, &binaries)
+    // The static binary of `cargo xtask dist`: each guest also runs its `tracer check`.
+    let workspace = workspace_root();
+    let static_tracer = dist::static_binary(&workspace, &dist::dist_dir(&workspace))?;
+    kernels::run(&workspace, &kernels, &tracer, &static_tracer, &binaries)
 }
 
 /// Builds the tests crate's test binaries `names` (and the programs they run) and returns
@@ -341,12 +354,23 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     } else {
         eprintln!("xtask: not root: kernel tests will be skipped (each says so)");
     }
+    // The release artifacts, which tests/tests/dist.rs installs and runs: all three as root,
+    // the binary and the package otherwise (the image needs a docker daemon).
+    dist::dist(
+        &workspace_root(),
+        if root {
+            dist::Artifacts::All
+        } else {
+            dist::Artifacts::BinaryAndPackage
+        },
+    )?;
     let tracer = build(false)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args(["test", "--no-fail-fast"])
         .args(extra)
-        .env("TRACER_BIN", &tracer);
+        .env("TRACER_BIN", &tracer)
+        .env("TRACER_DIST", dist::dist_dir(&workspace_root()));
     setup::run(&mut cmd).context("the tests failed")
 }
 

@@ -49,8 +49,10 @@ pub enum CaptureError {
     Preflight(#[from] PreflightError),
     #[error("reading the kernel's BTF: {0}")]
     Btf(#[from] BtfError),
-    #[error("loading tracer's eBPF programs: {0}")]
-    Load(#[from] aya::EbpfError),
+    /// The whole chain of causes is in the message (aya repeats itself at each level, so only
+    /// new ones are kept), then what to do where tracer knows it.
+    #[error("loading tracer's eBPF programs: {}{}", preflight::causes(.0), preflight::load_hint(.0))]
+    Load(aya::EbpfError),
     #[error("the {probe} probe, which tracer cannot work without, failed: {reason}")]
     RequiredProbe { probe: String, reason: String },
     #[error("tracer's eBPF object has no map {0}")]
@@ -62,6 +64,12 @@ pub enum CaptureError {
     },
     #[error("watching the event ring buffer: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<aya::EbpfError> for CaptureError {
+    fn from(error: aya::EbpfError) -> Self {
+        CaptureError::Load(error)
+    }
 }
 
 /// How the capture should behave.

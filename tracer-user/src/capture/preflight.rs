@@ -110,6 +110,54 @@ pub fn check() -> Result<(), PreflightError> {
     Ok(())
 }
 
+/// This process's seccomp mode (`Seccomp:` in /proc/self/status): 2 when a filter is
+/// installed, as container runtimes do by default.
+fn seccomp_mode() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// An error and its causes, `a: b: c`, leaving out a cause whose text the previous one already
+/// ends with.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// What to do about a load that the kernel refused although the capabilities were there: the
+/// usual reason is a container runtime's default seccomp profile, which lets some bpf() calls
+/// through and refuses others.
+pub fn load_hint(error: &aya::EbpfError) -> String {
+    let mut refused = false;
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = cause {
+        refused |= e.to_string().contains("(os error 1)");
+        cause = e.source();
+    }
+    if refused && seccomp_mode() == Some(2) {
+        " (a seccomp filter is active, as container runtimes install by default, and it \
+         refuses bpf() calls: run tracer's container without it, Kubernetes: securityContext \
+         seccompProfile type Unconfined; docker and podman: --security-opt seccomp=unconfined)"
+            .to_string()
+    } else {
+        String::new()
+    }
+}
+
 /// Lifts the locked-memory limit, which kernels before 5.11 charge BPF maps against.
 pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
@@ -129,6 +177,42 @@ pub fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn an_errors_causes_are_told_once_each() {
+        let error = Layer(
+            "map error",
+            Some(Box::new(Layer(
+                "failed to create map `X`",
+                Some(Box::new(Layer(
+                    "failed to create map `X`",
+                    Some(Box::new(Layer(
+                        "Operation not permitted (os error 1)",
+                        None,
+                    ))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            causes(&error),
+            "map error: failed to create map `X`: Operation not permitted (os error 1)"
+        );
+    }
 
     #[test]
     fn parses_kernel_releases() {
