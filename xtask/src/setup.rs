@@ -34,6 +34,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("php-fpm*", "php-fpm"),
     // The lab's Python application server.
     ("gunicorn", "gunicorn"),
+    // The runtime that tests/tests/dist.rs runs the image with (podman's default, crun, does
+    // not run containers on hosts with hybrid cgroups).
+    ("runc", "runc"),
 ];
 
 /// What the benchmarks add: the load generator and the baseline tracer.
