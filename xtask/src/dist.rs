@@ -104,6 +104,7 @@ pub fn static_binary(workspace: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     if !version.contains(VERSION) {
         bail!("the static tracer says {version:?}, not version {VERSION}");
     }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let out = dir.join("tracer");
     copy_atomically(&built, &out)?;
     Ok(out)

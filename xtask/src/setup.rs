@@ -37,6 +37,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     // The runtime that tests/tests/dist.rs runs the image with (podman's default, crun, does
     // not run containers on hosts with hybrid cgroups).
     ("runc", "runc"),
+    // Real containers (tests/tests/containers.rs): Debian's docker, whose daemon the tests
+    // start themselves, leaving the firewall and IP forwarding alone.
+    ("dockerd", "docker.io"),
 ];
 
 /// What the benchmarks add: the load generator and the baseline tracer.
@@ -173,6 +176,10 @@ pub fn packages(needed: &[(&str, &str)]) -> anyhow::Result<()> {
         );
     }
     println!("xtask: installing {}", missing.join(", "));
+    // No service starts during the install: the tests start what they use, their way, and
+    // some packages' own start would change the host (docker.io's dockerd switches IP
+    // forwarding on and rewrites the firewall).
+    let _no_starts = NoServiceStarts::new();
     let install = |quiet: bool| {
         let mut cmd = Command::new("apt-get");
         cmd.args(["install", "-y", "--no-install-recommends"])
@@ -192,6 +199,36 @@ pub fn packages(needed: &[(&str, &str)]) -> anyhow::Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
+}
+
+/// `/usr/sbin/policy-rc.d` answering "denied" (101) to every service start by maintainer
+/// scripts, for as long as it lives; one already there is left alone.
+struct NoServiceStarts(bool);
+
+impl NoServiceStarts {
+    const PATH: &str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> NoServiceStarts {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return NoServiceStarts(false);
+        }
+        let written = std::fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask: no service starts while it installs packages\nexit 101\n",
+        )
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)));
+        NoServiceStarts(written.is_ok())
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::fs::remove_file(Self::PATH);
+        }
+    }
 }
 
 /// Whether `command` is installed; `name*` matches any command whose name starts so.
