@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bpf;
 pub mod client;
+pub mod docker;
 pub mod http;
 pub mod lab;
 pub mod netns;

@@ -20,7 +20,10 @@ use tracer_common::{Endpoint, Outcome, Stat};
 use crate::{
     aggregate::{ListenerTotals, RootCauseTotals, Totals, ledger::Ledger},
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
-    classify::{Classified, Listeners, Notice, is_not_an_upstream, self_probe::SelfProbes},
+    classify::{
+        Classified, Listeners, Notice, RootCause, containers::ContainerView, is_not_an_upstream,
+        self_probe::SelfProbes,
+    },
     decode::{
         self, Clock, Count, ExistingListenerInfo, Failure, LatencyCount, Lifecycle, Record,
         ServerEnd,
@@ -189,6 +192,9 @@ pub struct Agent {
     clock: Clock,
     listeners: Listeners,
     self_probes: SelfProbes,
+    /// Containers, from the runtime at `runtime_socket` (followed while `run` runs).
+    containers: ContainerView,
+    runtime_socket: Option<std::path::PathBuf>,
     pub shared: Arc<Shared>,
 }
 
@@ -230,6 +236,13 @@ impl Agent {
             root_causes: Mutex::new(RootCauseTotals::default()),
             ledger: Mutex::new(Ledger::new(options.max_upstreams, options.idle_after)),
         });
+        let runtime_socket = options.container_runtime.socket();
+        if let Some(socket) = &runtime_socket {
+            eprintln!(
+                "tracer: naming containers from the runtime at {}",
+                socket.display()
+            );
+        }
         // Start-up read the kernel's BTF and /proc.
         give_memory_back();
         Ok(Agent {
@@ -241,6 +254,8 @@ impl Agent {
             clock: Clock::new(),
             listeners,
             self_probes: SelfProbes::default(),
+            containers: ContainerView::default(),
+            runtime_socket,
             shared,
         })
     }
@@ -271,6 +286,13 @@ impl Agent {
         );
         reclaim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::new();
+        // Aborted when `run` returns, however it returns.
+        let _runtime = self.runtime_socket.clone().map(|socket| {
+            AbortOnDrop(tokio::spawn(crate::capture::runtime::follow(
+                socket,
+                self.containers.model.clone(),
+            )))
+        });
         loop {
             tokio::select! {
                 ready = self.failures.ready() => ready.context("reading the event ring buffer")?,
@@ -301,6 +323,16 @@ impl Agent {
                 }
             }
         }
+        // Stopped by a signal: what the kernel recorded before it is still told.
+        self.lifecycle
+            .drain(|bytes| records.push(decode::record(bytes)));
+        self.failures
+            .drain(|bytes| records.push(decode::record(bytes)));
+        for record in records.drain(..) {
+            if self.handle_record(record, &mut handle).is_break() {
+                return Ok(());
+            }
+        }
         for failure in self.self_probes.flush() {
             if handle(&self.shared, Happening::Failure(Box::new(failure))).is_break() {
                 break;
@@ -321,7 +353,13 @@ impl Agent {
                     if is_not_an_upstream(&failure.upstream) {
                         return None;
                     }
+                    let (container_cause, proxy_container, upstream_container) =
+                        self.containers.describe(&failure);
+                    // The listener registry is still told of the failure (it counts what
+                    // follows a death); the container's story, when there is one, is the one
+                    // told.
                     let root_cause = self.listeners.root_cause(&failure);
+                    let root_cause = container_cause.map(RootCause::Container).or(root_cause);
                     if let Some(root) = &root_cause {
                         self.shared
                             .root_causes
@@ -337,6 +375,8 @@ impl Agent {
                     let classified = Classified {
                         failure,
                         root_cause,
+                        proxy_container,
+                        upstream_container,
                     };
                     self.self_probes
                         .on_failure(classified, Instant::now())
@@ -386,6 +426,14 @@ impl Agent {
                 ControlFlow::Continue(())
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -99,7 +99,12 @@ proptest! {
         };
         let clock = Clock::new();
         if let Ok(failure) = Failure::from_event(&event, &clock, &()) {
-            let classified = Classified { failure, root_cause: None };
+            let classified = Classified {
+                failure,
+                root_cause: None,
+                proxy_container: None,
+                upstream_container: None,
+            };
             let text = text_line(&classified);
             prop_assert!(!text.contains('\n') && shows_no_control_characters(&text), "{text:?}");
             let json = json_line(&classified);

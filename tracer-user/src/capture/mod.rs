@@ -11,6 +11,7 @@ mod offsets;
 pub mod preflight;
 mod probes;
 pub mod procfs;
+pub mod runtime;
 pub mod sock_diag;
 pub mod tracefs;
 
@@ -88,6 +89,29 @@ pub struct Options {
     pub max_upstreams: usize,
     /// Kernel count entries unchanged this long are moved to the agent (`--idle-after`).
     pub idle_after: Duration,
+    /// Where container names come from (`--container-runtime`).
+    pub container_runtime: ContainerRuntime,
+}
+
+/// Which container runtime to ask for container names (see `runtime`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ContainerRuntime {
+    /// The first of `runtime::SOCKETS` that exists.
+    #[default]
+    Auto,
+    None,
+    Socket(std::path::PathBuf),
+}
+
+impl ContainerRuntime {
+    /// The socket to follow, if any.
+    pub fn socket(&self) -> Option<std::path::PathBuf> {
+        match self {
+            ContainerRuntime::Auto => runtime::find_socket(),
+            ContainerRuntime::None => None,
+            ContainerRuntime::Socket(path) => Some(path.clone()),
+        }
+    }
 }
 
 impl Default for Options {
@@ -99,6 +123,7 @@ impl Default for Options {
             ignore_own_process: true,
             max_upstreams: crate::aggregate::ledger::DEFAULT_MAX_UPSTREAMS,
             idle_after: crate::aggregate::ledger::DEFAULT_IDLE_AFTER,
+            container_runtime: ContainerRuntime::Auto,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! The cause itself is decided in the kernel, by `tracer_common::conn` (so that the kernel can
 //! count it exactly); this stage explains it: one sentence a person on call can act on.
 
+pub mod containers;
 pub mod root_cause;
 pub mod self_probe;
 
@@ -19,6 +20,9 @@ use crate::decode::{Failure, Upstream};
 pub struct Classified {
     pub failure: Failure,
     pub root_cause: Option<RootCause>,
+    /// The proxy's container and the upstream's, when a container runtime names them.
+    pub proxy_container: Option<containers::ContainerId>,
+    pub upstream_container: Option<containers::ContainerId>,
 }
 
 impl Classified {

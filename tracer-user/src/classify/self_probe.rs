@@ -126,6 +126,8 @@ mod tests {
                 },
             },
             root_cause: None,
+            proxy_container: None,
+            upstream_container: None,
         }
     }
 

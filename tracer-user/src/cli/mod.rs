@@ -57,6 +57,12 @@ pub struct CaptureArgs {
     /// Skipping `sys_exit_connect` or `sys_enter_connect` skips both.
     #[arg(long, value_name = "PROBE", value_parser = skippable_probe)]
     pub skip_probe: Vec<&'static str>,
+    /// Where to ask a container runtime for container names, images and fates (the Docker API
+    /// socket that Docker and Podman's service serve): `auto` tries /var/run/docker.sock,
+    /// /run/docker.sock and /run/podman/podman.sock, then the same under /host/run (the
+    /// DaemonSet's mount of the host's /run); `none` asks none.
+    #[arg(long, default_value = "auto", value_name = "auto|none|SOCKET")]
+    pub container_runtime: String,
 }
 
 impl CaptureArgs {
@@ -65,6 +71,11 @@ impl CaptureArgs {
             min_wait: self.min_wait,
             events_per_second: self.event_rate,
             skip_probes: self.skip_probe.clone(),
+            container_runtime: match self.container_runtime.as_str() {
+                "auto" => crate::capture::ContainerRuntime::Auto,
+                "none" => crate::capture::ContainerRuntime::None,
+                path => crate::capture::ContainerRuntime::Socket(path.into()),
+            },
             ..Options::default()
         }
     }

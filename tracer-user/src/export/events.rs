@@ -9,7 +9,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    classify::{Classified, Notice, errno_name, explain, source_name},
+    classify::{Classified, Notice, containers::ContainerId, errno_name, explain, source_name},
     decode::{Failure, Upstream},
 };
 
@@ -149,6 +149,13 @@ pub struct EventRecord {
     /// The root cause in one sentence, with its evidence.
     #[serde(default)]
     pub root_cause_detail: Option<String>,
+    /// The proxy's container, when a container runtime names it (`--container-runtime`).
+    #[serde(default)]
+    pub proxy_container: Option<ContainerId>,
+    /// The container that holds (or, for `stale_address` and a container that died, held) the
+    /// upstream's address.
+    #[serde(default)]
+    pub upstream_container: Option<ContainerId>,
 }
 
 fn millis(d: Duration) -> f64 {
@@ -187,6 +194,8 @@ impl From<&Classified> for EventRecord {
             root_cause_pid: root.and_then(|r| r.process()).map(|p| p.pid),
             root_cause_comm: root.and_then(|r| r.process()).map(|p| p.comm.clone()),
             root_cause_detail: root.map(|r| r.explain(f)),
+            proxy_container: c.proxy_container.clone(),
+            upstream_container: c.upstream_container.clone(),
         }
     }
 }
@@ -291,6 +300,12 @@ pub fn text_line(c: &Classified) -> String {
         ));
     }
     line.push_str(&format!(" ended_by={}", r.ended_by));
+    if let Some(container) = &r.proxy_container {
+        line.push_str(&format!(" proxy_container={}", container.name));
+    }
+    if let Some(container) = &r.upstream_container {
+        line.push_str(&format!(" upstream_container={}", container.name));
+    }
     if let Some(root) = &r.root_cause {
         line.push_str(&format!(" root_cause={root}"));
         if let (Some(comm), Some(pid)) = (&r.root_cause_comm, r.root_cause_pid) {
@@ -313,6 +328,8 @@ mod tests {
         Classified {
             failure: failure(),
             root_cause: None,
+            proxy_container: None,
+            upstream_container: None,
         }
     }
 

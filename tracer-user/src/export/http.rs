@@ -305,9 +305,23 @@ pub async fn resolve(url: &str) -> Result<SocketAddr, String> {
 /// The most a response body read whole may hold.
 const MAX_BODY: usize = 64 << 20;
 
-/// GET `path` from the agent at `addr`: the body of a 200 response.
-pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut body = request(addr, path).await?;
+/// Where a client request goes: an agent's TCP address, or a local API's Unix socket (a
+/// container runtime's).
+#[derive(Debug, Clone, Copy)]
+pub enum Server<'a> {
+    Tcp(SocketAddr),
+    Unix(&'a std::path::Path),
+}
+
+impl From<SocketAddr> for Server<'_> {
+    fn from(addr: SocketAddr) -> Self {
+        Server::Tcp(addr)
+    }
+}
+
+/// GET `path` from `server`: the body of a 200 response.
+pub async fn get<'a>(server: impl Into<Server<'a>>, path: &str) -> std::io::Result<String> {
+    let mut body = request(server.into(), path).await?;
     let mut whole = Vec::new();
     while let Some(chunk) = next_data(&mut body).await? {
         if whole.len() + chunk.len() > MAX_BODY {
@@ -347,9 +361,12 @@ impl LineStream {
 }
 
 /// Opens a streamed GET of `path`.
-pub async fn get_stream(addr: SocketAddr, path: &str) -> std::io::Result<LineStream> {
+pub async fn get_stream<'a>(
+    server: impl Into<Server<'a>>,
+    path: &str,
+) -> std::io::Result<LineStream> {
     Ok(LineStream {
-        body: request(addr, path).await?,
+        body: request(server.into(), path).await?,
         pending: Vec::new(),
     })
 }
@@ -370,17 +387,29 @@ async fn next_data(body: &mut Incoming) -> std::io::Result<Option<Bytes>> {
     }
 }
 
-/// Sends `GET path` to `addr` on a connection of its own; the body of a 200 response.
-async fn request(addr: SocketAddr, path: &str) -> std::io::Result<Incoming> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::other(format!("connecting to {addr} timed out")))??;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(connection);
+/// Sends `GET path` to `server` on a connection of its own; the body of a 200 response.
+async fn request(server: Server<'_>, path: &str) -> std::io::Result<Incoming> {
+    let timed_out =
+        |what: String| move |_| std::io::Error::other(format!("connecting to {what} timed out"));
+    let (mut sender, host) = match server {
+        Server::Tcp(addr) => {
+            let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+                .await
+                .map_err(timed_out(addr.to_string()))??;
+            (handshake(stream).await?, addr.to_string())
+        }
+        Server::Unix(socket) => {
+            let stream = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::UnixStream::connect(socket),
+            )
+            .await
+            .map_err(timed_out(socket.display().to_string()))??;
+            (handshake(stream).await?, "localhost".to_string())
+        }
+    };
     let request = Request::get(path)
-        .header(header::HOST, addr.to_string())
+        .header(header::HOST, host)
         .body(Body::Full(None))
         .map_err(std::io::Error::other)?;
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
@@ -394,6 +423,18 @@ async fn request(addr: SocketAddr, path: &str) -> std::io::Result<Incoming> {
         )));
     }
     Ok(response.into_body())
+}
+
+/// An HTTP/1.1 client connection on `stream`, driven by a task of its own.
+async fn handshake<S>(stream: S) -> std::io::Result<hyper::client::conn::http1::SendRequest<Body>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 /// Writes raw bytes to a connection: the tests' way to send what no well-behaved client does.

@@ -57,6 +57,8 @@ pub enum WorkerEnd {
 /// Why failures toward an upstream happen, beyond the failure's own cause.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RootCause {
+    /// The upstream's container, in container words (see `classify::containers`).
+    Container(crate::classify::containers::ContainerCause),
     /// The process that listened there died.
     Died {
         listener: SocketAddr,
@@ -145,6 +147,7 @@ impl RootCause {
             },
             RootCause::NeverAccepted { .. } => "never_accepted",
             RootCause::SlowUpstream { .. } => "slow_upstream",
+            RootCause::Container(cause) => cause.name(),
         }
     }
 
@@ -161,7 +164,7 @@ impl RootCause {
             } => Some(process),
             RootCause::NeverAccepted { owner, .. } => owner.as_ref(),
             RootCause::SlowUpstream { worker, owner, .. } => worker.as_ref().or(owner.as_ref()),
-            RootCause::NothingListened { .. } => None,
+            RootCause::NothingListened { .. } | RootCause::Container(_) => None,
         }
     }
 
@@ -187,6 +190,7 @@ impl RootCause {
             format!("since then {n} {connections} from {proxy} to {upstream} {what}")
         };
         match self {
+            RootCause::Container(cause) => cause.explain(),
             RootCause::Died {
                 listener,
                 process,
@@ -462,12 +466,14 @@ pub fn signal_name(signal: i32) -> String {
     name.to_string()
 }
 
-fn clock(time: SystemTime) -> String {
+/// A time of day, `12:03:10`.
+pub(crate) fn clock(time: SystemTime) -> String {
     let text = humantime::format_rfc3339_seconds(time).to_string();
     text.get(11..19).unwrap_or(&text).to_string()
 }
 
-fn bytes(n: u64) -> String {
+/// A size in MiB or GiB.
+pub(crate) fn bytes(n: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     let n = n as f64;

@@ -28,6 +28,7 @@ use std::{
 
 use tracer_common::Outcome;
 
+pub(crate) use self::cause::{bytes, clock};
 pub use self::{
     cause::{Death, Notice, RootCause, WorkerEnd, signal_name},
     queues::QUEUES_FRESH,

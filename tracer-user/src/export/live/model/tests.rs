@@ -58,6 +58,8 @@ pub fn event(upstream: &str, cause: &str, pid: u32) -> EventRecord {
         root_cause_pid: None,
         root_cause_comm: None,
         root_cause_detail: None,
+        proxy_container: None,
+        upstream_container: None,
     }
 }
 

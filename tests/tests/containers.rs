@@ -1,0 +1,397 @@
+//! Real containers (Debian's docker) behind real nginx: tracer names the containers and tells
+//! what happened to the upstream's, with nginx's error log as the oracle for each failure's
+//! cause. Each scenario prints tracer's sentence and what `docker inspect` said at the time.
+//!
+//! - an upstream container recreated with a new address while nginx proxies to the old one;
+//! - one OOM-killed at its `--memory` limit;
+//! - one in a crash loop under a restart policy;
+//! - nginx itself in a container.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_tests::{
+    docker::{self, Container, GATEWAY},
+    http::{free_port, get},
+    kernel_tests_enabled,
+    lab::nginx::failures_in,
+    process::upstream_process_bin,
+    tracer_process::Tracer,
+};
+
+/// One scenario at a time: they share the daemon, the network and the host's nginx ports.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn scenario(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !kernel_tests_enabled(test) {
+        return None;
+    }
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    docker::setup();
+    Some(guard)
+}
+
+fn workdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tracer-containers-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in [
+        "tmp/body",
+        "tmp/proxy",
+        "tmp/fastcgi",
+        "tmp/uwsgi",
+        "tmp/scgi",
+    ] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    dir
+}
+
+/// nginx's configuration: one server on `listen` proxying to `upstream`, giving up a connect
+/// after 1 s.
+fn nginx_conf(dir: &Path, listen: &str, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "user nobody nogroup;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    proxy_connect_timeout 1s;
+    proxy_read_timeout 3s;
+    keepalive_timeout 0;
+    server {{ listen {listen}; location / {{ proxy_pass http://{upstream}; proxy_next_upstream off; }} }}
+}}
+"
+    )
+}
+
+/// nginx on the host, proxying from a loopback port to `upstream`.
+struct HostNginx {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl HostNginx {
+    fn start(tag: &str, upstream: SocketAddr) -> HostNginx {
+        let dir = workdir(tag);
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            nginx_conf(&dir, &addr.to_string(), upstream),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nginx (cargo xtask setup installs it)");
+        wait_until(Duration::from_secs(10), "nginx to listen", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        HostNginx { child, dir, addr }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for HostNginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[track_caller]
+fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An upstream container running `upstream-process 0.0.0.0:8000 ARGS` at `ip`.
+fn upstream(name: &str, ip: &str, options: &[&str], args: &[&str]) -> Container {
+    let binary = upstream_process_bin();
+    let binary = binary.to_str().unwrap();
+    let mut all = vec!["--ip", ip];
+    all.extend_from_slice(options);
+    let mut command = vec![binary, "0.0.0.0:8000"];
+    command.extend_from_slice(args);
+    Container::run(name, &all, &docker::binaries(), &command)
+}
+
+/// Makes `n` requests through `nginx` (each one attempt toward its upstream), returning their
+/// status codes.
+fn requests(nginx: SocketAddr, n: usize, gap: Duration) -> Vec<u16> {
+    (0..n)
+        .map(|_| {
+            let status = get(nginx, "/").map(|(s, _)| s).unwrap_or(0);
+            std::thread::sleep(gap);
+            status
+        })
+        .collect()
+}
+
+/// tracer's failures toward `upstream`, checked one for one against nginx's error log: the
+/// same number, the same causes, made by nginx. Returns them.
+#[track_caller]
+fn agree_with_nginx(events: &[Value], error_log: &str, upstream: &str) -> Vec<Value> {
+    let ours: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "failure" && e["upstream"] == upstream)
+        .cloned()
+        .collect();
+    let mut logged: Vec<&str> = failures_in(error_log)
+        .iter()
+        .filter(|f| f.upstream == upstream)
+        .map(|f| f.cause.unwrap_or("?"))
+        .collect();
+    let mut seen: Vec<&str> = ours.iter().map(|e| e["cause"].as_str().unwrap()).collect();
+    logged.sort_unstable();
+    seen.sort_unstable();
+    assert!(!logged.is_empty(), "nginx logged no failure:\n{error_log}");
+    assert_eq!(
+        seen, logged,
+        "tracer's causes against nginx's for {upstream}; nginx's log:\n{error_log}\ntracer: {ours:#?}"
+    );
+    for e in &ours {
+        assert_eq!(e["comm"], "nginx", "{e}");
+    }
+    ours
+}
+
+#[track_caller]
+fn assert_root_cause(events: &[Value], root_cause: &str, container: &str, detail: &[&str]) {
+    for e in events {
+        assert_eq!(e["root_cause"], root_cause, "{e:#}");
+        assert_eq!(e["upstream_container"]["name"], container, "{e:#}");
+        let text = e["root_cause_detail"].as_str().unwrap_or_default();
+        for part in detail {
+            assert!(text.contains(part), "{part:?} not in {text:?}");
+        }
+    }
+    println!(
+        "tracer: {} {}: {}",
+        events[0]["cause"], events[0]["upstream"], events[0]["root_cause_detail"]
+    );
+}
+
+#[test]
+fn an_upstream_container_recreated_with_a_new_address_leaves_a_stale_address() {
+    let Some(_one) =
+        scenario("an_upstream_container_recreated_with_a_new_address_leaves_a_stale_address")
+    else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let name = "tracer-test-web";
+    let web = upstream(name, "10.213.77.5", &[], &[]);
+    let old: SocketAddr = "10.213.77.5:8000".parse().unwrap();
+    wait_until(Duration::from_secs(10), "the upstream to listen", || {
+        std::net::TcpStream::connect_timeout(&old, Duration::from_millis(200)).is_ok()
+    });
+    let nginx = HostNginx::start("stale", old);
+    assert_eq!(requests(nginx.addr, 1, Duration::ZERO), [200]);
+    // Recreated: a new container of the same name, at a new address.
+    drop(web);
+    let web = upstream(name, "10.213.77.9", &[], &[]);
+    web.wait_for("{{.State.Running}}", "true", Duration::from_secs(10));
+    println!(
+        "docker inspect: {name} {} at {}, started {}",
+        web.inspect("{{.Id}}"),
+        web.ip(),
+        web.inspect("{{.State.StartedAt}}")
+    );
+    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    assert!(
+        statuses.iter().all(|s| *s == 504 || *s == 502),
+        "{statuses:?}"
+    );
+    let (events, _) = tracer.stop_collecting();
+    let ours = agree_with_nginx(&events, &nginx.error_log(), "10.213.77.5:8000");
+    assert_eq!(ours.len(), 3);
+    assert_root_cause(
+        &ours,
+        "stale_address",
+        name,
+        &[
+            "10.213.77.5 belonged to container tracer-test-web (image tracer-test-base:1) until",
+            "tracer-test-web now runs at 10.213.77.9",
+        ],
+    );
+}
+
+#[test]
+fn an_upstream_container_oom_killed_at_its_memory_limit() {
+    let Some(_one) = scenario("an_upstream_container_oom_killed_at_its_memory_limit") else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let name = "tracer-test-oom";
+    let addr: SocketAddr = "10.213.77.7:8000".parse().unwrap();
+    let api = upstream(
+        name,
+        "10.213.77.7",
+        &["--memory", "64m", "--memory-swap", "64m"],
+        &["oom", "1500"],
+    );
+    let nginx = HostNginx::start("oom", addr);
+    api.wait_for("{{.State.OOMKilled}}", "true", Duration::from_secs(30));
+    println!(
+        "docker inspect: {name} {}, OOMKilled {}, exit code {}, memory limit {}, finished {}",
+        api.inspect("{{.State.Status}}"),
+        api.inspect("{{.State.OOMKilled}}"),
+        api.inspect("{{.State.ExitCode}}"),
+        api.inspect("{{.HostConfig.Memory}}"),
+        api.inspect("{{.State.FinishedAt}}")
+    );
+    // The runtime's events reach tracer within moments.
+    std::thread::sleep(Duration::from_millis(500));
+    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    assert!(statuses.iter().all(|s| *s >= 500), "{statuses:?}");
+    let (events, _) = tracer.stop_collecting();
+    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
+    assert_root_cause(
+        &ours,
+        "container_oom_killed",
+        name,
+        &[
+            "container tracer-test-oom (image tracer-test-base:1) was OOM-killed at its memory \
+             limit (64 MiB)",
+        ],
+    );
+}
+
+#[test]
+fn an_upstream_container_in_a_crash_loop() {
+    let Some(_one) = scenario("an_upstream_container_in_a_crash_loop") else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let name = "tracer-test-crash";
+    let addr: SocketAddr = "10.213.77.8:8000".parse().unwrap();
+    // It exits 0.7 s after each start; docker starts it again (after 0.1 s, 0.2 s, 0.4 s…).
+    let worker = upstream(
+        name,
+        "10.213.77.8",
+        &["--restart", "always"],
+        &["exit", "700"],
+    );
+    let nginx = HostNginx::start("crash", addr);
+    wait_until(Duration::from_secs(30), "three restarts", || {
+        worker
+            .inspect("{{.RestartCount}}")
+            .parse::<u32>()
+            .unwrap_or(0)
+            >= 3
+    });
+    println!(
+        "docker inspect: {name} {}, RestartCount {}, last exit code {}, started {}",
+        worker.inspect("{{.State.Status}}"),
+        worker.inspect("{{.RestartCount}}"),
+        worker.inspect("{{.State.ExitCode}}"),
+        worker.inspect("{{.State.StartedAt}}")
+    );
+    let statuses = requests(nginx.addr, 8, Duration::from_millis(300));
+    let (events, _) = tracer.stop_collecting();
+    println!("nginx answered {statuses:?}");
+    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
+    assert_root_cause(
+        &ours,
+        "container_crash_loop",
+        name,
+        &["container tracer-test-crash (image tracer-test-base:1) is in a crash loop: restarted"],
+    );
+}
+
+#[test]
+fn nginx_in_a_container_is_named_as_the_proxy() {
+    let Some(_one) = scenario("nginx_in_a_container_is_named_as_the_proxy") else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    // Its upstream: a port on the host (the network's gateway) where nothing listens.
+    let port = free_port();
+    let upstream: SocketAddr = format!("{GATEWAY}:{port}").parse().unwrap();
+    let dir = workdir("in-container");
+    std::fs::write(
+        dir.join("nginx.conf"),
+        nginx_conf(&dir, "0.0.0.0:8080", upstream),
+    )
+    .unwrap();
+    let mount = format!("{0}:{0}", dir.display());
+    let conf = dir.join("nginx.conf");
+    let log = dir.join("error.log");
+    let name = "tracer-test-nginx";
+    let proxy = Container::run(
+        name,
+        &["--volume", &mount],
+        &docker::binaries(),
+        &[
+            "/usr/sbin/nginx",
+            "-e",
+            log.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ],
+    );
+    proxy.wait_for("{{.State.Running}}", "true", Duration::from_secs(10));
+    let entry = SocketAddr::new(proxy.ip(), 8080);
+    wait_until(Duration::from_secs(10), "nginx in its container", || {
+        std::net::TcpStream::connect(entry).is_ok()
+    });
+    println!(
+        "docker inspect: {name} {} at {}",
+        proxy.inspect("{{.Id}}"),
+        proxy.ip()
+    );
+    let statuses = requests(entry, 5, Duration::ZERO);
+    assert_eq!(statuses, [502; 5]);
+    let (events, _) = tracer.stop_collecting();
+    let error_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let ours = agree_with_nginx(&events, &error_log, &upstream.to_string());
+    assert_eq!(ours.len(), 5);
+    for e in &ours {
+        assert_eq!(e["cause"], "refused");
+        assert_eq!(e["proxy_container"]["name"], name, "{e:#}");
+        assert_eq!(
+            e["proxy_container"]["id"],
+            &proxy.inspect("{{.Id}}")[..12],
+            "{e:#}"
+        );
+        assert!(
+            e["upstream_container"].is_null(),
+            "the host is no container: {e:#}"
+        );
+    }
+    println!(
+        "tracer: {} from nginx in {}: {}",
+        ours[0]["cause"], ours[0]["proxy_container"], ours[0]["explanation"]
+    );
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
