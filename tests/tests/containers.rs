@@ -326,16 +326,10 @@ fn an_upstream_container_in_a_crash_loop() {
     );
 }
 
-#[test]
-fn nginx_in_a_container_is_named_as_the_proxy() {
-    let Some(_one) = scenario("nginx_in_a_container_is_named_as_the_proxy") else {
-        return;
-    };
-    let tracer = Tracer::events(&["--comm", "nginx"]);
-    // Its upstream: a port on the host (the network's gateway) where nothing listens.
-    let port = free_port();
-    let upstream: SocketAddr = format!("{GATEWAY}:{port}").parse().unwrap();
-    let dir = workdir("in-container");
+/// nginx in a container `name` on the test network, proxying its port 8080 to `upstream`;
+/// returns it, its entry address and its error log's path.
+fn nginx_container(name: &str, upstream: SocketAddr) -> (Container, SocketAddr, PathBuf) {
+    let dir = workdir(name);
     std::fs::write(
         dir.join("nginx.conf"),
         nginx_conf(&dir, "0.0.0.0:8080", upstream),
@@ -344,7 +338,6 @@ fn nginx_in_a_container_is_named_as_the_proxy() {
     let mount = format!("{0}:{0}", dir.display());
     let conf = dir.join("nginx.conf");
     let log = dir.join("error.log");
-    let name = "tracer-test-nginx";
     let proxy = Container::run(
         name,
         &["--volume", &mount],
@@ -364,6 +357,19 @@ fn nginx_in_a_container_is_named_as_the_proxy() {
     wait_until(Duration::from_secs(10), "nginx in its container", || {
         std::net::TcpStream::connect(entry).is_ok()
     });
+    (proxy, entry, log)
+}
+
+#[test]
+fn nginx_in_a_container_is_named_as_the_proxy() {
+    let Some(_one) = scenario("nginx_in_a_container_is_named_as_the_proxy") else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    // Its upstream: a port on the host (the network's gateway) where nothing listens.
+    let upstream: SocketAddr = format!("{GATEWAY}:{}", free_port()).parse().unwrap();
+    let name = "tracer-test-nginx";
+    let (proxy, entry, log) = nginx_container(name, upstream);
     println!(
         "docker inspect: {name} {} at {}",
         proxy.inspect("{{.Id}}"),
@@ -392,6 +398,67 @@ fn nginx_in_a_container_is_named_as_the_proxy() {
         "tracer: {} from nginx in {}: {}",
         ours[0]["cause"], ours[0]["proxy_container"], ours[0]["explanation"]
     );
-    drop(proxy);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(log.parent().unwrap());
+}
+
+#[test]
+fn metrics_say_which_container_each_upstream_and_proxy_is() {
+    let Some(_one) = scenario("metrics_say_which_container_each_upstream_and_proxy_is") else {
+        return;
+    };
+    let (agent, metrics) = Tracer::agent(&["--container-metrics"]);
+    let web = upstream("tracer-test-web2", "10.213.77.11", &[], &[]);
+    web.wait_for("{{.State.Running}}", "true", Duration::from_secs(10));
+    // A port of the upstream's container where nothing listens: refused.
+    let target: SocketAddr = "10.213.77.11:9999".parse().unwrap();
+    let (proxy, entry, log) = nginx_container("tracer-test-nginx2", target);
+    assert_eq!(requests(entry, 3, Duration::ZERO), [502; 3]);
+    let short_id = |c: &Container| c.inspect("{{.Id}}")[..12].to_string();
+    let upstream_info = format!(
+        "tracer_upstream_container_info{{upstream=\"{target}\",container=\"tracer-test-web2\",\
+         image=\"{image}\",container_id=\"{id}\",pod=\"\"}} 1",
+        image = docker::IMAGE,
+        id = short_id(&web)
+    );
+    let proxy_info = format!(
+        "container=\"tracer-test-nginx2\",image=\"{image}\",container_id=\"{id}\",pod=\"\"}} 1",
+        image = docker::IMAGE,
+        id = short_id(&proxy)
+    );
+    let failures = format!("upstream=\"{target}\",cause=\"refused\"");
+    let mut scrape = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        if scrape.contains(&upstream_info) && scrape.contains(&proxy_info) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines =
+        |needle: &str| -> Vec<&str> { scrape.lines().filter(|l| l.contains(needle)).collect() };
+    assert!(
+        scrape.contains(&upstream_info),
+        "{upstream_info} not in:\n{:#?}",
+        lines("container_info")
+    );
+    let proxy_lines = lines("tracer_proxy_container_info{proxy=\"nginx\"");
+    assert!(
+        proxy_lines.iter().any(|l| l.ends_with(&proxy_info)),
+        "{proxy_info} not in {proxy_lines:#?}"
+    );
+    let refused: f64 = lines("tracer_upstream_failures_total")
+        .iter()
+        .filter(|l| l.contains(&failures))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        refused,
+        3.0,
+        "{:#?}",
+        lines("tracer_upstream_failures_total")
+    );
+    println!("metrics: {upstream_info}\nmetrics: {}", proxy_lines[0]);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(log.parent().unwrap());
 }

@@ -21,7 +21,9 @@ use crate::{
     aggregate::{ListenerTotals, RootCauseTotals, Totals, ledger::Ledger},
     capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
     classify::{
-        Classified, Listeners, Notice, RootCause, containers::ContainerView, is_not_an_upstream,
+        Classified, Listeners, Notice, RootCause,
+        containers::{ContainerView, Containers},
+        is_not_an_upstream,
         self_probe::SelfProbes,
     },
     decode::{
@@ -55,6 +57,8 @@ pub struct Shared {
     pub root_causes: Mutex<RootCauseTotals>,
     /// Retired counts and admitted upstreams (see `aggregate::ledger`).
     pub ledger: Mutex<Ledger>,
+    /// The containers the runtime reported (see `classify::containers`).
+    pub containers: Arc<Mutex<Containers>>,
 }
 
 impl Shared {
@@ -235,6 +239,7 @@ impl Agent {
             listeners: Mutex::new(ListenerTotals::default()),
             root_causes: Mutex::new(RootCauseTotals::default()),
             ledger: Mutex::new(Ledger::new(options.max_upstreams, options.idle_after)),
+            containers: Arc::default(),
         });
         let runtime_socket = options.container_runtime.socket();
         if let Some(socket) = &runtime_socket {
@@ -254,7 +259,7 @@ impl Agent {
             clock: Clock::new(),
             listeners,
             self_probes: SelfProbes::default(),
-            containers: ContainerView::default(),
+            containers: ContainerView::new(shared.containers.clone()),
             runtime_socket,
             shared,
         })

@@ -33,13 +33,14 @@ pub const SOCKETS: &[&str] = &[
     "/host/run/podman/podman.sock",
 ];
 
-/// The first runtime socket on this host.
+/// The first runtime socket on this host that accepts a connection now (a socket file left by
+/// a runtime that is gone does not). A runtime started after tracer is followed only when named
+/// with `--container-runtime SOCKET`, which is retried until it answers.
 pub fn find_socket() -> Option<PathBuf> {
-    use std::os::unix::fs::FileTypeExt as _;
     SOCKETS
         .iter()
         .map(PathBuf::from)
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()))
+        .find(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
 }
 
 /// At most this many containers are inspected at start.

@@ -252,7 +252,6 @@ pub struct Containers {
 
 /// The agent's side: the model the runtime follower fills, and which container each proxy
 /// process is in (its /proc/PID/cgroup, read once per process and container generation).
-#[derive(Default)]
 pub struct ContainerView {
     pub model: std::sync::Arc<std::sync::Mutex<Containers>>,
     proxies: HashMap<(u32, u64), (u64, Option<ContainerId>)>,
@@ -262,6 +261,13 @@ pub struct ContainerView {
 const PROXIES: usize = 4096;
 
 impl ContainerView {
+    pub fn new(model: std::sync::Arc<std::sync::Mutex<Containers>>) -> ContainerView {
+        ContainerView {
+            model,
+            proxies: HashMap::new(),
+        }
+    }
+
     /// The failure's root cause in container words, the proxy's container and the upstream's.
     pub fn describe(
         &mut self,
@@ -300,6 +306,18 @@ impl ContainerView {
 }
 
 impl Containers {
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// The running container that holds `ip` at `now`.
+    pub fn held_now(&self, ip: IpAddr, now: SystemTime) -> Option<&ContainerId> {
+        self.lease_at(ip, now)
+            .filter(|l| l.until.is_none())
+            .and_then(|l| self.known.get(&l.full_id))
+            .map(|k| &k.who)
+    }
+
     /// Takes in what the runtime says of a container now (`now` when it said so).
     pub fn observe(&mut self, o: Observed, now: SystemTime) {
         if !self.known.contains_key(&o.full_id) {

@@ -60,7 +60,8 @@ pub struct CaptureArgs {
     /// Where to ask a container runtime for container names, images and fates (the Docker API
     /// socket that Docker and Podman's service serve): `auto` tries /var/run/docker.sock,
     /// /run/docker.sock and /run/podman/podman.sock, then the same under /host/run (the
-    /// DaemonSet's mount of the host's /run); `none` asks none.
+    /// DaemonSet's mount of the host's /run), and takes the first that answers at start; a
+    /// SOCKET named here is waited for; `none` asks none.
     #[arg(long, default_value = "auto", value_name = "auto|none|SOCKET")]
     pub container_runtime: String,
 }
@@ -92,6 +93,11 @@ pub struct RunArgs {
     /// upstream="other".
     #[arg(long, default_value_t = DEFAULT_MAX_UPSTREAMS)]
     pub max_upstreams: usize,
+    /// Also export which container holds each upstream's address and which container each
+    /// proxy runs in (`tracer_upstream_container_info`, `tracer_proxy_container_info`: one
+    /// series per route at most, to join on `upstream` or `cgroup`).
+    #[arg(long)]
+    pub container_metrics: bool,
     /// How often to log a summary of failing upstreams.
     #[arg(long, default_value = "10s", value_parser = period)]
     pub summary_every: Duration,

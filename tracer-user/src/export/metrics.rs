@@ -54,6 +54,8 @@ pub struct Exporter {
     shared: Arc<Shared>,
     kernel: String,
     state: Mutex<State>,
+    /// Whether to export which container each upstream and proxy is (`--container-metrics`).
+    container_info: bool,
 }
 
 /// What must stay the same from one scrape to the next (which upstreams have series of their
@@ -93,7 +95,14 @@ impl Exporter {
                 cgroups: CgroupPaths::new(),
                 evicted: 0,
             }),
+            container_info: false,
         }
+    }
+
+    /// Adds the container info families (see [`Exporter::write_containers`]).
+    pub fn with_container_info(mut self, on: bool) -> Exporter {
+        self.container_info = on;
+        self
     }
 
     /// The live view's snapshot, with the same upstreams folded into `other` as in the metrics,
@@ -138,6 +147,9 @@ impl Exporter {
         // About 1 kB per series label set; one allocation for the whole scrape.
         let mut text = Text::with_capacity(4096 + series.len() * 1100);
         write_routes(&mut text, &series);
+        if self.container_info {
+            self.write_containers(&mut text, &series);
+        }
         drop(series);
         self.write_agent(&mut text, &mut state);
         self.write_listeners(&mut text);
@@ -290,6 +302,72 @@ impl Exporter {
         for status in &shared.probes {
             let name = status.probe.tracepoint();
             probes.sample(&[("probe", &name)], u64::from(status.attached()));
+        }
+    }
+
+    /// Which container each route's upstream address and proxy cgroup is now, as info series
+    /// (value 1) to join on `upstream` or `cgroup`: labels on the counters themselves would
+    /// start new series whenever a container is recreated. At most one series per route.
+    fn write_containers(&self, text: &mut Text, series: &BTreeMap<Labels, RouteTotals>) {
+        let containers = self
+            .shared
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if containers.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut upstreams = text.family(
+            "tracer_upstream_container_info",
+            "The container that holds an upstream's address now (from the container runtime).",
+            GAUGE,
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for labels in series.keys() {
+            let Ok(addr) = labels.upstream.parse::<std::net::SocketAddr>() else {
+                continue;
+            };
+            if !seen.insert(&labels.upstream) {
+                continue;
+            }
+            if let Some(c) = containers.held_now(addr.ip(), now) {
+                upstreams.sample(
+                    &[
+                        ("upstream", &labels.upstream),
+                        ("container", &c.name),
+                        ("image", &c.image),
+                        ("container_id", &c.id),
+                        ("pod", c.pod.as_deref().unwrap_or("")),
+                    ],
+                    1,
+                );
+            }
+        }
+        drop(upstreams);
+        let mut proxies = text.family(
+            "tracer_proxy_container_info",
+            "The container a proxy's cgroup belongs to (from the container runtime).",
+            GAUGE,
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for labels in series.keys() {
+            if !seen.insert((&labels.proxy, &labels.cgroup)) {
+                continue;
+            }
+            if let Some(c) = containers.of_cgroup_path(&labels.cgroup) {
+                proxies.sample(
+                    &[
+                        ("proxy", &labels.proxy),
+                        ("cgroup", &labels.cgroup),
+                        ("container", &c.name),
+                        ("image", &c.image),
+                        ("container_id", &c.id),
+                        ("pod", c.pod.as_deref().unwrap_or("")),
+                    ],
+                    1,
+                );
+            }
         }
     }
 

@@ -363,7 +363,10 @@ fn render_detail(frame: &mut Frame, app: &App, area: Rect) {
     frame.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: false })
-            .block(Block::bordered().title(format!(" {} ", row.id.upstream))),
+            .block(Block::bordered().title(match &row.upstream_container {
+                Some(container) => format!(" {} (container {container}) ", row.id.upstream),
+                None => format!(" {} ", row.id.upstream),
+            })),
         area,
     );
 }
@@ -380,9 +383,17 @@ fn render_recent(frame: &mut Frame, app: &App, area: Rect) {
             if let Some(errno) = &e.errno_name {
                 evidence.push_str(&format!(" {errno}"));
             }
+            let proxy = match &e.proxy_container {
+                Some(c) => format!("{}[{}]@{}", e.comm, e.pid, c.name),
+                None => format!("{}[{}]", e.comm, e.pid),
+            };
+            let upstream = match &e.upstream_container {
+                Some(c) => format!("{} ({})", e.upstream, c.name),
+                None => e.upstream.clone(),
+            };
             Line::from(vec![
                 Span::styled(time, Style::new().fg(Color::DarkGray)),
-                Span::raw(format!(" {}[{}] {} ", e.comm, e.pid, e.upstream)),
+                Span::raw(format!(" {proxy} {upstream} ")),
                 Span::styled(e.cause.clone(), Style::new().fg(color)),
                 Span::styled(evidence, Style::new().fg(Color::DarkGray)),
             ])
@@ -540,6 +551,30 @@ mod tests {
                 .count(),
             1,
             "once:\n{screen}"
+        );
+    }
+
+    #[test]
+    fn containers_are_named_beside_the_proxy_and_the_upstream() {
+        let mut app = busy_app();
+        let mut event = crate::export::live::model::tests::event("10.0.0.5:8000", "refused", 812);
+        let container = |name: &str| crate::classify::containers::ContainerId {
+            id: "16daf7440aa0".into(),
+            name: name.into(),
+            image: "shop:1.4".into(),
+            pod: None,
+        };
+        event.proxy_container = Some(container("edge"));
+        event.upstream_container = Some(container("web-1"));
+        app.on_event(event);
+        let screen = text(&draw(&app, 160, 34));
+        assert!(
+            screen.contains("nginx[812]@edge 10.0.0.5:8000 (web-1) refused"),
+            "{screen}"
+        );
+        assert!(
+            screen.contains(" 10.0.0.5:8000 (container web-1) "),
+            "{screen}"
         );
     }
 

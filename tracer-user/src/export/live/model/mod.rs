@@ -126,6 +126,8 @@ pub struct RouteRow {
     pub connect_p99: Option<Duration>,
     /// The root cause of the last failure that had one, in one sentence.
     pub root_cause: Option<String>,
+    /// The container that held the upstream's address at the last failure, when one did.
+    pub upstream_container: Option<String>,
 }
 
 impl RouteRow {
@@ -165,6 +167,7 @@ pub struct App {
     held: VecDeque<EventRecord>,
     last_failure: HashMap<RouteId, (SystemTime, u32)>,
     root_causes: HashMap<RouteId, String>,
+    upstream_containers: HashMap<RouteId, String>,
     pub health: Health,
     pub now: SystemTime,
     pub selected: usize,
@@ -190,6 +193,7 @@ impl App {
             held: VecDeque::new(),
             last_failure: HashMap::new(),
             root_causes: HashMap::new(),
+            upstream_containers: HashMap::new(),
             health: Health::default(),
             now: SystemTime::now(),
             selected: 0,
@@ -244,6 +248,13 @@ impl App {
             }
             if let Some(detail) = &event.root_cause_detail {
                 self.root_causes.insert(id.clone(), detail.clone());
+            }
+            if let Some(container) = &event.upstream_container {
+                if let Some(row) = self.rows.iter_mut().find(|r| r.id == id) {
+                    row.upstream_container = Some(container.name.clone());
+                }
+                self.upstream_containers
+                    .insert(id.clone(), container.name.clone());
             }
             self.last_failure.insert(id, (time, event.pid));
         }
@@ -339,8 +350,10 @@ impl App {
             }
             let last = self.last_failure.get(&id);
             let root_cause = self.root_causes.get(&id).cloned();
+            let upstream_container = self.upstream_containers.get(&id).cloned();
             rows.push(RouteRow {
                 root_cause,
+                upstream_container,
                 pid: last.map(|(_, pid)| *pid),
                 last_failure: last.map(|(time, _)| *time),
                 id,
