@@ -344,7 +344,6 @@ impl Exporter {
                 );
             }
         }
-        drop(upstreams);
         let mut proxies = text.family(
             "tracer_proxy_container_info",
             "The container a proxy's cgroup belongs to (from the container runtime).",
