@@ -28,13 +28,44 @@ use tracer_tests::{
 /// One scenario at a time: they share the daemon, the network and the host's nginx ports.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn scenario(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+/// A scenario in progress: when it ends (and passed), the host's firewall rules and IP
+/// forwarding must be as they were before the daemon was started.
+struct Scenario {
+    _one: std::sync::MutexGuard<'static, ()>,
+    before: (String, String),
+}
+
+fn host_network() -> (String, String) {
+    let rules = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
+    (rules, forwarding)
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_eq!(
+                host_network(),
+                self.before,
+                "the containers changed the host's firewall rules or IP forwarding"
+            );
+        }
+    }
+}
+
+fn scenario(test: &str) -> Option<Scenario> {
     if !kernel_tests_enabled(test) {
         return None;
     }
-    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    static BEFORE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let before = BEFORE.get_or_init(host_network).clone();
     docker::setup();
-    Some(guard)
+    Some(Scenario { _one: one, before })
 }
 
 fn workdir(tag: &str) -> PathBuf {
