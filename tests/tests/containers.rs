@@ -357,6 +357,44 @@ fn an_upstream_container_in_a_crash_loop() {
     );
 }
 
+#[test]
+fn an_upstream_container_stopped_leaves_its_address_without_an_owner() {
+    let Some(_one) = scenario("an_upstream_container_stopped_leaves_its_address_without_an_owner")
+    else {
+        return;
+    };
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let name = "tracer-test-stopped";
+    let addr: SocketAddr = "10.213.77.12:8000".parse().unwrap();
+    let db = upstream(name, "10.213.77.12", &[], &[]);
+    wait_until(Duration::from_secs(10), "the upstream to listen", || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    let nginx = HostNginx::start("stopped", addr);
+    assert_eq!(requests(nginx.addr, 1, Duration::ZERO), [200]);
+    docker::docker_ok(&["stop", "--time", "1", name]);
+    println!(
+        "docker inspect: {name} {}, exit code {}, finished {}",
+        db.inspect("{{.State.Status}}"),
+        db.inspect("{{.State.ExitCode}}"),
+        db.inspect("{{.State.FinishedAt}}")
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    assert!(statuses.iter().all(|s| *s >= 500), "{statuses:?}");
+    let (events, _) = tracer.stop_collecting();
+    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
+    assert_root_cause(
+        &ours,
+        "container_stopped",
+        name,
+        &[
+            "container tracer-test-stopped (image tracer-test-base:1) stopped at",
+            "its address has had no owner since",
+        ],
+    );
+}
+
 /// nginx in a container `name` on the test network, proxying its port 8080 to `upstream`;
 /// returns it, its entry address and its error log's path.
 fn nginx_container(name: &str, upstream: SocketAddr) -> (Container, SocketAddr, PathBuf) {
