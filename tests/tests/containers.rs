@@ -21,7 +21,7 @@ use tracer_tests::{
     http::{free_port, get},
     kernel_tests_enabled,
     lab::nginx::failures_in,
-    process::upstream_process_bin,
+    process::{stop_gracefully, upstream_process_bin},
     tracer_process::Tracer,
 };
 
@@ -147,8 +147,8 @@ impl HostNginx {
 
 impl Drop for HostNginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGQUIT: the master stops its workers too (SIGKILL would leave them behind).
+        stop_gracefully(&mut self.child, libc::SIGQUIT, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
