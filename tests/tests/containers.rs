@@ -22,7 +22,7 @@ use tracer_tests::{
     kernel_tests_enabled,
     lab::nginx::failures_in,
     process::{stop_gracefully, upstream_process_bin},
-    tracer_process::Tracer,
+    tracer_process::{Tracer, tracer_bin},
 };
 
 /// One scenario at a time: they share the daemon, the network and the host's nginx ports.
@@ -392,6 +392,37 @@ fn an_upstream_container_stopped_leaves_its_address_without_an_owner() {
             "container tracer-test-stopped (image tracer-test-base:1) stopped at",
             "its address has had no owner since",
         ],
+    );
+}
+
+#[test]
+fn tracer_check_says_which_runtime_names_containers() {
+    let Some(_one) = scenario("tracer_check_says_which_runtime_names_containers") else {
+        return;
+    };
+    let web = upstream("tracer-test-check", "10.213.77.13", &[], &[]);
+    web.wait_for("{{.State.Running}}", "true", Duration::from_secs(10));
+    let listed = docker::docker_ok(&["ps", "--all", "--quiet"])
+        .lines()
+        .count();
+    let out = Command::new(tracer_bin()).arg("check").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = said
+        .lines()
+        .find(|l| l.contains("container runtime"))
+        .unwrap_or_else(|| panic!("no container runtime row:\n{said}"));
+    assert!(row.starts_with("ok"), "{row}");
+    assert!(row.contains("/var/run/docker.sock"), "{row}");
+    assert!(row.contains(&format!("{listed} containers")), "{row}");
+    let none = Command::new(tracer_bin())
+        .args(["check", "--container-runtime", "none"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&none.stdout);
+    assert!(
+        said.lines()
+            .any(|l| l.contains("container runtime") && l.contains("--container-runtime none")),
+        "{said}"
     );
 }
 

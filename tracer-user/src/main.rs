@@ -20,7 +20,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args).await,
         Command::Events(args) => events::events(args).await,
         Command::Top(args) => top::top(args).await,
-        Command::Check(args) => check::check(&args),
+        Command::Check(args) => check::check(&args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,10 +5,11 @@ use anyhow::bail;
 
 use super::CaptureArgs;
 use crate::capture::{
-    Capture, ProbeState,
+    Capture, ContainerRuntime, ProbeState,
     btf::{Btf, VMLINUX},
     kernel_offsets,
     preflight::{self, KernelVersion},
+    runtime,
     tracefs::{self, Tracefs},
 };
 
@@ -37,7 +38,50 @@ impl Rows {
     }
 }
 
-pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
+/// Whether containers can be named: the runtime socket `--container-runtime` gives, and how
+/// many containers it lists. Never a failure: tracer works without one.
+async fn container_runtime(rows: &mut Rows, choice: &ContainerRuntime) {
+    let Some(socket) = choice.socket() else {
+        let note = if *choice == ContainerRuntime::None {
+            "--container-runtime none: containers are not named".to_string()
+        } else {
+            format!(
+                "no Docker or Podman API socket answers ({}): containers are not named",
+                runtime::SOCKETS.join(", ")
+            )
+        };
+        rows.row("container runtime", "none".into(), true, note);
+        return;
+    };
+    let listed = crate::export::http::get(
+        crate::export::http::Server::Unix(&socket),
+        "/containers/json?all=1",
+    )
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|body| {
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).map_err(|e| e.to_string())
+    });
+    match listed {
+        Ok(containers) => rows.row(
+            "container runtime",
+            socket.display().to_string(),
+            true,
+            format!(
+                "{} containers: names, images and fates in events",
+                containers.len()
+            ),
+        ),
+        Err(e) => rows.row_with(
+            "container runtime",
+            socket.display().to_string(),
+            "warn",
+            format!("does not answer ({e}): containers are not named until it does"),
+        ),
+    }
+}
+
+pub async fn check(args: &CaptureArgs) -> anyhow::Result<()> {
     let mut rows = Rows(Vec::new());
 
     match KernelVersion::current() {
@@ -129,6 +173,8 @@ pub fn check(args: &CaptureArgs) -> anyhow::Result<()> {
             "tracer mounts it at /sys/kernel/tracing when it starts".into(),
         ),
     }
+
+    container_runtime(&mut rows, &args.options().container_runtime).await;
 
     let mut failed_required = false;
     if privileged {
