@@ -391,14 +391,14 @@ impl Containers {
     /// The container's process ended (`die`), with its exit code.
     pub fn died(&mut self, full_id: &str, at: SystemTime, exit_code: i64) {
         if let Some(known) = self.known.get_mut(full_id) {
-            let oom = known
-                .oom_at
-                .is_some_and(|t| at.duration_since(t).unwrap_or_default() < SLACK * 5);
-            known.last_end = Some(End {
-                at,
-                oom: oom || known.last_end.is_some_and(|e| e.oom && e.at == at),
-                exit_code,
-            });
+            let near = |t: SystemTime| {
+                let apart = at.duration_since(t).or_else(|e| Ok::<_, ()>(e.duration()));
+                apart.is_ok_and(|d| d < SLACK * 5)
+            };
+            // The runtime's `oom` event, or its inspect (`State.OOMKilled`) of this same end.
+            let oom = known.oom_at.is_some_and(near)
+                || known.last_end.is_some_and(|e| e.oom && near(e.at));
+            known.last_end = Some(End { at, oom, exit_code });
             known.running = false;
         }
         self.end_leases(full_id, at);

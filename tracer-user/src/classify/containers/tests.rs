@@ -144,6 +144,23 @@ fn an_oom_killed_container_is_named_with_its_limit() {
 }
 
 #[test]
+fn an_oom_kill_told_only_by_the_inspect_is_kept_when_the_death_comes() {
+    let mut c = Containers::default();
+    let o = web(6, "api", "172.31.77.17", 0);
+    c.observe(o.clone(), at(1));
+    // No `oom` event: the inspect after the death says OOMKilled, the `die` event follows
+    // with its own (slightly later) time.
+    let mut after = stopped(o, 20, 137);
+    after.oom_killed = true;
+    c.observe(after, at(20));
+    c.died(&id(6), at(20) + Duration::from_millis(3), 137);
+    let cause = c
+        .root_cause(&failure(25, "172.31.77.17:8000", Outcome::ConnectTimeout))
+        .unwrap();
+    assert_eq!(cause.name(), "container_oom_killed");
+}
+
+#[test]
 fn a_container_restarted_again_and_again_is_a_crash_loop() {
     let mut c = Containers::default();
     let mut o = web(4, "worker", "172.31.77.8", 0);
