@@ -120,11 +120,9 @@ impl LabProxy for Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGQUIT, then SIGKILL after 5 s: killing the master outright leaves its workers running.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        stop_gracefully(&mut self.child, libc::SIGQUIT, Duration::from_secs(5));
     }
 }
 
