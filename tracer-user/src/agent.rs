@@ -209,6 +209,8 @@ impl Agent {
         // Caught first: a Ctrl-C as soon as tracer says it is attached must stop it cleanly.
         let interrupt = signal(SignalKind::interrupt())?;
         let terminate = signal(SignalKind::terminate())?;
+        // Before the probes: tracer's own connect() tries are not the kernel programs' business.
+        let runtime_socket = options.container_runtime.socket();
         let mut capture = Capture::start(options)?;
         let (failures, lifecycle) = capture.take_events()?;
         let started = SystemTime::now();
@@ -241,7 +243,6 @@ impl Agent {
             ledger: Mutex::new(Ledger::new(options.max_upstreams, options.idle_after)),
             containers: Arc::default(),
         });
-        let runtime_socket = options.container_runtime.socket();
         if let Some(socket) = &runtime_socket {
             eprintln!(
                 "tracer: naming containers from the runtime at {}",
