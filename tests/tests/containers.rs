@@ -20,7 +20,7 @@ use tracer_tests::{
     docker::{self, Container, GATEWAY},
     http::{free_port, get},
     kernel_tests_enabled,
-    lab::nginx::failures_in,
+    lab::nginx::{failures_in, make_temp_dirs, temp_paths},
     process::{stop_gracefully, upstream_process_bin},
     tracer_process::{Tracer, tracer_bin},
 };
@@ -71,15 +71,7 @@ fn scenario(test: &str) -> Option<Scenario> {
 fn workdir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tracer-containers-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    for sub in [
-        "tmp/body",
-        "tmp/proxy",
-        "tmp/fastcgi",
-        "tmp/uwsgi",
-        "tmp/scgi",
-    ] {
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-    }
+    make_temp_dirs(&dir);
     dir
 }
 
@@ -95,17 +87,13 @@ error_log {d}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    proxy_connect_timeout 1s;
+{temp}    proxy_connect_timeout 1s;
     proxy_read_timeout 3s;
     keepalive_timeout 0;
     server {{ listen {listen}; location / {{ proxy_pass http://{upstream}; proxy_next_upstream off; }} }}
 }}
-"
+",
+        temp = temp_paths(dir)
     )
 }
 
@@ -213,6 +201,22 @@ fn agree_with_nginx(events: &[Value], error_log: &str, upstream: &str) -> Vec<Va
     ours
 }
 
+/// Makes `n` requests through the host's `nginx` toward `upstream`, stops `tracer`, and returns
+/// nginx's answers and tracer's failures toward `upstream` (checked against nginx's log).
+#[track_caller]
+fn through_nginx(
+    tracer: Tracer,
+    nginx: &HostNginx,
+    upstream: SocketAddr,
+    n: usize,
+    gap: Duration,
+) -> (Vec<u16>, Vec<Value>) {
+    let statuses = requests(nginx.addr, n, gap);
+    let (events, _) = tracer.stop_collecting();
+    let ours = agree_with_nginx(&events, &nginx.error_log(), &upstream.to_string());
+    (statuses, ours)
+}
+
 #[track_caller]
 fn assert_root_cause(events: &[Value], root_cause: &str, container: &str, detail: &[&str]) {
     for e in events {
@@ -255,13 +259,11 @@ fn an_upstream_container_recreated_with_a_new_address_leaves_a_stale_address() {
         web.ip(),
         web.inspect("{{.State.StartedAt}}")
     );
-    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    let (statuses, ours) = through_nginx(tracer, &nginx, old, 3, Duration::ZERO);
     assert!(
         statuses.iter().all(|s| *s == 504 || *s == 502),
         "{statuses:?}"
     );
-    let (events, _) = tracer.stop_collecting();
-    let ours = agree_with_nginx(&events, &nginx.error_log(), "10.213.77.5:8000");
     assert_eq!(ours.len(), 3);
     assert_root_cause(
         &ours,
@@ -300,10 +302,8 @@ fn an_upstream_container_oom_killed_at_its_memory_limit() {
     );
     // The runtime's events reach tracer within moments.
     std::thread::sleep(Duration::from_millis(500));
-    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    let (statuses, ours) = through_nginx(tracer, &nginx, addr, 3, Duration::ZERO);
     assert!(statuses.iter().all(|s| *s >= 500), "{statuses:?}");
-    let (events, _) = tracer.stop_collecting();
-    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
     assert_root_cause(
         &ours,
         "container_oom_killed",
@@ -345,10 +345,8 @@ fn an_upstream_container_in_a_crash_loop() {
         worker.inspect("{{.State.ExitCode}}"),
         worker.inspect("{{.State.StartedAt}}")
     );
-    let statuses = requests(nginx.addr, 8, Duration::from_millis(300));
-    let (events, _) = tracer.stop_collecting();
+    let (statuses, ours) = through_nginx(tracer, &nginx, addr, 8, Duration::from_millis(300));
     println!("nginx answered {statuses:?}");
-    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
     assert_root_cause(
         &ours,
         "container_crash_loop",
@@ -380,10 +378,8 @@ fn an_upstream_container_stopped_leaves_its_address_without_an_owner() {
         db.inspect("{{.State.FinishedAt}}")
     );
     std::thread::sleep(Duration::from_millis(500));
-    let statuses = requests(nginx.addr, 3, Duration::ZERO);
+    let (statuses, ours) = through_nginx(tracer, &nginx, addr, 3, Duration::ZERO);
     assert!(statuses.iter().all(|s| *s >= 500), "{statuses:?}");
-    let (events, _) = tracer.stop_collecting();
-    let ours = agree_with_nginx(&events, &nginx.error_log(), &addr.to_string());
     assert_root_cause(
         &ours,
         "container_stopped",

@@ -313,15 +313,8 @@ impl Agent {
                     }
                 }
             }
-            // Lifecycle first: a death is known before the refusals it causes are classified.
-            self.lifecycle
-                .drain(|bytes| records.push(decode::record(bytes)));
-            self.failures
-                .drain(|bytes| records.push(decode::record(bytes)));
-            for record in records.drain(..) {
-                if self.handle_record(record, &mut handle).is_break() {
-                    return Ok(());
-                }
+            if self.drain(&mut records, &mut handle).is_break() {
+                return Ok(());
             }
             for failure in self.self_probes.due(Instant::now()) {
                 if handle(&self.shared, Happening::Failure(Box::new(failure))).is_break() {
@@ -330,14 +323,8 @@ impl Agent {
             }
         }
         // Stopped by a signal: what the kernel recorded before it is still told.
-        self.lifecycle
-            .drain(|bytes| records.push(decode::record(bytes)));
-        self.failures
-            .drain(|bytes| records.push(decode::record(bytes)));
-        for record in records.drain(..) {
-            if self.handle_record(record, &mut handle).is_break() {
-                return Ok(());
-            }
+        if self.drain(&mut records, &mut handle).is_break() {
+            return Ok(());
         }
         for failure in self.self_probes.flush() {
             if handle(&self.shared, Happening::Failure(Box::new(failure))).is_break() {
@@ -345,6 +332,23 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Reads both ring buffers and hands every record on, lifecycle first: a death is known
+    /// before the refusals it causes are classified. `records` is reused from call to call.
+    fn drain(
+        &mut self,
+        records: &mut Vec<Result<Record, decode::DecodeError>>,
+        handle: &mut impl FnMut(&Shared, Happening) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        self.lifecycle
+            .drain(|bytes| records.push(decode::record(bytes)));
+        self.failures
+            .drain(|bytes| records.push(decode::record(bytes)));
+        for record in records.drain(..) {
+            self.handle_record(record, handle)?;
+        }
+        ControlFlow::Continue(())
     }
 
     fn handle_record(

@@ -48,15 +48,7 @@ impl Nginx {
     }
 
     fn launch(netns: &str, dir: &Path, config: &str) -> Nginx {
-        for sub in [
-            "tmp/body",
-            "tmp/proxy",
-            "tmp/fastcgi",
-            "tmp/uwsgi",
-            "tmp/scgi",
-        ] {
-            std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
-        }
+        make_temp_dirs(dir);
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, config).expect("writing nginx.conf");
         let child = Command::new("ip")
@@ -126,6 +118,31 @@ impl Drop for Nginx {
     }
 }
 
+/// nginx's temporary folders, under `dir` (see [`temp_paths`]).
+const TEMP_DIRS: [(&str, &str); 5] = [
+    ("client_body_temp_path", "tmp/body"),
+    ("proxy_temp_path", "tmp/proxy"),
+    ("fastcgi_temp_path", "tmp/fastcgi"),
+    ("uwsgi_temp_path", "tmp/uwsgi"),
+    ("scgi_temp_path", "tmp/scgi"),
+];
+
+/// Makes nginx's temporary folders under `dir`, where [`temp_paths`] points it.
+pub fn make_temp_dirs(dir: &Path) {
+    for (_, sub) in TEMP_DIRS {
+        std::fs::create_dir_all(dir.join(sub)).expect("nginx temp dirs");
+    }
+}
+
+/// The `http` block's lines that keep nginx's temporary files under `dir` (the packaged
+/// defaults are under /var/lib/nginx, which a test's nginx may not own).
+pub fn temp_paths(dir: &Path) -> String {
+    TEMP_DIRS
+        .iter()
+        .map(|(directive, sub)| format!("    {directive} {}/{sub};\n", dir.display()))
+        .collect()
+}
+
 fn config(dir: &Path, tier: Tier, routes: &[Route], responders: &[SocketAddr]) -> String {
     let d = dir.display();
     let workers = match tier {
@@ -141,17 +158,13 @@ events {{ worker_connections 4096; }}
 http {{
     log_format lab '$msec $request_time $status $server_port \"$upstream_addr\"';
     access_log {d}/access.log lab;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    proxy_connect_timeout {timeout}ms;
+{temp}    proxy_connect_timeout {timeout}ms;
     proxy_read_timeout {timeout}ms;
     proxy_send_timeout {timeout}ms;
     keepalive_timeout 0;
 ",
-        timeout = super::proxy_timeout().as_millis()
+        timeout = super::proxy_timeout().as_millis(),
+        temp = temp_paths(dir),
     );
     for route in routes {
         let servers: String = route

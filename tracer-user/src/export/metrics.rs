@@ -332,16 +332,7 @@ impl Exporter {
                 continue;
             }
             if let Some(c) = containers.held_now(addr.ip(), now) {
-                upstreams.sample(
-                    &[
-                        ("upstream", &labels.upstream),
-                        ("container", &c.name),
-                        ("image", &c.image),
-                        ("container_id", &c.id),
-                        ("pod", c.pod.as_deref().unwrap_or("")),
-                    ],
-                    1,
-                );
+                upstreams.sample(&container_labels(&[("upstream", &labels.upstream)], c), 1);
             }
         }
         let mut proxies = text.family(
@@ -355,17 +346,8 @@ impl Exporter {
                 continue;
             }
             if let Some(c) = containers.of_cgroup_path(&labels.cgroup) {
-                proxies.sample(
-                    &[
-                        ("proxy", &labels.proxy),
-                        ("cgroup", &labels.cgroup),
-                        ("container", &c.name),
-                        ("image", &c.image),
-                        ("container_id", &c.id),
-                        ("pod", c.pod.as_deref().unwrap_or("")),
-                    ],
-                    1,
-                );
+                let route = [("proxy", labels.proxy.as_str()), ("cgroup", &labels.cgroup)];
+                proxies.sample(&container_labels(&route, c), 1);
             }
         }
     }
@@ -384,6 +366,21 @@ impl Exporter {
             1,
         );
     }
+}
+
+/// `first`, then a container info series' own labels.
+fn container_labels<'a>(
+    first: &[(&'a str, &'a str)],
+    c: &'a crate::classify::containers::ContainerId,
+) -> Vec<(&'a str, &'a str)> {
+    let mut labels = first.to_vec();
+    labels.extend([
+        ("container", c.name.as_str()),
+        ("image", &c.image),
+        ("container_id", &c.id),
+        ("pod", c.pod.as_deref().unwrap_or("")),
+    ]);
+    labels
 }
 
 /// The counts per label set (proxy, cgroup, upstream): routes past the upstream cap share
