@@ -96,6 +96,14 @@ pub struct SyscallFields {
     /// `syscalls:sys_enter_bind`: `umyaddr`, `addrlen`.
     pub bind_umyaddr: u32,
     pub bind_addrlen: u32,
+    /// The reads and writes the kernel watches for a connection's first bytes (`sys_enter_`
+    /// `read`, `write`, `readv`, `writev`, `recvfrom`, `sendto`, `recvmsg`, `sendmsg`): where
+    /// their `fd` and their buffer (or iovec, or msghdr) argument are, the same in each (user
+    /// space checks); and `ret` in their exits.
+    pub io_fd: u32,
+    pub io_buf: u32,
+    pub io_ret: u32,
+    pub _pad: u32,
 }
 
 /// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
@@ -135,6 +143,10 @@ pub struct Config {
     /// A process (its tgid as the kernel numbers it) whose attempts are neither counted nor
     /// reported: the agent itself (0: none).
     pub ignored_tgid: u32,
+    /// Non-zero when the probes on reads and writes are attached: connections' first bytes are
+    /// watched (TLS failures are told).
+    pub peek: u32,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -207,6 +219,10 @@ impl Config {
             accept_ret: 0,
             bind_umyaddr: 0,
             bind_addrlen: 0,
+            io_fd: 0,
+            io_buf: 0,
+            io_ret: 0,
+            _pad: 0,
         },
         oom: OomFields {
             pid: OomFields::MISSING,
@@ -219,5 +235,7 @@ impl Config {
         sends: Config::SENDS_UNSEEN,
         events_per_second: Config::DEFAULT_EVENTS_PER_SECOND,
         ignored_tgid: 0,
+        peek: 0,
+        _pad: 0,
     };
 }

@@ -18,7 +18,7 @@
 //! sent in between, when `bytes_received` was what it is now. Sends between two incoming data
 //! segments count as one.
 
-use crate::{net::Endpoint, outcome::Outcome};
+use crate::{net::Endpoint, outcome::Outcome, peek::Peek};
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -144,6 +144,8 @@ pub struct ConnTrack {
     /// Where sends are inferred ([`ConnTrack::on_write_seq`]): the proxy's `tcp_sock.write_seq`
     /// at the last look.
     pub seen_write_seq: u32,
+    /// The first bytes each side sent (TLS or not), where the kernel watches reads and writes.
+    pub peek: Peek,
 }
 
 /// The decision about a connection that reached TCP_CLOSE.
@@ -154,6 +156,9 @@ pub struct Verdict {
     /// What the failure waited: the connect attempt's duration for connect-phase outcomes; how
     /// long the last request went without an answer for response-phase ones.
     pub waited_ns: u64,
+    /// What the count key's `bucket` holds for the outcome: a `TlsReason` code for
+    /// `tls_handshake_failed`, else 0.
+    pub detail: u8,
 }
 
 /// What the kernel reads off the socket when it reaches TCP_CLOSE.
@@ -193,6 +198,7 @@ impl ConnTrack {
             fin_received: 0,
             _pad: 0,
             seen_write_seq: 0,
+            peek: Peek::EMPTY,
         }
     }
 
@@ -216,6 +222,7 @@ impl ConnTrack {
         self.fin_received = 0;
         self._pad = 0;
         self.seen_write_seq = 0;
+        self.peek = Peek::EMPTY;
     }
 
     /// SYN_SENT→ESTABLISHED. Returns how long the connect took.
@@ -343,6 +350,7 @@ impl ConnTrack {
         Verdict {
             outcome: Some(outcome),
             waited_ns,
+            detail: 0,
         }
     }
 
@@ -359,6 +367,18 @@ impl ConnTrack {
             return Verdict {
                 outcome,
                 waited_ns: self.end_ns.saturating_sub(self.established_ns),
+                detail: 0,
+            };
+        }
+        let waited_ns = if self.sends == 0 { 0 } else { since_request };
+        // A TLS handshake that failed, or plaintext sent to a TLS port, before the rest: the
+        // exchange's bytes were never a request and its response.
+        let upstream_ended = matches!(end, EndKind::PeerReset | EndKind::PeerFin);
+        if let Some((outcome, detail)) = self.peek.verdict(upstream_ended) {
+            return Verdict {
+                outcome: Some(outcome),
+                waited_ns,
+                detail,
             };
         }
         // A request is outstanding when the proxy sent and no data byte came back since.
@@ -384,7 +404,8 @@ impl ConnTrack {
         };
         Verdict {
             outcome,
-            waited_ns: if self.sends == 0 { 0 } else { since_request },
+            waited_ns,
+            detail: 0,
         }
     }
 }

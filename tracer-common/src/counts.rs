@@ -22,7 +22,9 @@ pub struct CountKey {
     /// An [`crate::Outcome`] code.
     pub outcome: u8,
     /// For [`crate::Outcome::Connected`]: an index into [`CONNECT_BUCKETS_NS`]
-    /// (`CONNECT_BUCKETS_NS.len()` for slower ones); 0 for every other outcome.
+    /// (`CONNECT_BUCKETS_NS.len()` for slower ones); for
+    /// [`crate::Outcome::TlsHandshakeFailed`], a [`crate::peek::TlsReason`]; 0 for every other
+    /// outcome.
     pub bucket: u8,
     pub _pad: [u8; 6],
 }
@@ -108,8 +110,17 @@ pub const LISTENER_OWNERS_MAX_ENTRIES: u32 = 16_384;
 pub const SIGNALLED_MAX_ENTRIES: u32 = 4_096;
 /// Size of `UNIX_PATHS` (Unix socket path key → path; an LRU hash).
 pub const UNIX_PATHS_MAX_ENTRIES: u32 = 4_096;
+/// Entries of `PEEKS`: connections whose first bytes are still awaited, by process and fd.
+pub const PEEKS_MAX_ENTRIES: u32 = 16_384;
+/// Entries of `DEFERRED`: closed connections whose verdict waits for the proxy's read.
+pub const DEFERRED_MAX_ENTRIES: u32 = 4_096;
+/// Entries of `PEEK_READS`: reads under way on such connections, by thread.
+pub const PEEK_READS_MAX_ENTRIES: u32 = 4_096;
+/// Words of `PEEK_TGIDS`, a bitmap of the processes that connected out: one bit for each of
+/// the 2^22 process ids Linux can hand out (`pid_max` at most 4,194,304), 512 KiB.
+pub const PEEK_TGID_WORDS: u32 = 65_536;
 /// Entries of `OVERFLOW_COUNTS`, indexed by outcome code.
-pub const OVERFLOW_SLOTS: u32 = 16;
+pub const OVERFLOW_SLOTS: u32 = 32;
 
 /// tracer's kernel programs that can stop before finishing (a read from the kernel or from the
 /// calling process failed): indices of the kernel's `PROGRAM_ERRORS` per-CPU array. The other
@@ -128,11 +139,14 @@ pub enum Program {
     SchedProcessExit = 8,
     MarkVictim = 9,
     SignalGenerate = 10,
+    PeekSend = 11,
+    PeekReceive = 12,
+    PeekReceived = 13,
 }
 
 impl Program {
-    pub const COUNT: u32 = 11;
-    pub const ALL: [Program; 11] = [
+    pub const COUNT: u32 = 14;
+    pub const ALL: [Program; 14] = [
         Program::InetSockSetState,
         Program::TcpProbe,
         Program::SysEnterConnect,
@@ -144,6 +158,9 @@ impl Program {
         Program::SchedProcessExit,
         Program::MarkVictim,
         Program::SignalGenerate,
+        Program::PeekSend,
+        Program::PeekReceive,
+        Program::PeekReceived,
     ];
 
     /// The program's name (its tracepoint's), as `tracer check` and the metrics show it.
@@ -160,6 +177,9 @@ impl Program {
             Program::SchedProcessExit => "sched_process_exit",
             Program::MarkVictim => "mark_victim",
             Program::SignalGenerate => "signal_generate",
+            Program::PeekSend => "sys_enter_write",
+            Program::PeekReceive => "sys_enter_read",
+            Program::PeekReceived => "sys_exit_read",
         }
     }
 }
@@ -192,11 +212,15 @@ pub enum Stat {
     ServerEndsSent = 9,
     /// Server-side ends not sent: over the events-per-second budget, or the ring buffer full.
     ServerEndsDropped = 10,
+    /// Connections whose first bytes the kernel watched (TLS failures), and those it could not
+    /// (`PEEKS` insert failed).
+    FirstBytesWatched = 11,
+    FirstBytesUnwatched = 12,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
-    pub const ALL: [Stat; 11] = [
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Stat; 13] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -208,6 +232,8 @@ impl Stat {
         Stat::EventsSampledOut,
         Stat::ServerEndsSent,
         Stat::ServerEndsDropped,
+        Stat::FirstBytesWatched,
+        Stat::FirstBytesUnwatched,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -223,6 +249,8 @@ impl Stat {
             Stat::EventsSampledOut => "events_sampled_out",
             Stat::ServerEndsSent => "server_ends_sent",
             Stat::ServerEndsDropped => "server_ends_dropped",
+            Stat::FirstBytesWatched => "first_bytes_watched",
+            Stat::FirstBytesUnwatched => "first_bytes_unwatched",
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`outcome`]: outcome codes (successes and failure causes) and their names.
 //! - [`event`]: the record a failure sends to user space through the ring buffer.
 //! - [`counts`]: keys and values of the exact per-CPU counters, and the agent's health counters.
+//! - [`peek`]: the first bytes each side of a connection sent, and the TLS failures they tell.
 //! - [`config`]: what user space tells the kernel programs at load time (kernel struct offsets
 //!   from BTF, tracepoint field offsets, thresholds).
 #![no_std]
@@ -19,6 +20,7 @@ pub mod counts;
 pub mod event;
 pub mod net;
 pub mod outcome;
+pub mod peek;
 
 pub use config::{Config, KernelOffsets, OomFields, SyscallFields};
 pub use conn::{ConnTrack, EndKind, Task, Verdict};
@@ -55,6 +57,7 @@ impl_pod!(
     conn::PendingConnect,
     counts::UnixFail,
     counts::UnixFailKey,
+    peek::DeferredClose,
 );
 
 /// The size of every record the kernel and the agent share, fixed here: a layout change on one
@@ -66,12 +69,12 @@ macro_rules! sizes {
 }
 
 sizes!(
-    Config = 224,
-    ConnTrack = 144,
+    Config = 248,
+    ConnTrack = 192,
     CountKey = 56,
     RouteKey = 48,
     Tally = 32,
-    FailureEvent = 192,
+    FailureEvent = 240,
     ListenerEvent = 96,
     OomEvent = 48,
     ExitEvent = 64,
@@ -81,4 +84,5 @@ sizes!(
     conn::PendingConnect = 40,
     counts::UnixFail = 72,
     counts::UnixFailKey = 16,
+    peek::DeferredClose = 40,
 );

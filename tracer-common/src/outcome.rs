@@ -45,10 +45,15 @@ pub enum Outcome {
     /// socket() failed with EMFILE or ENFILE: the proxy (or the whole host) is out of file
     /// descriptors, before any upstream was chosen.
     FdExhausted = 17,
+    /// The TLS handshake with the upstream failed (its reason in the count key and event:
+    /// `peek::TlsReason`).
+    TlsHandshakeFailed = 18,
+    /// The proxy spoke plaintext to a port that answered in TLS.
+    PlaintextToTls = 19,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 19] = [
         Outcome::Connected,
         Outcome::ConnectAbandoned,
         Outcome::Refused,
@@ -66,6 +71,8 @@ impl Outcome {
         Outcome::UnixBacklogFull,
         Outcome::UnixPermission,
         Outcome::FdExhausted,
+        Outcome::TlsHandshakeFailed,
+        Outcome::PlaintextToTls,
     ];
 
     pub const fn from_u8(code: u8) -> Option<Outcome> {
@@ -87,6 +94,8 @@ impl Outcome {
             15 => Outcome::UnixBacklogFull,
             16 => Outcome::UnixPermission,
             17 => Outcome::FdExhausted,
+            18 => Outcome::TlsHandshakeFailed,
+            19 => Outcome::PlaintextToTls,
             _ => return None,
         })
     }
@@ -111,6 +120,8 @@ impl Outcome {
             Outcome::UnixBacklogFull => "unix_backlog_full",
             Outcome::UnixPermission => "unix_permission",
             Outcome::FdExhausted => "fd_exhausted",
+            Outcome::TlsHandshakeFailed => "tls_handshake_failed",
+            Outcome::PlaintextToTls => "plaintext_to_tls",
         }
     }
 
@@ -174,6 +185,8 @@ mod tests {
                 Outcome::ClosedBeforeResponse,
                 Outcome::ResponseTimeout,
                 Outcome::RequestAbandoned,
+                Outcome::TlsHandshakeFailed,
+                Outcome::PlaintextToTls,
             ]
         );
         assert!(!Outcome::ResetMidResponse.is_connect_outcome());

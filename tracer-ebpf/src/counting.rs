@@ -7,7 +7,10 @@ use tracer_common::{
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
-use crate::maps::{COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS};
+use crate::{
+    kernel::now,
+    maps::{COUNTS, EVENTS, OVERFLOW_COUNTS, PROGRAM_ERRORS, STATS},
+};
 
 /// What a failure report adds to the connection's record.
 pub struct Report {
@@ -80,18 +83,38 @@ pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64, now: 
     if outcome == Outcome::Connected {
         key.bucket = connect_bucket(ns);
     }
+    add(&key, outcome, ns, now)
+}
+
+/// [`count`] for an outcome with a detail in its key (a `TlsReason` for
+/// `tls_handshake_failed`), at the current time.
+#[inline(never)]
+pub fn count_detail(
+    proxy: &Task,
+    upstream: &Endpoint,
+    outcome: Outcome,
+    detail: u8,
+    ns: u64,
+) -> bool {
+    let mut key = count_key(proxy, upstream, outcome);
+    key.bucket = detail;
+    add(&key, outcome, ns, now())
+}
+
+#[inline(always)]
+fn add(key: &CountKey, outcome: Outcome, ns: u64, now: u64) -> bool {
     let per_second = config!(events_per_second);
-    if let Some(tally) = COUNTS.get_ptr_mut(&key) {
+    if let Some(tally) = COUNTS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU map entry.
         return unsafe { (*tally).add(ns, now, per_second) };
     }
     let mut first = Tally::default();
     let send = first.add(ns, now, per_second);
     // Another CPU may create the key between the lookup and the insert: look again.
-    if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() {
+    if COUNTS.insert(key, &first, BPF_NOEXIST as u64).is_ok() {
         return send;
     }
-    if let Some(tally) = COUNTS.get_ptr_mut(&key) {
+    if let Some(tally) = COUNTS.get_ptr_mut(key) {
         // SAFETY: as above.
         return unsafe { (*tally).add(ns, now, per_second) };
     }
@@ -120,11 +143,23 @@ pub fn count_key(proxy: &Task, upstream: &Endpoint, outcome: Outcome) -> CountKe
 /// wrapping arithmetic, and the sum is right.
 #[inline(never)]
 pub fn uncount(fail: &UnixFail) {
-    if let Some(tally) = COUNTS.get_ptr_mut(&fail.count) {
+    uncount_key(&fail.count, fail.waited_ns);
+}
+
+/// Takes back one count of `outcome` of `proxy` toward `upstream` (made by [`count`]), as
+/// [`uncount`] does.
+#[inline(never)]
+pub fn uncount_outcome(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64) {
+    uncount_key(&count_key(proxy, upstream, outcome), ns);
+}
+
+#[inline(always)]
+fn uncount_key(key: &CountKey, ns: u64) {
+    if let Some(tally) = COUNTS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU map entry.
         unsafe {
             (*tally).count = (*tally).count.wrapping_sub(1);
-            (*tally).sum_ns = (*tally).sum_ns.wrapping_sub(fail.waited_ns);
+            (*tally).sum_ns = (*tally).sum_ns.wrapping_sub(ns);
         }
     }
 }

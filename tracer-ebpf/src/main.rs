@@ -13,6 +13,7 @@
 //! |----------------|-----------------------------------------------------------|--------------------------------|
 //! | `sockets.rs`   | `inet_sock_set_state`, `tcp_receive_reset`, `tcp_retransmit_skb`, `tcp_sendmsg_locked`, `tcp_probe` | a connection from SYN to CLOSE |
 //! | `syscalls.rs`  | `sys_enter_connect`, `sys_exit_connect`, `sys_exit_socket`, `sys_exit_accept4`, `sys_exit_accept` | attempts a system call decides (no route, no port, Unix sockets, no descriptors) |
+//! | `peek.rs`      | `sys_enter_{write,sendto,writev,sendmsg}`, `sys_enter_{read,recvfrom,readv,recvmsg}` and their exits | the first bytes each side sends: TLS failures |
 //! | `lifecycle.rs` | (`inet_sock_set_state`'s listeners), `sched_process_exit`, `mark_victim` | listeners and the processes behind them |
 //! | `workers.rs`   | (`inet_sock_set_state`'s server sides), `signal_generate` | the worker behind a failure: who ended the server's side, and who signalled it |
 //! | `counting.rs`  |                                                           | exact counts, failure reports, health counters |
@@ -50,6 +51,7 @@ mod counting;
 mod kernel;
 mod lifecycle;
 mod maps;
+mod peek;
 mod sockets;
 mod syscalls;
 mod workers;

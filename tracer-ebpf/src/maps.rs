@@ -3,19 +3,21 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
     ConnTrack, CountKey, Program, Stat, Tally,
     conn::PendingConnect,
     counts::{
-        CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-        LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS, SIGNALLED_MAX_ENTRIES,
+        CONNECTS_MAX_ENTRIES, CONNS_MAX_ENTRIES, COUNTS_MAX_ENTRIES, DEFERRED_MAX_ENTRIES,
+        EVENTS_RING_BYTES, LIFECYCLE_RING_BYTES, LISTENER_OWNERS_MAX_ENTRIES, OVERFLOW_SLOTS,
+        PEEK_READS_MAX_ENTRIES, PEEK_TGID_WORDS, PEEKS_MAX_ENTRIES, SIGNALLED_MAX_ENTRIES,
         UNIX_PATHS_MAX_ENTRIES,
     },
     counts::{UnixFail, UnixFailKey},
     event::Signalled,
     net::UnixPath,
+    peek::DeferredClose,
 };
 
 /// Live outbound connections, keyed by `struct sock *`.
@@ -79,3 +81,23 @@ pub static SIGNALLED: LruHashMap<u32, Signalled> =
 /// The events-per-second budget of server-side ends, per CPU.
 #[map]
 pub static SERVER_END_BUDGET: PerCpuArray<Tally> = PerCpuArray::with_max_entries(1, 0);
+
+/// The processes (one bit per tgid) that connected out since tracer started: only their reads
+/// and writes go further than this one look (an array lookup the verifier inlines).
+#[map]
+pub static PEEK_TGIDS: Array<u64> = Array::with_max_entries(PEEK_TGID_WORDS, 0);
+
+/// Connections whose first bytes are still awaited: `struct sock *` by tgid << 32 | fd.
+#[map]
+pub static PEEKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PEEKS_MAX_ENTRIES, 0);
+
+/// A read under way on such a connection, by thread: `[struct sock *, buffer, its size]`.
+#[map]
+pub static PEEK_READS: LruHashMap<u64, [u64; 3]> =
+    LruHashMap::with_max_entries(PEEK_READS_MAX_ENTRIES, 0);
+
+/// Closed connections whose verdict waits for the proxy's read (`Peek::CLOSED`), by
+/// `struct sock *`: what their close decided.
+#[map]
+pub static DEFERRED: LruHashMap<u64, DeferredClose> =
+    LruHashMap::with_max_entries(DEFERRED_MAX_ENTRIES, 0);

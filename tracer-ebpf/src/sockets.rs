@@ -13,10 +13,11 @@ use tracer_common::{
     Config, ConnTrack, Endpoint, Outcome, Program, Source, Stat, Task,
     conn::{CloseFacts, EndKind, tcp_state},
     net::{AF_INET, AF_INET6, IPPROTO_TCP},
+    peek::Peek,
 };
 
 use crate::{
-    counting::{Report, count, note_error, report, stat},
+    counting::{Report, count, count_detail, note_error, report, stat},
     kernel::{field, fill_current_task, is_ignored, local_port, netns_of, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
@@ -159,8 +160,9 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
     }
     let now = now();
     if new == tcp_state::CLOSE {
-        connection_closed(sk, conn, old, now);
-        if CONNS.remove(&(sk as u64)).is_ok() {
+        let waits = connection_closed(sk, conn, old, now);
+        // A record whose verdict waits for the proxy's read stays (marked closed) until then.
+        if waits || CONNS.remove(&(sk as u64)).is_ok() {
             stat(Stat::ConnsClosed);
         }
     } else if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
@@ -241,9 +243,10 @@ fn start_tracking(sk: *const u8) -> Result<(), i64> {
 }
 
 /// The socket reached TCP_CLOSE from `old_state`: count the connection's outcome, and report it
-/// when it is a failure.
+/// when it is a failure. Returns true when the verdict waits for the proxy's read of what the
+/// upstream sent (`Peek::must_wait_for_read`): the record stays, marked closed.
 #[inline(never)]
-fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) {
+fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u64) -> bool {
     // The socket's error decides only an attempt that never connected, or an end nothing
     // announced (most connections ended with a FIN, seen already); a failure's report shows it.
     let err_decides = conn.established_ns == 0 || conn.end == EndKind::Open as u8;
@@ -262,7 +265,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
             let pending = unsafe { &mut *pending };
             if pending.active != 0 && pending.sk == sk as u64 {
                 pending.closed_in_call = 1;
-                return;
+                return false;
             }
         }
     }
@@ -274,18 +277,32 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         min_wait_ns: config!(min_wait_ns),
         sends_tracked: config!(sends) != Config::SENDS_UNSEEN,
     });
+    let data_received = conn.data_received(old_state, bytes_received);
+    if conn.established_ns != 0 && conn.peek.must_wait_for_read(data_received) {
+        return crate::peek::wait_for_read(sk, conn, &verdict, data_received, now);
+    }
     let Some(outcome) = verdict.outcome else {
-        return;
+        return false;
     };
-    let send = count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now);
+    let send = if verdict.detail == 0 {
+        count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now)
+    } else {
+        count_detail(
+            &conn.proxy,
+            &conn.upstream,
+            outcome,
+            verdict.detail,
+            verdict.waited_ns,
+        )
+    };
     if !outcome.is_failure() {
-        return;
+        return false;
     }
     if !send {
         // Over its key's events-per-second budget (a storm): counted, not reported, so
         // nothing more is read.
         stat(Stat::EventsSampledOut);
-        return;
+        return false;
     }
     // What only the report shows.
     if conn.local.port == 0 {
@@ -311,20 +328,26 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         },
         |into| *into = *conn,
     );
+    false
 }
 
 /// `sk->sk_err`, 0 when it cannot be read.
 #[inline(always)]
-fn socket_error(sk: *const u8) -> i32 {
+pub fn socket_error(sk: *const u8) -> i32 {
     read_kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0)
 }
 
-/// The record of a tracked connection.
+/// The record of a tracked connection (not one closed and waiting for the proxy's read: that
+/// socket is gone, and its address may be another socket's now).
 #[inline(always)]
 pub fn tracked(sk: *const u8) -> Option<&'static mut ConnTrack> {
+    record(sk as u64).filter(|conn| conn.peek.flags & Peek::CLOSED == 0)
+}
+
+/// The record under `sk` in `CONNS`, closed or not.
+#[inline(always)]
+pub fn record(sk: u64) -> Option<&'static mut ConnTrack> {
     // SAFETY: a pointer into the map's value, valid while this program runs; the kernel runs
     // one program per CPU at a time and a connection's events rarely race.
-    CONNS
-        .get_ptr_mut(&(sk as u64))
-        .map(|conn| unsafe { &mut *conn })
+    CONNS.get_ptr_mut(&sk).map(|conn| unsafe { &mut *conn })
 }

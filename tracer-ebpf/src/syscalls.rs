@@ -166,6 +166,17 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let Some(outcome) = pending.on_exit(ret) else {
+        if pending.sk != 0
+            && (ret == 0 || ret == -i64::from(errno::EINPROGRESS))
+            && config!(peek) != 0
+        {
+            // A followed connection under way: its first bytes are wanted.
+            crate::peek::watch(
+                (bpf_get_current_pid_tgid() >> 32) as u32,
+                pending.fd,
+                pending.sk,
+            );
+        }
         return Ok(());
     };
     if pending.sk != 0 {

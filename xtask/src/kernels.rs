@@ -82,7 +82,7 @@ pub const MATRIX: [Kernel; 4] = [
 ];
 
 /// The test binaries (tests/tests/NAME.rs) that run in every guest: the kernel tests.
-pub const GUEST_TESTS: [&str; 7] = [
+pub const GUEST_TESTS: [&str; 8] = [
     "tcp_failures",
     "unix_sockets",
     "root_cause",
@@ -90,6 +90,7 @@ pub const GUEST_TESTS: [&str; 7] = [
     "agent",
     "reclaim",
     "lab",
+    "tls",
 ];
 
 /// Test binaries that count exactly what several threads attempt at once, which a kernel that

@@ -40,6 +40,10 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     // Real containers (tests/tests/containers.rs): Debian's docker, whose daemon the tests
     // start themselves, leaving the firewall and IP forwarding alone.
     ("dockerd", "docker.io"),
+    // TLS between proxy and upstream (tests/tests/tls.rs): certificates made by the test, and
+    // a TLS server that answers plaintext with an alert.
+    ("openssl", "openssl"),
+    ("gnutls-serv", "gnutls-bin"),
 ];
 
 /// What the benchmarks add: the load generator and the baseline tracer.

@@ -241,6 +241,14 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
     if message.starts_with("upstream timed out") {
         return Some("response_timeout");
     }
+    if message.ends_with("while SSL handshaking to upstream") {
+        return Some("tls_handshake_failed");
+    }
+    // What nginx logs when a TLS record comes back to its plaintext request (it then passes the
+    // bytes on as an HTTP/0.9 answer).
+    if message.starts_with("upstream sent no valid HTTP/1.0 header") {
+        return Some("plaintext_to_tls");
+    }
     // "… closed connection" (HTTP), "… closed FastCGI stdout" (php-fpm).
     if message.starts_with("upstream prematurely closed")
         && message.ends_with("while reading response header from upstream")
@@ -258,6 +266,31 @@ pub fn cause_of(message: &str) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// The `tls_reason` an nginx "… while SSL handshaking to upstream" message means (OpenSSL's
+/// words): the proxy's own verdict on the upstream's certificate, an alert the upstream sent,
+/// the upstream's plaintext answer ("wrong version number", "packet length too long"), or the
+/// upstream closing.
+pub fn tls_reason_of(message: &str) -> Option<&'static str> {
+    if !message.ends_with("while SSL handshaking to upstream") {
+        return None;
+    }
+    Some(if message.starts_with("upstream SSL certificate") {
+        "proxy_rejected"
+    } else if message.contains("SSL alert number") {
+        "alert"
+    } else if message.contains("wrong version number") || message.contains("packet length too long")
+    {
+        "plaintext_upstream"
+    } else if message.starts_with("peer closed connection in SSL handshake")
+        || message.contains("Connection reset by peer")
+        || message.contains("unexpected eof")
+    {
+        "closed"
+    } else {
+        return None;
+    })
 }
 
 /// "accept4() failed (24: Too many open files)": the worker could not take a client's

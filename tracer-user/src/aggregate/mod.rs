@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS};
+use tracer_common::{Outcome, counts::CONNECT_BUCKETS_NS, peek::TlsReason};
 
 pub mod ledger;
 
@@ -25,6 +25,8 @@ pub struct RouteTotals {
     pub outcomes: BTreeMap<Outcome, (u64, Duration)>,
     /// Successful connects per connect-time bucket (not cumulative).
     pub connect_buckets: [u64; LATENCY_BUCKETS],
+    /// `tls_handshake_failed` by its reason.
+    pub tls_reasons: BTreeMap<TlsReason, u64>,
 }
 
 impl RouteTotals {
@@ -58,6 +60,9 @@ impl RouteTotals {
         }
         for (slot, n) in self.connect_buckets.iter_mut().zip(other.connect_buckets) {
             *slot += n;
+        }
+        for (reason, n) in &other.tls_reasons {
+            *self.tls_reasons.entry(*reason).or_default() += n;
         }
     }
 
@@ -97,10 +102,11 @@ impl Totals {
             }
         }
         for c in counts {
-            let entry = totals
-                .routes
-                .entry(c.route)
-                .or_default()
+            let route = totals.routes.entry(c.route).or_default();
+            if let Some(reason) = c.tls_reason {
+                *route.tls_reasons.entry(reason).or_default() += c.count;
+            }
+            let entry = route
                 .outcomes
                 .entry(c.outcome)
                 .or_insert((0, Duration::ZERO));
@@ -196,6 +202,7 @@ mod tests {
         Count {
             route: route(upstream),
             outcome,
+            tls_reason: None,
             count: n,
             total_time: Duration::from_millis(n),
         }

@@ -33,9 +33,9 @@ use self::{
 };
 pub use self::{
     counters::Counters,
-    offsets::{kernel_offsets, oom_fields, syscall_fields},
+    offsets::{io_fields, kernel_offsets, oom_fields, syscall_fields},
     probes::{
-        Hook, PROBES, PROBES_IN_USE, Probe, ProbeState, ProbeStatus, REQUEST_PROBES,
+        Hook, PEEK_PROBES, PROBES, PROBES_IN_USE, Probe, ProbeState, ProbeStatus, REQUEST_PROBES,
         skippable_probe,
     },
 };
@@ -188,14 +188,26 @@ impl Capture {
             Ok(tracefs) => Formats {
                 syscalls: syscall_fields(tracefs).map_err(|e| e.to_string()),
                 oom: oom_fields(tracefs).map_err(|e| e.to_string()),
+                io: io_fields(tracefs).map_err(|e| e.to_string()),
             },
             Err(e) => Formats {
                 syscalls: Err(e.to_string()),
                 oom: Err(e.to_string()),
+                io: Err(e.to_string()),
             },
         };
         if let Ok(fields) = &formats.syscalls {
             config.syscalls = *fields;
+        }
+        if let (Ok(_), Ok((fd, buf, ret))) = (&formats.syscalls, &formats.io) {
+            config.syscalls.io_fd = *fd;
+            config.syscalls.io_buf = *buf;
+            config.syscalls.io_ret = *ret;
+            // The first bytes are watched from connect() on: it must be seen too.
+            config.peek = u32::from(
+                !is_skipped(&options.skip_probes, PEEK_PROBES[0])
+                    && !is_skipped(&options.skip_probes, "sys_exit_connect"),
+            );
         }
         if let Ok(fields) = &formats.oom {
             config.oom = *fields;
@@ -219,6 +231,38 @@ impl Capture {
             config.sends = sends.mode;
             (ebpf, probes, standby) =
                 load_and_attach(&config, &formats, &options.skip_probes, &sends)?;
+        }
+        // The first-bytes probes work all together or not at all: if one did not attach, the
+        // programs must not count on them (a read seen without its return would look like an
+        // upstream that sent nothing).
+        if config.peek != 0 {
+            let missing = PEEK_PROBES.iter().find_map(|name| {
+                let status = probes.iter().find(|p| p.probe.program == *name)?;
+                match &status.state {
+                    ProbeState::Failed(reason) => Some(format!("{name}: {reason}")),
+                    ProbeState::Attached => None,
+                }
+            });
+            let connect_seen = probes
+                .iter()
+                .any(|p| p.probe.program == "sys_exit_connect" && p.attached());
+            let missing = missing
+                .or_else(|| (!connect_seen).then(|| "sys_exit_connect did not attach".to_string()));
+            if let Some(why) = missing {
+                drop(ebpf);
+                config.peek = 0;
+                let mut skip = options.skip_probes.clone();
+                skip.extend(PEEK_PROBES);
+                (ebpf, probes, standby) = load_and_attach(&config, &formats, &skip, &sends)?;
+                for status in probes
+                    .iter_mut()
+                    .filter(|p| PEEK_PROBES.contains(&p.probe.program))
+                {
+                    status.state = ProbeState::Failed(format!(
+                        "left out with the other read and write probes ({why})"
+                    ));
+                }
+            }
         }
 
         let programs = probes

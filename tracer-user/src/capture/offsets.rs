@@ -90,6 +90,72 @@ pub fn oom_fields(tracefs: &Tracefs) -> Result<OomFields, TracefsError> {
     })
 }
 
+/// Where the read and write tracepoints (`PEEK_PROBES`) keep their `fd`, their buffer argument
+/// and their `ret`: `(fd, buffer, ret)`. The programs read them at one offset for all, so every
+/// format must agree (they do on every kernel: the arguments are 8-byte slots in order), and
+/// the flat ones keep their size right after the buffer.
+pub fn io_fields(tracefs: &Tracefs) -> Result<(u32, u32, u32), TracefsError> {
+    // (tracepoint, buffer argument, size argument right after it, if the buffer is flat)
+    const ENTERS: [(&str, &str, Option<&str>); 8] = [
+        ("sys_enter_write", "buf", Some("count")),
+        ("sys_enter_read", "buf", Some("count")),
+        ("sys_enter_sendto", "buff", Some("len")),
+        ("sys_enter_recvfrom", "ubuf", Some("size")),
+        ("sys_enter_writev", "vec", None),
+        ("sys_enter_readv", "vec", None),
+        ("sys_enter_sendmsg", "msg", None),
+        ("sys_enter_recvmsg", "msg", None),
+    ];
+    const EXITS: [&str; 4] = [
+        "sys_exit_read",
+        "sys_exit_recvfrom",
+        "sys_exit_readv",
+        "sys_exit_recvmsg",
+    ];
+    let mut layout = None;
+    for (name, buffer, size) in ENTERS {
+        let format = tracefs.format("syscalls", name)?;
+        let fd = format.offset("fd", 8)?;
+        let buf = format.offset(buffer, 8)?;
+        let size_ok = match size {
+            Some(size) => format.offset(size, 8)? == buf + 8,
+            None => true,
+        };
+        let this = (fd, buf);
+        if !size_ok || *layout.get_or_insert(this) != this {
+            return Err(TracefsError::NoField {
+                category: "syscalls".to_string(),
+                name: name.to_string(),
+                field: "fd and buffer at the offsets the other reads and writes use".to_string(),
+            });
+        }
+    }
+    let (fd, buf) = layout.unwrap_or_default();
+    if tracefs
+        .format("syscalls", "sys_enter_close")?
+        .offset("fd", 8)?
+        != fd
+    {
+        return Err(TracefsError::NoField {
+            category: "syscalls".to_string(),
+            name: "sys_enter_close".to_string(),
+            field: "fd at the offset the reads and writes use".to_string(),
+        });
+    }
+    let mut ret_at = None;
+    for name in EXITS {
+        let ret = tracefs.format("syscalls", name)?.offset("ret", 8)?;
+        if *ret_at.get_or_insert(ret) != ret {
+            return Err(TracefsError::NoField {
+                category: "syscalls".to_string(),
+                name: name.to_string(),
+                field: "ret at the offset the other exits use".to_string(),
+            });
+        }
+    }
+    Ok((fd, buf, ret_at.unwrap_or_default()))
+}
+
 /// The connect() tracepoints' field offsets, from their format files.
 pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> {
     let enter = tracefs.format("syscalls", "sys_enter_connect")?;
@@ -106,5 +172,6 @@ pub fn syscall_fields(tracefs: &Tracefs) -> Result<SyscallFields, TracefsError> 
         accept_ret: accept.offset("ret", 8)?,
         bind_umyaddr: bind.offset("umyaddr", 8)?,
         bind_addrlen: bind.offset("addrlen", 8)?,
+        ..SyscallFields::default()
     })
 }

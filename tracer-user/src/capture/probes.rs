@@ -40,7 +40,7 @@ impl Probe {
     }
 }
 
-pub const PROBES: [Probe; 14] = [
+pub const PROBES: [Probe; 27] = [
     Probe {
         program: "inet_sock_set_state",
         hook: Hook::Raw("inet_sock_set_state"),
@@ -131,6 +131,84 @@ pub const PROBES: [Probe; 14] = [
         purpose: "who sent the signal that ended a worker (its master, the OOM killer, a \
                   person's kill): root cause worker_killed names the sender",
     },
+    Probe {
+        program: "sys_enter_write",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_write"),
+        required: false,
+        purpose: "the first bytes the proxy sends on a followed connection (a TLS ClientHello or plaintext): TLS failures; with the other read and write probes",
+    },
+    Probe {
+        program: "sys_enter_sendto",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_sendto"),
+        required: false,
+        purpose: "as sys_enter_write, for send()/sendto()",
+    },
+    Probe {
+        program: "sys_enter_writev",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_writev"),
+        required: false,
+        purpose: "as sys_enter_write, for writev()",
+    },
+    Probe {
+        program: "sys_enter_sendmsg",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_sendmsg"),
+        required: false,
+        purpose: "as sys_enter_write, for sendmsg()",
+    },
+    Probe {
+        program: "sys_enter_read",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_read"),
+        required: false,
+        purpose: "the first bytes an upstream sends, as the proxy reads them (a ServerHello, an alert or plaintext): TLS failures; with the other read and write probes",
+    },
+    Probe {
+        program: "sys_enter_recvfrom",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_recvfrom"),
+        required: false,
+        purpose: "as sys_enter_read, for recv()/recvfrom()",
+    },
+    Probe {
+        program: "sys_enter_readv",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_readv"),
+        required: false,
+        purpose: "as sys_enter_read, for readv()",
+    },
+    Probe {
+        program: "sys_enter_recvmsg",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_recvmsg"),
+        required: false,
+        purpose: "as sys_enter_read, for recvmsg()",
+    },
+    Probe {
+        program: "sys_exit_read",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_read"),
+        required: false,
+        purpose: "what read() returned on a followed connection (with sys_enter_read)",
+    },
+    Probe {
+        program: "sys_exit_recvfrom",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_recvfrom"),
+        required: false,
+        purpose: "what recv()/recvfrom() returned (with sys_enter_recvfrom)",
+    },
+    Probe {
+        program: "sys_exit_readv",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_readv"),
+        required: false,
+        purpose: "what readv() returned (with sys_enter_readv)",
+    },
+    Probe {
+        program: "sys_exit_recvmsg",
+        hook: Hook::Tracepoint("syscalls", "sys_exit_recvmsg"),
+        required: false,
+        purpose: "what recvmsg() returned (with sys_enter_recvmsg)",
+    },
+    Probe {
+        program: "sys_enter_close",
+        hook: Hook::Tracepoint("syscalls", "sys_enter_close"),
+        required: false,
+        purpose: "the proxy closing a watched connection's descriptor: one that an upstream reset before the proxy read its answer is decided then",
+    },
 ];
 
 /// How many probes a kernel uses: every one but one of the two that see requests
@@ -142,6 +220,24 @@ pub const REQUEST_PROBES: [&str; 2] = ["tcp_sendmsg_locked", "tcp_probe"];
 
 /// Probes that only work together: skipping one skips the other.
 pub(super) const PAIRED: [(&str, &str); 1] = [("sys_enter_connect", "sys_exit_connect")];
+
+/// The probes that watch a connection's first bytes: they work all together or not at all (a
+/// read seen without its return would look like an upstream that sent nothing).
+pub const PEEK_PROBES: [&str; 13] = [
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_writev",
+    "sys_enter_sendmsg",
+    "sys_enter_read",
+    "sys_enter_recvfrom",
+    "sys_enter_readv",
+    "sys_enter_recvmsg",
+    "sys_exit_read",
+    "sys_exit_recvfrom",
+    "sys_exit_readv",
+    "sys_exit_recvmsg",
+    "sys_enter_close",
+];
 
 /// The probe a `--skip-probe` value names (its program name or its tracepoint); required
 /// probes cannot be skipped.
@@ -176,6 +272,7 @@ pub(super) fn is_skipped(skip: &[&str], probe: &str) -> bool {
             || PAIRED
                 .iter()
                 .any(|(a, b)| (s == a && probe == *b) || (s == b && probe == *a))
+            || (PEEK_PROBES.contains(s) && PEEK_PROBES.contains(&probe))
     })
 }
 
@@ -203,6 +300,8 @@ impl ProbeStatus {
 pub(super) struct Formats {
     pub(super) syscalls: Result<SyscallFields, String>,
     pub(super) oom: Result<OomFields, String>,
+    /// Where the read and write tracepoints keep `fd`, the buffer and `ret`.
+    pub(super) io: Result<(u32, u32, u32), String>,
 }
 
 /// How the programs see the proxy's requests, and so which of the two request probes is in use.
@@ -329,6 +428,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, probe: &Probe, formats: &Formats) -> Resul
         Hook::Tracepoint(category, name) => {
             let fields = match category {
                 "oom" => formats.oom.as_ref().map(drop),
+                _ if PEEK_PROBES.contains(&probe.program) => formats.io.as_ref().map(drop),
                 _ => formats.syscalls.as_ref().map(drop),
             };
             if let Err(reason) = fields {

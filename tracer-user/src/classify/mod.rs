@@ -13,7 +13,9 @@ use std::time::Duration;
 use tracer_common::{Outcome, Source, conn::EndKind};
 
 pub use self::root_cause::{Listeners, Notice, RootCause};
-use crate::decode::{Failure, Upstream};
+use tracer_common::peek::TlsReason;
+
+use crate::decode::{Failure, Upstream, alert_text, escape_bytes};
 
 /// A failure with its root cause, when one is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -205,9 +207,59 @@ pub fn explain(f: &Failure) -> String {
             "{who}: the proxy gave up after waiting {waited} for a response (the upstream is \
              slow or stuck)"
         ),
+        Outcome::TlsHandshakeFailed | Outcome::PlaintextToTls => explain_tls(f, &who),
         Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => {
             format!("{who}: {}", f.cause.name())
         }
+    }
+}
+
+/// A TLS failure in words, with the bytes that told it.
+fn explain_tls(f: &Failure, who: &str) -> String {
+    let Some(tls) = &f.evidence.tls else {
+        return format!("{who}: {}", f.cause.name());
+    };
+    let received = escape_bytes(&tls.received);
+    let alert = |(level, description): (u8, u8)| {
+        let level = if level == 2 { "fatal" } else { "warning" };
+        format!("{level} alert {}", alert_text(description))
+    };
+    match (f.cause, tls.reason) {
+        (Outcome::PlaintextToTls, _) => format!(
+            "{who}: the proxy sent plaintext (\"{}\") and the upstream answered in TLS ({}): \
+             the upstream speaks TLS, the proxy does not (use https:// toward it)",
+            escape_bytes(&tls.sent),
+            tls.alert.map_or_else(|| format!("\"{received}\""), alert)
+        ),
+        (_, Some(TlsReason::PlaintextUpstream)) => format!(
+            "{who}: TLS handshake failed: the proxy sent a ClientHello and the upstream answered \
+             in plaintext (\"{received}\"): the upstream does not speak TLS on this port \
+             (wrong version number; use http:// toward it, or enable TLS on it)"
+        ),
+        (_, Some(TlsReason::Alert)) => format!(
+            "{who}: TLS handshake failed: the upstream answered the ClientHello with a {} \
+             (the two sides share no protocol version, cipher or name, or the upstream wants a \
+             client certificate)",
+            tls.alert.map_or_else(|| "TLS alert".to_string(), alert)
+        ),
+        (_, Some(TlsReason::ProxyRejected)) => format!(
+            "{who}: TLS handshake failed: the proxy ended the handshake after the upstream's \
+             first flight ({}): it rejected what the upstream offered, most often its \
+             certificate (not trusted, expired, or for another name)",
+            tls.alert.map_or_else(
+                || "its alert is encrypted under TLS 1.3, or it just closed".to_string(),
+                |a| format!("its own {}", alert(a))
+            )
+        ),
+        (_, Some(TlsReason::Closed)) => format!(
+            "{who}: TLS handshake failed: the upstream {} the connection during the handshake",
+            if f.evidence.reset_received {
+                "reset"
+            } else {
+                "closed"
+            }
+        ),
+        (_, None) => format!("{who}: {}", f.cause.name()),
     }
 }
 
@@ -282,6 +334,13 @@ pub fn explain_route(
             "{count} requests got no response before the proxy gave up {when} (a slow or stuck \
              upstream)"
         ),
+        Outcome::TlsHandshakeFailed => format!(
+            "{count} TLS handshakes failed {when} (see the events for the reason: plaintext \
+             upstream, alert, certificate rejected or closed)"
+        ),
+        Outcome::PlaintextToTls => {
+            format!("{count} plaintext requests to a port that speaks TLS {when}")
+        }
         Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => {
             format!("{count} {} {when}", cause.name())
         }
@@ -353,6 +412,7 @@ pub(crate) mod tests {
             ended_by: EndKind::PeerReset,
             reset_received: true,
             source: Source::SocketClosed,
+            tls: None,
         }
     }
 

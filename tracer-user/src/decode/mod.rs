@@ -19,10 +19,11 @@ pub use self::{
 };
 
 use tracer_common::{
-    CountKey, Endpoint, ExitEvent, FailureEvent, ListenerEvent, OomEvent, Outcome, RecordKind,
-    RouteKey, Source, Task as KernelTask,
+    ConnTrack, CountKey, Endpoint, ExitEvent, FailureEvent, ListenerEvent, OomEvent, Outcome,
+    RecordKind, RouteKey, Source, Task as KernelTask,
     conn::EndKind,
     net::{AF_INET, AF_INET6, AF_UNIX, UnixPath},
+    peek::{self, TlsReason},
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -329,6 +330,67 @@ pub struct Evidence {
     pub ended_by: EndKind,
     pub reset_received: bool,
     pub source: Source,
+    /// What the first bytes of a TLS failure (or of plaintext sent to a TLS port) said.
+    pub tls: Option<TlsEvidence>,
+}
+
+/// The first bytes behind `tls_handshake_failed` and `plaintext_to_tls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsEvidence {
+    /// `None` for `plaintext_to_tls`.
+    pub reason: Option<TlsReason>,
+    /// The alert (level, description) the upstream sent (`alert`, `plaintext_to_tls`) or the
+    /// proxy sent in plaintext (`proxy_rejected` under TLS 1.2 and older; TLS 1.3 encrypts it).
+    pub alert: Option<(u8, u8)>,
+    /// Up to 8 first bytes the proxy sent, and the upstream.
+    pub sent: Vec<u8>,
+    pub received: Vec<u8>,
+}
+
+impl TlsEvidence {
+    fn from_kernel(conn: &ConnTrack, cause: Outcome) -> Option<TlsEvidence> {
+        if !matches!(cause, Outcome::TlsHandshakeFailed | Outcome::PlaintextToTls) {
+            return None;
+        }
+        let p = &conn.peek;
+        let end = EndKind::from_u8(conn.end);
+        let upstream_ended = matches!(end, EndKind::PeerReset | EndKind::PeerFin);
+        let reason = match p.verdict(upstream_ended) {
+            Some((Outcome::TlsHandshakeFailed, code)) => TlsReason::from_u8(code),
+            _ => None,
+        };
+        let received = p.received_head();
+        let alert = match reason {
+            Some(TlsReason::ProxyRejected) => peek::alert(&p.second, p.second_len),
+            _ => peek::alert(&received, p.received_len),
+        };
+        let bytes = |head: &[u8], len: u8| head[..usize::from(len).min(head.len())].to_vec();
+        Some(TlsEvidence {
+            reason,
+            alert,
+            sent: bytes(&p.sent, p.sent_len),
+            received: bytes(&received, p.received_len),
+        })
+    }
+}
+
+/// Bytes as text that is safe anywhere: printable ASCII as it is, everything else (and the
+/// backslash) as `\xNN`.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len() * 4);
+    for &b in bytes {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            text.push(char::from(b));
+        } else {
+            text.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    text
+}
+
+/// A TLS alert's name ("unknown_ca"), or its number when it has none.
+pub fn alert_text(description: u8) -> String {
+    peek::alert_name(description).map_or_else(|| format!("alert_{description}"), str::to_string)
 }
 
 /// One failed upstream attempt, decoded.
@@ -374,6 +436,7 @@ impl Failure {
                 ended_by: EndKind::from_u8(conn.end),
                 reset_received: conn.reset_received != 0,
                 source: Source::from_u8(event.source),
+                tls: TlsEvidence::from_kernel(conn, cause),
             },
         })
     }
@@ -402,6 +465,8 @@ impl Route {
 pub struct Count {
     pub route: Route,
     pub outcome: Outcome,
+    /// For `tls_handshake_failed`, its `TlsReason`; else `None`.
+    pub tls_reason: Option<TlsReason>,
     pub count: u64,
     pub total_time: Duration,
 }
@@ -413,9 +478,13 @@ impl Count {
         sum_ns: u64,
         paths: &dyn UnixPaths,
     ) -> Result<Count, DecodeError> {
+        let outcome = Outcome::from_u8(key.outcome).ok_or(DecodeError::Outcome(key.outcome))?;
         Ok(Count {
             route: Route::from_kernel(&key.route, paths)?,
-            outcome: Outcome::from_u8(key.outcome).ok_or(DecodeError::Outcome(key.outcome))?,
+            outcome,
+            tls_reason: (outcome == Outcome::TlsHandshakeFailed)
+                .then(|| TlsReason::from_u8(key.bucket))
+                .flatten(),
             count,
             total_time: Duration::from_nanos(sum_ns),
         })

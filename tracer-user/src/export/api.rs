@@ -176,12 +176,14 @@ mod tests {
                 Count {
                     route: route.clone(),
                     outcome: Outcome::Refused,
+                    tls_reason: None,
                     count: 12,
                     total_time: Duration::ZERO,
                 },
                 Count {
                     route,
                     outcome: Outcome::Connected,
+                    tls_reason: None,
                     count: 30,
                     total_time: Duration::from_millis(15),
                 },

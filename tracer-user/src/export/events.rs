@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     classify::{Classified, Notice, containers::ContainerId, errno_name, explain, source_name},
-    decode::{Failure, Upstream},
+    decode::{Failure, Upstream, alert_text, escape_bytes},
 };
 
 /// Which upstreams `--upstream` selects: `ip:port`, `[ipv6]:port`, `ip`, `:port`, or
@@ -156,6 +156,19 @@ pub struct EventRecord {
     /// upstream's address.
     #[serde(default)]
     pub upstream_container: Option<ContainerId>,
+    /// For `tls_handshake_failed`: `plaintext_upstream`, `alert`, `proxy_rejected` or `closed`.
+    #[serde(default)]
+    pub tls_reason: Option<String>,
+    /// The TLS alert behind the failure (`unknown_ca`, `protocol_version`…), when it was sent
+    /// in plaintext.
+    #[serde(default)]
+    pub tls_alert: Option<String>,
+    /// The first bytes (up to 8) the proxy sent and the upstream sent on the connection, for
+    /// the TLS causes: printable ASCII as is, other bytes as `\xNN`.
+    #[serde(default)]
+    pub first_bytes_sent: Option<String>,
+    #[serde(default)]
+    pub first_bytes_received: Option<String>,
 }
 
 fn millis(d: Duration) -> f64 {
@@ -196,6 +209,18 @@ impl From<&Classified> for EventRecord {
             root_cause_detail: root.map(|r| r.explain(f)),
             proxy_container: c.proxy_container.clone(),
             upstream_container: c.upstream_container.clone(),
+            tls_reason: e
+                .tls
+                .as_ref()
+                .and_then(|t| t.reason)
+                .map(|r| r.name().to_string()),
+            tls_alert: e
+                .tls
+                .as_ref()
+                .and_then(|t| t.alert)
+                .map(|(_, d)| alert_text(d)),
+            first_bytes_sent: e.tls.as_ref().map(|t| escape_bytes(&t.sent)),
+            first_bytes_received: e.tls.as_ref().map(|t| escape_bytes(&t.received)),
         }
     }
 }
@@ -300,6 +325,12 @@ pub fn text_line(c: &Classified) -> String {
         ));
     }
     line.push_str(&format!(" ended_by={}", r.ended_by));
+    if let Some(reason) = &r.tls_reason {
+        line.push_str(&format!(" tls_reason={reason}"));
+    }
+    if let Some(alert) = &r.tls_alert {
+        line.push_str(&format!(" tls_alert={alert}"));
+    }
     if let Some(container) = &r.proxy_container {
         line.push_str(&format!(" proxy_container={}", container.name));
     }

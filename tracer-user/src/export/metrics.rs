@@ -29,7 +29,7 @@ pub use crate::aggregate::ledger::DEFAULT_MAX_UPSTREAMS;
 
 /// The failure causes every route exports (zero when none happened), so rates and ratios work
 /// from the route's first scrape on.
-const FAILURE_CAUSES: [Outcome; 9] = [
+const FAILURE_CAUSES: [Outcome; 11] = [
     Outcome::Refused,
     Outcome::ConnectTimeout,
     Outcome::Unreachable,
@@ -39,6 +39,8 @@ const FAILURE_CAUSES: [Outcome; 9] = [
     Outcome::ResetMidResponse,
     Outcome::ClosedBeforeResponse,
     Outcome::ResponseTimeout,
+    Outcome::TlsHandshakeFailed,
+    Outcome::PlaintextToTls,
 ];
 
 /// The same for Unix-socket upstreams: what connect() can tell.
@@ -449,6 +451,17 @@ fn write_routes(text: &mut Text, series: &BTreeMap<Labels, RouteTotals>) {
             if n > 0 || own.contains(&cause) {
                 failures.sample_with(&labels.pairs(), ("cause", cause.name()), n);
             }
+        }
+    }
+    let mut tls = text.family(
+        "tracer_upstream_tls_failures_total",
+        "Failed TLS handshakes with upstreams (cause tls_handshake_failed), by reason: \
+         plaintext_upstream, alert, proxy_rejected, closed (see docs/causes.md).",
+        COUNTER,
+    );
+    for (labels, t) in series {
+        for (reason, n) in &t.tls_reasons {
+            tls.sample_with(&labels.pairs(), ("tls_reason", reason.name()), *n);
         }
     }
     let mut abandoned = text.family(

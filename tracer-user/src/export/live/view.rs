@@ -40,6 +40,7 @@ pub fn cause_color(cause: Outcome) -> Color {
         Outcome::UnixBacklogFull => Color::Yellow,
         Outcome::UnixPermission => Color::LightBlue,
         Outcome::FdExhausted => Color::LightRed,
+        Outcome::TlsHandshakeFailed | Outcome::PlaintextToTls => Color::LightGreen,
         Outcome::Connected | Outcome::ConnectAbandoned | Outcome::RequestAbandoned => Color::Gray,
     }
 }

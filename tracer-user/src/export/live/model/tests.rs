@@ -60,6 +60,10 @@ pub fn event(upstream: &str, cause: &str, pid: u32) -> EventRecord {
         root_cause_detail: None,
         proxy_container: None,
         upstream_container: None,
+        tls_reason: None,
+        tls_alert: None,
+        first_bytes_sent: None,
+        first_bytes_received: None,
     }
 }
 
