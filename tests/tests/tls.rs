@@ -80,10 +80,13 @@ struct Cell {
 
 struct Lab {
     dir: PathBuf,
+    certs: Certificates,
     nginx: Child,
     gnutls: Child,
     proxy: SocketAddr,
     cells: Vec<Cell>,
+    /// The healthy TLS upstream (the one `/untrusted` does not trust).
+    tls: u16,
 }
 
 impl Lab {
@@ -171,10 +174,12 @@ impl Lab {
         );
         Lab {
             dir,
+            certs,
             nginx,
             gnutls,
             proxy,
             cells,
+            tls,
         }
     }
 
@@ -463,4 +468,389 @@ fn tls_failures_are_counted_by_reason_in_the_metrics() {
     );
     assert_eq!(sample(&scrape, &plaintext), Some(2.0), "{plaintext}");
     drop(tracer);
+}
+
+/// A failed attempt as a proxy's log tells it: the upstream's port, the cause and the
+/// `tls_reason`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Logged {
+    upstream: u16,
+    cause: &'static str,
+    reason: Option<&'static str>,
+}
+
+/// OpenSSL's reason for a failed handshake, as HAProxy (`ssl_bc_err_str`) and Apache (`SSL
+/// Library Error`) log it, as a `tls_reason`.
+fn reason_of_openssl(text: &str) -> &'static str {
+    if text.contains("wrong version number") || text.contains("packet length too long") {
+        "plaintext_upstream"
+    } else if text.contains("certificate verify") {
+        "proxy_rejected"
+    } else if text.contains("alert") {
+        "alert"
+    } else {
+        "closed"
+    }
+}
+
+/// How each failing cell is proxied: TLS toward it or not, and the TLS options.
+fn tls_options(cell: &Cell) -> Option<&'static str> {
+    match cell.path {
+        "/plaintext-to-tls" => None,
+        "/untrusted" => Some("verify"),
+        "/alert" => Some("tls13"),
+        _ => Some(""),
+    }
+}
+
+/// HAProxy with one frontend per cell and one for the healthy TLS upstream (kept alive, as
+/// HAProxy reuses server connections); its log line carries the termination state and
+/// OpenSSL's error.
+struct Haproxy {
+    child: Child,
+    log: PathBuf,
+    fronts: Vec<(SocketAddr, u16)>,
+    healthy: SocketAddr,
+}
+
+impl Haproxy {
+    fn start(lab: &Lab) -> Haproxy {
+        let timeout = 3;
+        let mut conf = format!(
+            "global
+    log stdout format raw local0 info
+defaults
+    mode http
+    log global
+    log-format \"%b %ST %ts ssl_err=%[ssl_bc_err_str]\"
+    retries 0
+    timeout connect {timeout}s
+    timeout client 10s
+    timeout server {timeout}s
+"
+        );
+        let mut fronts = Vec::new();
+        // Backends are named by their upstream's port (the log names the backend), the
+        // healthy one apart (its upstream is /untrusted's too).
+        let mut add = |name: String, upstream: u16, server: String| {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            conf.push_str(&format!(
+                "frontend f{name}\n    bind {listen}\n    default_backend b{name}\n\
+                 backend b{name}\n    server s 127.0.0.1:{upstream}{server}\n"
+            ));
+            listen
+        };
+        for cell in &lab.cells {
+            let server = match tls_options(cell) {
+                None => String::new(),
+                Some("verify") => format!(
+                    " ssl verify required ca-file {}",
+                    lab.certs.other_ca.display()
+                ),
+                Some("tls13") => " ssl verify none ssl-min-ver TLSv1.3".to_string(),
+                Some(_) => " ssl verify none".to_string(),
+            };
+            fronts.push((
+                add(cell.upstream.to_string(), cell.upstream, server),
+                cell.upstream,
+            ));
+        }
+        let healthy = add(
+            "healthy".to_string(),
+            lab.tls,
+            " ssl verify none".to_string(),
+        );
+        let config = lab.dir.join("haproxy.cfg");
+        std::fs::write(&config, conf).unwrap();
+        let log = lab.dir.join("haproxy.log");
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(lab.dir.join("haproxy.err")).unwrap())
+            .spawn()
+            .expect("haproxy (cargo xtask setup installs it)");
+        let err = lab.dir.join("haproxy.err");
+        wait_until(Duration::from_secs(10), "haproxy to listen", || {
+            let up = std::net::TcpStream::connect(healthy).is_ok();
+            if !up && let Ok(text) = std::fs::read_to_string(&err) {
+                assert!(!text.contains("ALERT"), "haproxy did not start:\n{text}");
+            }
+            up
+        });
+        Haproxy {
+            child,
+            log,
+            fronts,
+            healthy,
+        }
+    }
+
+    /// "b9001 503 SC ssl_err=error:0A00010B:SSL routines::wrong version number".
+    fn logged(&self) -> Vec<Logged> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let mut words = line.splitn(4, ' ');
+                let upstream: u16 = words.next()?.strip_prefix('b')?.parse().ok()?;
+                let _status = words.next()?;
+                let state = words.next()?;
+                let error = words.next()?.strip_prefix("ssl_err=")?;
+                let (cause, reason) = if state.starts_with("SC") && error != "-" {
+                    ("tls_handshake_failed", Some(reason_of_openssl(error)))
+                } else if state.starts_with("SC") {
+                    ("tls_handshake_failed", Some("closed"))
+                } else if state.starts_with("PH") {
+                    ("plaintext_to_tls", None)
+                } else if state.starts_with("--") {
+                    return None;
+                } else {
+                    ("?", None)
+                };
+                Some(Logged {
+                    upstream,
+                    cause,
+                    reason,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        stop_gracefully(&mut self.child, libc::SIGUSR1, Duration::from_secs(5));
+    }
+}
+
+/// Apache httpd (event MPM, mod_proxy_http, mod_ssl) with one virtual host per cell, each with
+/// its own error log at `ssl:info`, where OpenSSL's reason is written.
+struct Apache {
+    child: Child,
+    dir: PathBuf,
+    fronts: Vec<(SocketAddr, u16)>,
+    healthy: SocketAddr,
+}
+
+const APACHE_MODULES: &str = "/usr/lib/apache2/modules";
+
+impl Apache {
+    fn start(lab: &Lab) -> Apache {
+        let dir = lab.dir.join("apache");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let m = APACHE_MODULES;
+        let mut conf = format!(
+            "ServerRoot {d}
+ServerName tls-lab
+PidFile {d}/apache2.pid
+DefaultRuntimeDir {d}
+Mutex file:{d} default
+LoadModule mpm_event_module {m}/mod_mpm_event.so
+LoadModule authz_core_module {m}/mod_authz_core.so
+LoadModule proxy_module {m}/mod_proxy.so
+LoadModule proxy_http_module {m}/mod_proxy_http.so
+LoadModule ssl_module {m}/mod_ssl.so
+LoadModule socache_shmcb_module {m}/mod_socache_shmcb.so
+User nobody
+Group nogroup
+KeepAlive Off
+ErrorLog {d}/error.log
+LogLevel warn ssl:info
+Timeout 3
+"
+        );
+        let mut fronts = Vec::new();
+        let mut add = |upstream: u16, tls: Option<&str>| {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let (scheme, ssl) = match tls {
+                None => ("http", String::new()),
+                Some(options) => (
+                    "https",
+                    format!(
+                        "    SSLProxyEngine on\n{}",
+                        match options {
+                            "verify" => format!(
+                                "    SSLProxyVerify require\n    SSLProxyCACertificateFile {}\n",
+                                lab.certs.other_ca.display()
+                            ),
+                            "tls13" => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n    SSLProxyProtocol TLSv1.3\n".to_string(),
+                            _ => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n".to_string(),
+                        }
+                    ),
+                ),
+            };
+            conf.push_str(&format!(
+                "Listen {listen}\n<VirtualHost {listen}>\n    ErrorLog {d}/error-{upstream}.log\n{ssl}    ProxyPass / {scheme}://127.0.0.1:{upstream}/ retry=0\n</VirtualHost>\n"
+            ));
+            listen
+        };
+        for cell in &lab.cells {
+            fronts.push((add(cell.upstream, tls_options(cell)), cell.upstream));
+        }
+        let healthy = add(lab.tls, Some(""));
+        let config = dir.join("apache2.conf");
+        std::fs::write(&config, conf).unwrap();
+        let child = Command::new("apache2")
+            .arg("-f")
+            .arg(&config)
+            .arg("-DFOREGROUND")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("output.log")).unwrap())
+            .spawn()
+            .expect("apache2 (cargo xtask setup installs it)");
+        wait_until(Duration::from_secs(10), "apache2 to listen", || {
+            std::net::TcpStream::connect(healthy).is_ok()
+        });
+        Apache {
+            child,
+            dir,
+            fronts,
+            healthy,
+        }
+    }
+
+    /// Per virtual host: each "AH00898: Error during SSL Handshake with remote server" is a
+    /// failed handshake, its reason the "SSL Library Error" before it; each "AH01102: error
+    /// reading status line" toward the plaintext cell a TLS answer to plaintext.
+    fn logged(&self) -> Vec<Logged> {
+        let mut all = Vec::new();
+        for (_, upstream) in &self.fronts {
+            let log = std::fs::read_to_string(self.dir.join(format!("error-{upstream}.log")))
+                .unwrap_or_default();
+            let mut reason = None;
+            for line in log.lines() {
+                if let Some((_, error)) = line.split_once("SSL Library Error: ") {
+                    reason = Some(reason_of_openssl(error));
+                } else if line.contains("AH00898: Error during SSL Handshake") {
+                    all.push(Logged {
+                        upstream: *upstream,
+                        cause: "tls_handshake_failed",
+                        reason: Some(reason.take().unwrap_or("closed")),
+                    });
+                } else if line.contains("AH01102: error reading status line") {
+                    all.push(Logged {
+                        upstream: *upstream,
+                        cause: "plaintext_to_tls",
+                        reason: None,
+                    });
+                }
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Apache {
+    fn drop(&mut self) {
+        // A graceful stop.
+        stop_gracefully(&mut self.child, libc::SIGWINCH, Duration::from_secs(5));
+    }
+}
+
+/// Every cell's requests through `fronts` (listen address, upstream port), and 20 to the
+/// healthy TLS upstream through `healthy`; tracer's failures for `comm` must be the proxy's
+/// log's, one for one, cause and reason, and nothing toward the healthy upstream.
+#[track_caller]
+fn agree_with(
+    lab: &Lab,
+    comm: &str,
+    fronts: &[(SocketAddr, u16)],
+    healthy: SocketAddr,
+    logged: impl Fn() -> Vec<Logged>,
+) {
+    let tracer = Tracer::events(&["--comm", comm]);
+    let mut answered = Vec::new();
+    for (listen, upstream) in fronts {
+        let cell = lab.cells.iter().find(|c| c.upstream == *upstream).unwrap();
+        answered.push((cell.path, statuses(*listen, "/", cell.requests)));
+    }
+    let healthy_answers = statuses(healthy, "/", 20);
+    // Let the proxy log the last attempts.
+    std::thread::sleep(Duration::from_millis(300));
+    let (events, stderr) = tracer.stop_collecting();
+    println!("{comm} answered: {answered:?}");
+    assert!(
+        healthy_answers.iter().all(|s| *s == 200),
+        "{healthy_answers:?}"
+    );
+    let mut theirs = logged();
+    let mut ours: Vec<Logged> = events
+        .iter()
+        .filter(|e| e["type"] == "failure")
+        .map(|e| {
+            let upstream = e["upstream"].as_str().unwrap_or_default();
+            let port = upstream.rsplit(':').next().and_then(|p| p.parse().ok());
+            let cause = match e["cause"].as_str() {
+                Some("tls_handshake_failed") => "tls_handshake_failed",
+                Some("plaintext_to_tls") => "plaintext_to_tls",
+                _ => "other",
+            };
+            let reason = match e["tls_reason"].as_str() {
+                Some("plaintext_upstream") => Some("plaintext_upstream"),
+                Some("alert") => Some("alert"),
+                Some("proxy_rejected") => Some("proxy_rejected"),
+                Some("closed") => Some("closed"),
+                _ => None,
+            };
+            assert_eq!(e["comm"], comm, "{e:#}");
+            assert_ne!(cause, "other", "not a TLS cause: {e:#}");
+            Logged {
+                upstream: port.unwrap_or(0),
+                cause,
+                reason,
+            }
+        })
+        .collect();
+    theirs.sort();
+    ours.sort();
+    let expected: usize = fronts
+        .iter()
+        .map(|(_, u)| {
+            lab.cells
+                .iter()
+                .find(|c| c.upstream == *u)
+                .unwrap()
+                .requests
+        })
+        .sum();
+    assert_eq!(theirs.len(), expected, "{comm} logged: {theirs:#?}");
+    assert_eq!(ours, theirs, "tracer against {comm}'s log\n{stderr}");
+    for cell in &lab.cells {
+        let (cause, reason) = cell.expect.unwrap();
+        assert!(
+            theirs
+                .iter()
+                .filter(|l| l.upstream == cell.upstream)
+                .all(|l| l.cause == cause && l.reason == reason),
+            "{comm} {}: {theirs:?}",
+            cell.path
+        );
+    }
+}
+
+#[test]
+fn tls_failures_behind_haproxy_agree_with_its_log() {
+    if !kernel_tests_enabled("tls_failures_behind_haproxy_agree_with_its_log") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::start("haproxy");
+    let haproxy = Haproxy::start(&lab);
+    agree_with(&lab, "haproxy", &haproxy.fronts, haproxy.healthy, || {
+        haproxy.logged()
+    });
+}
+
+#[test]
+fn tls_failures_behind_apache_agree_with_its_error_log() {
+    if !kernel_tests_enabled("tls_failures_behind_apache_agree_with_its_error_log") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::start("apache");
+    let apache = Apache::start(&lab);
+    agree_with(&lab, "apache2", &apache.fronts, apache.healthy, || {
+        apache.logged()
+    });
 }

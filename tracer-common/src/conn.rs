@@ -243,6 +243,11 @@ impl ConnTrack {
     /// `tcp:tcp_sendmsg_locked`: the proxy starts sending; `bytes_received` is the connection's
     /// counter before any byte of this send left.
     pub fn on_send(&mut self, now_ns: u64, bytes_received: u64) {
+        if self.peek.alert_sending != 0 {
+            // A TLS alert (the proxy's close_notify), seen at its syscall: no request.
+            self.peek.alert_sending = 0;
+            return;
+        }
         self.sends = self.sends.saturating_add(1);
         self.last_send_ns = now_ns;
         self.rx_at_last_send = bytes_received;
@@ -256,7 +261,12 @@ impl ConnTrack {
     /// between: before any byte of the segment being processed arrived.
     pub fn on_write_seq(&mut self, write_seq: u32, bytes_received: u64, sent_ns: u64) {
         if write_seq != self.seen_write_seq {
+            let sent = write_seq.wrapping_sub(self.seen_write_seq);
             self.seen_write_seq = write_seq;
+            if self.peek.alert_sending != 0 && sent != u32::from(self.peek.alert_sending) {
+                // More than the alert went out since the last look: a request too.
+                self.peek.alert_sending = 0;
+            }
             self.on_send(sent_ns, bytes_received);
         }
     }
@@ -674,6 +684,30 @@ mod tests {
         proxy_closes(&mut c, 1_005);
         // 4096 response bytes and the upstream's FIN, which sends FIN_WAIT2 to CLOSE.
         assert_eq!(close_from(&mut c, FIN_WAIT2, 1_006, 0, 4_097).outcome, None);
+    }
+
+    /// HAProxy closes an idle TLS connection with a close_notify, and the upstream's FIN follows
+    /// at once: the alert (seen at its syscall) is no request, so nothing is outstanding.
+    #[test]
+    fn a_tls_close_notify_is_no_request() {
+        let mut c = established();
+        c.on_send(1_002 * MS, 0);
+        c.peek.alert_sending = 31;
+        c.on_send(2_000 * MS, 324);
+        upstream_closes(&mut c, 2_000);
+        assert_eq!(close_from(&mut c, LAST_ACK, 2_001, 0, 325).outcome, None);
+        // Where sends are inferred: the alert alone moved write_seq.
+        let mut c = established();
+        c.start_write_seq(1000);
+        c.on_write_seq(1100, 0, 1_002 * MS);
+        c.peek.alert_sending = 31;
+        c.on_write_seq(1131, 324, 2_000 * MS);
+        assert_eq!(c.sends, 1);
+        // A request and the alert between two looks: the request counts.
+        c.peek.alert_sending = 31;
+        c.on_write_seq(1231, 324, 2_100 * MS);
+        assert_eq!(c.sends, 2);
+        assert_eq!(c.peek.alert_sending, 0);
     }
 
     #[test]

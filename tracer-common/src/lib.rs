@@ -70,11 +70,11 @@ macro_rules! sizes {
 
 sizes!(
     Config = 248,
-    ConnTrack = 192,
+    ConnTrack = 200,
     CountKey = 56,
     RouteKey = 48,
     Tally = 32,
-    FailureEvent = 240,
+    FailureEvent = 248,
     ListenerEvent = 96,
     OomEvent = 48,
     ExitEvent = 64,

@@ -134,9 +134,16 @@ pub const fn is_alert_shaped(head: &[u8; PEEK_BYTES], len: u8, size: u64) -> boo
         return false;
     }
     let record = ((head[3] as u64) << 8 | head[4] as u64) + 5;
-    (head[0] == record::ALERT && record == size)
-        || (head[0] == record::APPLICATION_DATA && size == 24 && record == 24)
+    // TLS 1.2 and older keep the alert type on an encrypted alert (2 bytes, with an explicit
+    // nonce, a MAC or padding: at most 64 in all); TLS 1.3 hides it in application data
+    // (2 bytes of alert, 1 of inner type, a tag of at most 16: at most 24 in all).
+    record == size
+        && ((head[0] == record::ALERT && size <= ALERT_MAX_BYTES)
+            || (head[0] == record::APPLICATION_DATA && size <= 24))
 }
+
+/// The largest send that may be a lone alert record (see [`is_alert_shaped`]).
+pub const ALERT_MAX_BYTES: u64 = 64;
 
 /// Whether a send of `size` bytes is a lone change_cipher_spec record (TLS 1.3's
 /// compatibility one, which a client may send apart right after the ServerHello).
@@ -189,6 +196,11 @@ pub struct Peek {
     pub after_second: u8,
     /// [`Peek::ANSWERED`] and the others.
     pub flags: u8,
+    /// The size of an alert the proxy is sending on an established TLS connection (its
+    /// close_notify as it closes), seen at the syscall before the kernel's send path: that send
+    /// is no request (`ConnTrack::on_send` and `on_write_seq` skip it). 0: none.
+    pub alert_sending: u8,
+    pub _pad: [u8; 7],
 }
 
 impl Peek {
@@ -223,6 +235,8 @@ impl Peek {
         last_len: 0,
         after_second: 0,
         flags: 0,
+        alert_sending: 0,
+        _pad: [0; 7],
     };
 
     /// The first bytes the upstream sent, as far as they are known.
@@ -238,8 +252,14 @@ impl Peek {
             && self.received[0] != record::ALERT
     }
 
-    /// Whether nothing more is wanted: the kernel stops looking at the connection's reads and
-    /// writes.
+    /// Whether the connection is TLS past its first bytes: the kernel keeps looking at the
+    /// proxy's sends, for the alerts that are no requests (a close_notify).
+    pub const fn tls_established(&self) -> bool {
+        self.done() && self.tls_handshake_started()
+    }
+
+    /// Whether the first bytes are all known: the kernel stops reading the connection's bytes
+    /// (and, but for a TLS one, stops looking at its reads and writes).
     pub const fn done(&self) -> bool {
         if self.sent_len == 0 || (self.received_len as usize) < PEEK_BYTES {
             return false;

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ConnTrack, Outcome, Program, Source, Stat, Verdict,
-    peek::{DeferredClose, PEEK_BYTES, Peek},
+    peek::{ALERT_MAX_BYTES, DeferredClose, PEEK_BYTES, Peek, is_alert_shaped},
 };
 
 use crate::{
@@ -128,15 +128,20 @@ fn may_watch(tgid: u32) -> bool {
 }
 
 /// The watched connection behind the current process's `fd`, if its first bytes are still
-/// wanted (the entry of one that is gone, or told, goes). It may be closed already, waiting
-/// for this very read.
+/// wanted or it is an established TLS connection (whose alerts are no requests); the entry of
+/// one that is gone, or told, goes. It may be closed already, waiting for this very read.
 #[inline(always)]
 fn watched(tgid: u32, fd: u64) -> Option<(u64, &'static mut ConnTrack)> {
     let key = key(tgid, fd as u32);
     // SAFETY: a copy of the map's value.
     let sk = unsafe { *PEEKS.get(&key)? };
     match record(sk) {
-        Some(conn) if conn.peek.flags & Peek::WATCHED != 0 && !conn.peek.done() => Some((sk, conn)),
+        Some(conn)
+            if conn.peek.flags & Peek::WATCHED != 0
+                && (!conn.peek.done() || conn.peek.tls_established()) =>
+        {
+            Some((sk, conn))
+        }
         _ => {
             let _ = PEEKS.remove(&key);
             None
@@ -180,7 +185,7 @@ fn sending(ctx: &TracePointContext, buffer: Buffer) -> Result<(), i64> {
     let Some((_, conn)) = watched(tgid, fd) else {
         return Ok(());
     };
-    if !conn.peek.wants_send() || conn.peek.flags & Peek::CLOSED != 0 {
+    if conn.peek.flags & Peek::CLOSED != 0 {
         return Ok(());
     }
     let arg: u64 = read_field(ctx, config!(syscalls.io_buf))?;
@@ -189,10 +194,21 @@ fn sending(ctx: &TracePointContext, buffer: Buffer) -> Result<(), i64> {
     if n == 0 {
         return Ok(());
     }
+    let established = conn.peek.done();
+    if established && size > ALERT_MAX_BYTES {
+        // A request or more of one: only a lone alert record is looked at.
+        return Ok(());
+    }
     let mut head = [0u8; PEEK_BYTES];
     // SAFETY: the helper copes with any user pointer; n is at most the destination's size.
     if unsafe { generated::bpf_probe_read_user(head.as_mut_ptr().cast(), n, at as *const _) } != 0 {
         return Err(-1);
+    }
+    if established {
+        if is_alert_shaped(&head, n as u8, size) {
+            conn.peek.alert_sending = size as u8;
+        }
+        return Ok(());
     }
     conn.peek.on_send(&head, size);
     Ok(())
