@@ -1,6 +1,7 @@
 //! `cargo xtask lab [--proxy nginx|haproxy|apache]`: runs the fault lab behind each proxy (all
 //! three when none is named), and real application servers (gunicorn, php-fpm) behind nginx,
-//! and prints for each the agreement table between tracer and the proxy's own logs. Exits
+//! then the TLS cells behind each (`lab::tls`), and prints for each the agreement table between
+//! tracer and the proxy's own logs. Exits
 //! non-zero when a cell falls below the target.
 //!
 //! Interrupted (Ctrl-C, SIGTERM), it removes what it made: namespaces, nginx, its tracer.
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
         ),
     }
     // Behind nginx, the real application servers (gunicorn, php-fpm) too.
+    let tls_proxies = proxies.clone();
     let matrices = proxies.into_iter().flat_map(|software| {
         let mut matrices = vec![lab::Matrix::for_proxy(software)];
         if software == lab::Software::Nginx {
@@ -85,6 +87,14 @@ fn main() -> ExitCode {
         println!("{report}");
         if !report.passed() {
             failed.push(format!("{} ({})", matrix.software, matrix.name));
+        }
+    }
+    // TLS between each proxy and its upstreams (lab::tls).
+    for software in tls_proxies {
+        let report = lab::tls::run(software);
+        println!("{}", report.markdown());
+        if !report.passed() {
+            failed.push(format!("{software} (TLS)"));
         }
     }
     if failed.is_empty() {

@@ -13,6 +13,7 @@ pub mod load;
 pub mod nginx;
 pub mod proxy;
 pub mod report;
+pub mod tls;
 
 use std::{
     fmt,

@@ -247,7 +247,7 @@ fn explain_tls(f: &Failure, who: &str) -> String {
              first flight ({}): it rejected what the upstream offered, most often its \
              certificate (not trusted, expired, or for another name)",
             tls.alert.map_or_else(
-                || "its alert is encrypted under TLS 1.3, or it just closed".to_string(),
+                || "its alert went encrypted, after the handshake, or it just closed".to_string(),
                 |a| format!("its own {}", alert(a))
             )
         ),

@@ -1,0 +1,832 @@
+//! TLS between the proxy and its upstreams, for real (`cargo xtask lab` and
+//! `tests/tests/tls.rs`): nginx, HAProxy and Apache proxying over TLS to upstreams that get it
+//! wrong in each of the ways that end in a 502, with certificates made with `openssl`, and each
+//! proxy's own log as the oracle for every failed attempt's cause and `tls_reason`:
+//!
+//! - `https` to a plaintext upstream (nginx's own plain server answers the ClientHello with
+//!   `HTTP/1.1 400`): `plaintext_upstream`;
+//! - certificate verification against an upstream whose certificate the proxy does not trust:
+//!   `proxy_rejected`;
+//! - an upstream that speaks only TLS 1.2 to a proxy that allows only TLS 1.3 (the upstream
+//!   answers with an alert): `alert`, named `protocol_version`;
+//! - an upstream that reads the ClientHello and closes: `closed`;
+//! - plaintext to a TLS port whose server answers with an alert (`gnutls-serv`):
+//!   `plaintext_to_tls`;
+//! - a healthy TLS upstream, kept alive (and behind nginx also with TLS session resumption on
+//!   new connections): no failure at all.
+//!
+//! It runs on this host's loopback (the upstream servers are one nginx, `gnutls-serv` and a
+//! thread of the caller), one lab at a time.
+
+use std::{
+    fmt::Write as _,
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{
+    Software,
+    nginx::{cause_of, failures_in, make_temp_dirs, temp_paths, tls_reason_of},
+};
+use crate::{
+    http::{free_port, get},
+    process::stop_gracefully,
+    tracer_process::Tracer,
+};
+
+/// One lab at a time: a tracer sees every proxy's failures, and each run checks that nothing
+/// but its own cells failed.
+pub static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The certificates: the upstream's (self-signed, for `upstream.test`) and another CA's that
+/// does not vouch for it.
+pub struct Certificates {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+fn certificates(dir: &Path) -> Certificates {
+    let make = |name: &str, subject: &str| {
+        let status = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .arg("-keyout")
+            .arg(dir.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{name}.pem")))
+            .args(["-subj", subject])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (cargo xtask setup installs it)");
+        assert!(status.success(), "openssl req failed");
+    };
+    make("upstream", "/CN=upstream.test");
+    make("other", "/CN=another.test");
+    Certificates {
+        cert: dir.join("upstream.pem"),
+        key: dir.join("upstream.key"),
+        other_ca: dir.join("other.pem"),
+    }
+}
+
+/// One way of proxying: the path nginx serves it under, the upstream port, and what every
+/// request's attempt must come to (`None`: no failure).
+pub struct Cell {
+    pub path: &'static str,
+    pub upstream: u16,
+    pub expect: Option<(&'static str, Option<&'static str>)>,
+    pub requests: usize,
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub certs: Certificates,
+    nginx: Child,
+    gnutls: Child,
+    /// nginx's proxy server, with a location per cell.
+    pub proxy: SocketAddr,
+    pub cells: Vec<Cell>,
+    /// The healthy TLS upstream (the one `/untrusted` does not trust).
+    pub tls: u16,
+}
+
+impl Lab {
+    pub fn start(tag: &str) -> Lab {
+        let dir = std::env::temp_dir().join(format!("tracer-tls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        make_temp_dirs(&dir);
+        let certs = certificates(&dir);
+        let [proxy, plain, tls, tls12, closer, gnutls] = std::array::from_fn(|_| free_port());
+        let cells = vec![
+            Cell {
+                path: "/plaintext-upstream",
+                upstream: plain,
+                expect: Some(("tls_handshake_failed", Some("plaintext_upstream"))),
+                requests: CELL_REQUESTS,
+            },
+            Cell {
+                path: "/untrusted",
+                upstream: tls,
+                expect: Some(("tls_handshake_failed", Some("proxy_rejected"))),
+                requests: CELL_REQUESTS,
+            },
+            Cell {
+                path: "/alert",
+                upstream: tls12,
+                expect: Some(("tls_handshake_failed", Some("alert"))),
+                requests: CELL_REQUESTS,
+            },
+            Cell {
+                path: "/closed",
+                upstream: closer,
+                expect: Some(("tls_handshake_failed", Some("closed"))),
+                requests: CELL_REQUESTS,
+            },
+            Cell {
+                path: "/plaintext-to-tls",
+                upstream: gnutls,
+                expect: Some(("plaintext_to_tls", None)),
+                requests: CELL_REQUESTS,
+            },
+        ];
+        std::fs::write(
+            dir.join("nginx.conf"),
+            nginx_conf(&dir, &certs, proxy, plain, tls, tls12, closer, gnutls),
+        )
+        .unwrap();
+        // An upstream that reads the ClientHello and closes (a worker dying mid-handshake).
+        let listener = TcpListener::bind(("127.0.0.1", closer)).expect("closer port");
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut hello = [0u8; 4096];
+                let _ = stream.read(&mut hello);
+            }
+        });
+        let gnutls_port = gnutls;
+        let gnutls = Command::new("gnutls-serv")
+            .args([
+                "--port",
+                &gnutls_port.to_string(),
+                "--http",
+                "--x509certfile",
+            ])
+            .arg(&certs.cert)
+            .arg("--x509keyfile")
+            .arg(&certs.key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gnutls-serv (cargo xtask setup installs gnutls-bin)");
+        let nginx = Command::new("nginx")
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nginx (cargo xtask setup installs it)");
+        let proxy: SocketAddr = ([127, 0, 0, 1], proxy).into();
+        let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        wait_until(
+            Duration::from_secs(10),
+            "nginx and gnutls-serv to listen",
+            || listening(proxy.port()) && listening(gnutls_port),
+        );
+        Lab {
+            dir,
+            certs,
+            nginx,
+            gnutls,
+            proxy,
+            cells,
+            tls,
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    pub fn resumed_sessions(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("sessions.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.trim() == "r")
+            .count()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // SIGQUIT: the master stops its workers too.
+        stop_gracefully(&mut self.nginx, libc::SIGQUIT, Duration::from_secs(5));
+        stop_gracefully(&mut self.gnutls, libc::SIGTERM, Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one port per server of the lab")]
+fn nginx_conf(
+    dir: &Path,
+    certs: &Certificates,
+    proxy: u16,
+    plain: u16,
+    tls: u16,
+    tls12: u16,
+    closer: u16,
+    gnutls: u16,
+) -> String {
+    let d = dir.display();
+    let (cert, key, other) = (
+        certs.cert.display(),
+        certs.key.display(),
+        certs.other_ca.display(),
+    );
+    format!(
+        "user nobody nogroup;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+{temp}    proxy_connect_timeout 2s;
+    proxy_read_timeout 3s;
+    proxy_next_upstream off;
+    log_format session '$ssl_session_reused';
+    # The upstreams.
+    server {{ listen 127.0.0.1:{plain}; location / {{ return 200 \"plain\\n\"; }} }}
+    server {{
+        listen 127.0.0.1:{tls} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        access_log {d}/sessions.log session;
+        location / {{ return 200 \"tls\\n\"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{tls12} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        ssl_protocols TLSv1.2;
+        location / {{ return 200 \"tls 1.2\\n\"; }}
+    }}
+    upstream kept_alive {{ server 127.0.0.1:{tls}; keepalive 8; }}
+    # The proxy.
+    server {{
+        listen 127.0.0.1:{proxy};
+        location /plaintext-upstream {{ proxy_pass https://127.0.0.1:{plain}; }}
+        location /untrusted {{
+            proxy_pass https://127.0.0.1:{tls};
+            proxy_ssl_verify on; proxy_ssl_trusted_certificate {other}; proxy_ssl_name upstream.test;
+        }}
+        location /alert {{ proxy_pass https://127.0.0.1:{tls12}; proxy_ssl_protocols TLSv1.3; }}
+        location /closed {{ proxy_pass https://127.0.0.1:{closer}; }}
+        location /plaintext-to-tls {{ proxy_pass http://127.0.0.1:{gnutls}; }}
+        location /kept-alive {{
+            proxy_pass https://kept_alive; proxy_http_version 1.1; proxy_set_header Connection \"\";
+        }}
+        location /resumed {{
+            proxy_pass https://127.0.0.1:{tls}; proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+",
+        temp = temp_paths(dir)
+    )
+}
+
+#[track_caller]
+fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn statuses(proxy: SocketAddr, path: &str, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| get(proxy, path).map(|(s, _)| s).unwrap_or(0))
+        .collect()
+}
+
+/// A failed attempt as a proxy's log tells it: the upstream's port, the cause and the
+/// `tls_reason`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Logged {
+    pub upstream: u16,
+    pub cause: &'static str,
+    pub reason: Option<&'static str>,
+}
+
+/// OpenSSL's reason for a failed handshake, as HAProxy (`ssl_bc_err_str`) and Apache (`SSL
+/// Library Error`) log it, as a `tls_reason`.
+fn reason_of_openssl(text: &str) -> &'static str {
+    if text.contains("wrong version number") || text.contains("packet length too long") {
+        "plaintext_upstream"
+    } else if text.contains("certificate verify") {
+        "proxy_rejected"
+    } else if text.contains("alert") {
+        "alert"
+    } else {
+        "closed"
+    }
+}
+
+/// How each failing cell is proxied: TLS toward it or not, and the TLS options.
+fn tls_options(cell: &Cell) -> Option<&'static str> {
+    match cell.path {
+        "/plaintext-to-tls" => None,
+        "/untrusted" => Some("verify"),
+        "/alert" => Some("tls13"),
+        _ => Some(""),
+    }
+}
+
+/// HAProxy with one frontend per cell and one for the healthy TLS upstream (kept alive, as
+/// HAProxy reuses server connections); its log line carries the termination state and
+/// OpenSSL's error.
+pub struct Haproxy {
+    child: Child,
+    log: PathBuf,
+    fronts: Vec<(SocketAddr, u16)>,
+    healthy: SocketAddr,
+}
+
+impl Haproxy {
+    pub fn start(lab: &Lab) -> Haproxy {
+        let timeout = 3;
+        let mut conf = format!(
+            "global
+    log stdout format raw local0 info
+defaults
+    mode http
+    log global
+    log-format \"%b %ST %ts ssl_err=%[ssl_bc_err_str]\"
+    retries 0
+    timeout connect {timeout}s
+    timeout client 10s
+    timeout server {timeout}s
+"
+        );
+        let mut fronts = Vec::new();
+        // Backends are named by their upstream's port (the log names the backend), the
+        // healthy one apart (its upstream is /untrusted's too).
+        let mut add = |name: String, upstream: u16, server: String| {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            conf.push_str(&format!(
+                "frontend f{name}\n    bind {listen}\n    default_backend b{name}\n\
+                 backend b{name}\n    server s 127.0.0.1:{upstream}{server}\n"
+            ));
+            listen
+        };
+        for cell in &lab.cells {
+            let server = match tls_options(cell) {
+                None => String::new(),
+                Some("verify") => format!(
+                    " ssl verify required ca-file {}",
+                    lab.certs.other_ca.display()
+                ),
+                Some("tls13") => " ssl verify none ssl-min-ver TLSv1.3".to_string(),
+                Some(_) => " ssl verify none".to_string(),
+            };
+            fronts.push((
+                add(cell.upstream.to_string(), cell.upstream, server),
+                cell.upstream,
+            ));
+        }
+        let healthy = add(
+            "healthy".to_string(),
+            lab.tls,
+            " ssl verify none".to_string(),
+        );
+        let config = lab.dir.join("haproxy.cfg");
+        std::fs::write(&config, conf).unwrap();
+        let log = lab.dir.join("haproxy.log");
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(lab.dir.join("haproxy.err")).unwrap())
+            .spawn()
+            .expect("haproxy (cargo xtask setup installs it)");
+        let err = lab.dir.join("haproxy.err");
+        wait_until(Duration::from_secs(10), "haproxy to listen", || {
+            let up = std::net::TcpStream::connect(healthy).is_ok();
+            if !up && let Ok(text) = std::fs::read_to_string(&err) {
+                assert!(!text.contains("ALERT"), "haproxy did not start:\n{text}");
+            }
+            up
+        });
+        Haproxy {
+            child,
+            log,
+            fronts,
+            healthy,
+        }
+    }
+
+    /// "b9001 503 SC ssl_err=error:0A00010B:SSL routines::wrong version number".
+    pub fn logged(&self) -> Vec<Logged> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let mut words = line.splitn(4, ' ');
+                let upstream: u16 = words.next()?.strip_prefix('b')?.parse().ok()?;
+                let _status = words.next()?;
+                let state = words.next()?;
+                let error = words.next()?.strip_prefix("ssl_err=")?;
+                let (cause, reason) = if state.starts_with("SC") && error != "-" {
+                    ("tls_handshake_failed", Some(reason_of_openssl(error)))
+                } else if state.starts_with("SC") {
+                    ("tls_handshake_failed", Some("closed"))
+                } else if state.starts_with("PH") {
+                    ("plaintext_to_tls", None)
+                } else if state.starts_with("--") {
+                    return None;
+                } else {
+                    ("?", None)
+                };
+                Some(Logged {
+                    upstream,
+                    cause,
+                    reason,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        stop_gracefully(&mut self.child, libc::SIGUSR1, Duration::from_secs(5));
+    }
+}
+
+/// Apache httpd (event MPM, mod_proxy_http, mod_ssl) with one virtual host per cell, each with
+/// its own error log at `ssl:info`, where OpenSSL's reason is written.
+pub struct Apache {
+    child: Child,
+    dir: PathBuf,
+    fronts: Vec<(SocketAddr, u16)>,
+    healthy: SocketAddr,
+}
+
+const APACHE_MODULES: &str = "/usr/lib/apache2/modules";
+
+impl Apache {
+    pub fn start(lab: &Lab) -> Apache {
+        let dir = lab.dir.join("apache");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let m = APACHE_MODULES;
+        let mut conf = format!(
+            "ServerRoot {d}
+ServerName tls-lab
+PidFile {d}/apache2.pid
+DefaultRuntimeDir {d}
+Mutex file:{d} default
+LoadModule mpm_event_module {m}/mod_mpm_event.so
+LoadModule authz_core_module {m}/mod_authz_core.so
+LoadModule proxy_module {m}/mod_proxy.so
+LoadModule proxy_http_module {m}/mod_proxy_http.so
+LoadModule ssl_module {m}/mod_ssl.so
+LoadModule socache_shmcb_module {m}/mod_socache_shmcb.so
+User nobody
+Group nogroup
+KeepAlive Off
+ErrorLog {d}/error.log
+LogLevel warn ssl:info
+Timeout 3
+"
+        );
+        let mut fronts = Vec::new();
+        let mut add = |upstream: u16, tls: Option<&str>| {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let (scheme, ssl) = match tls {
+                None => ("http", String::new()),
+                Some(options) => (
+                    "https",
+                    format!(
+                        "    SSLProxyEngine on\n{}",
+                        match options {
+                            "verify" => format!(
+                                "    SSLProxyVerify require\n    SSLProxyCACertificateFile {}\n",
+                                lab.certs.other_ca.display()
+                            ),
+                            "tls13" => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n    SSLProxyProtocol TLSv1.3\n".to_string(),
+                            _ => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n".to_string(),
+                        }
+                    ),
+                ),
+            };
+            conf.push_str(&format!(
+                "Listen {listen}\n<VirtualHost {listen}>\n    ErrorLog {d}/error-{upstream}.log\n{ssl}    ProxyPass / {scheme}://127.0.0.1:{upstream}/ retry=0\n</VirtualHost>\n"
+            ));
+            listen
+        };
+        for cell in &lab.cells {
+            fronts.push((add(cell.upstream, tls_options(cell)), cell.upstream));
+        }
+        let healthy = add(lab.tls, Some(""));
+        let config = dir.join("apache2.conf");
+        std::fs::write(&config, conf).unwrap();
+        let child = Command::new("apache2")
+            .arg("-f")
+            .arg(&config)
+            .arg("-DFOREGROUND")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("output.log")).unwrap())
+            .spawn()
+            .expect("apache2 (cargo xtask setup installs it)");
+        wait_until(Duration::from_secs(10), "apache2 to listen", || {
+            std::net::TcpStream::connect(healthy).is_ok()
+        });
+        Apache {
+            child,
+            dir,
+            fronts,
+            healthy,
+        }
+    }
+
+    /// Per virtual host: each "AH00898: Error during SSL Handshake with remote server" is a
+    /// failed handshake, its reason the "SSL Library Error" before it; each "AH01102: error
+    /// reading status line" toward the plaintext cell a TLS answer to plaintext.
+    pub fn logged(&self) -> Vec<Logged> {
+        let mut all = Vec::new();
+        for (_, upstream) in &self.fronts {
+            let log = std::fs::read_to_string(self.dir.join(format!("error-{upstream}.log")))
+                .unwrap_or_default();
+            let mut reason = None;
+            for line in log.lines() {
+                if let Some((_, error)) = line.split_once("SSL Library Error: ") {
+                    reason = Some(reason_of_openssl(error));
+                } else if line.contains("AH00898: Error during SSL Handshake") {
+                    all.push(Logged {
+                        upstream: *upstream,
+                        cause: "tls_handshake_failed",
+                        reason: Some(reason.take().unwrap_or("closed")),
+                    });
+                } else if line.contains("AH01102: error reading status line") {
+                    all.push(Logged {
+                        upstream: *upstream,
+                        cause: "plaintext_to_tls",
+                        reason: None,
+                    });
+                }
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Apache {
+    fn drop(&mut self) {
+        // A graceful stop.
+        stop_gracefully(&mut self.child, libc::SIGWINCH, Duration::from_secs(5));
+    }
+}
+
+/// nginx's failed attempts, from its error log.
+fn nginx_logged(lab: &Lab) -> Vec<Logged> {
+    failures_in(&lab.error_log())
+        .iter()
+        .filter_map(|f| {
+            let port = f.upstream.rsplit(':').next()?.parse().ok()?;
+            let cause = f.cause.or_else(|| cause_of(&f.message)).unwrap_or("?");
+            Some(Logged {
+                upstream: port,
+                cause,
+                reason: tls_reason_of(&f.message),
+            })
+        })
+        .collect()
+}
+
+/// One cell of the TLS lab behind one proxy: what the proxy logged and what tracer reported.
+#[derive(Debug, Clone)]
+pub struct TlsRow {
+    pub proxy: Software,
+    pub path: &'static str,
+    /// The cause and `tls_reason` the fault must give.
+    pub expected: String,
+    /// The proxy's answers.
+    pub statuses: Vec<u16>,
+    pub logged: usize,
+    pub reported: usize,
+    /// Attempts where tracer's cause and reason are the log's (matched one for one).
+    pub agreeing: usize,
+}
+
+impl TlsRow {
+    /// Agreement: the attempts matched over the larger of the two counts.
+    pub fn agreement(&self) -> f64 {
+        let n = self.logged.max(self.reported);
+        if n == 0 {
+            1.0
+        } else {
+            self.agreeing as f64 / n as f64
+        }
+    }
+}
+
+/// The TLS lab behind one proxy.
+#[derive(Debug, Clone)]
+pub struct TlsReport {
+    pub proxy: Software,
+    pub rows: Vec<TlsRow>,
+    /// The healthy upstream's answers (all 200), and tracer's failures toward it (none).
+    pub healthy_statuses: Vec<u16>,
+    pub healthy_failures: Vec<Value>,
+    /// Other things that went wrong (an alert not named, sessions not resumed).
+    pub problems: Vec<String>,
+    /// tracer's sentence for one failure of each cell.
+    pub explanations: Vec<String>,
+}
+
+/// Each cell at or above this agreement (the issue's floor; the runs here are exact).
+pub const TARGET: f64 = 0.995;
+
+impl TlsReport {
+    pub fn passed(&self) -> bool {
+        self.rows
+            .iter()
+            .all(|r| r.agreement() >= TARGET && r.logged == CELL_REQUESTS)
+            && self.healthy_statuses.iter().all(|s| *s == 200)
+            && self.healthy_failures.is_empty()
+            && self.problems.is_empty()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut text = format!(
+            "### TLS behind {}\n\n| cell | expected | proxy answered | proxy logged | tracer reported | agreement |\n|---|---|---|---|---|---|\n",
+            self.proxy
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                text,
+                "| `{}` | {} | {:?} | {} | {} | {:.1}% |",
+                r.path,
+                r.expected,
+                r.statuses,
+                r.logged,
+                r.reported,
+                100.0 * r.agreement()
+            );
+        }
+        let _ = writeln!(
+            text,
+            "| healthy TLS upstream | no failure | {} × 200 of {} | 0 | {} | {} |",
+            self.healthy_statuses.iter().filter(|s| **s == 200).count(),
+            self.healthy_statuses.len(),
+            self.healthy_failures.len(),
+            if self.healthy_failures.is_empty() {
+                "100.0%"
+            } else {
+                "FAIL"
+            }
+        );
+        for p in &self.problems {
+            let _ = writeln!(text, "\nproblem: {p}");
+        }
+        text
+    }
+}
+
+/// Requests per failing cell.
+pub const CELL_REQUESTS: usize = 5;
+
+/// Where a proxy takes each cell's requests (address, path, upstream port) and the healthy
+/// upstream's, and how to read its log.
+struct Fronts<'a> {
+    cells: Vec<(SocketAddr, &'static str, u16)>,
+    healthy: Vec<(SocketAddr, &'static str)>,
+    logged: Box<dyn Fn() -> Vec<Logged> + 'a>,
+}
+
+/// Runs the TLS lab behind `software`: every cell's requests, 20 to the healthy TLS upstream
+/// (behind nginx also 20 with session resumption), with tracer watching `software`'s process.
+pub fn run(software: Software) -> TlsReport {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::start(software.name());
+    let Fronts {
+        cells: fronts,
+        healthy,
+        logged,
+    } = match software {
+        Software::Nginx => Fronts {
+            cells: lab
+                .cells
+                .iter()
+                .map(|c| (lab.proxy, c.path, c.upstream))
+                .collect(),
+            healthy: vec![(lab.proxy, "/kept-alive"), (lab.proxy, "/resumed")],
+            logged: Box::new(|| nginx_logged(&lab)),
+        },
+        Software::Haproxy => {
+            let haproxy = Haproxy::start(&lab);
+            Fronts {
+                cells: haproxy.fronts.iter().map(|(a, u)| (*a, "/", *u)).collect(),
+                healthy: vec![(haproxy.healthy, "/")],
+                logged: Box::new(move || haproxy.logged()),
+            }
+        }
+        Software::Apache => {
+            let apache = Apache::start(&lab);
+            Fronts {
+                cells: apache.fronts.iter().map(|(a, u)| (*a, "/", *u)).collect(),
+                healthy: vec![(apache.healthy, "/")],
+                logged: Box::new(move || apache.logged()),
+            }
+        }
+    };
+    let tracer = Tracer::events(&["--comm", software.comm()]);
+    let mut statuses_of = Vec::new();
+    for (listen, path, upstream) in &fronts {
+        statuses_of.push((*upstream, statuses(*listen, path, CELL_REQUESTS)));
+    }
+    let mut healthy_statuses = Vec::new();
+    for (listen, path) in &healthy {
+        healthy_statuses.extend(statuses(*listen, path, 20));
+    }
+    // Let the proxy log the last attempts.
+    std::thread::sleep(Duration::from_millis(300));
+    let (events, _) = tracer.stop_collecting();
+    let theirs = logged();
+    let failures: Vec<&Value> = events.iter().filter(|e| e["type"] == "failure").collect();
+    let port_of = |e: &Value| -> u16 {
+        e["upstream"]
+            .as_str()
+            .and_then(|u| u.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut report = TlsReport {
+        proxy: software,
+        rows: Vec::new(),
+        healthy_statuses,
+        healthy_failures: Vec::new(),
+        problems: Vec::new(),
+        explanations: Vec::new(),
+    };
+    for cell in &lab.cells {
+        let (cause, reason) = cell.expect.expect("failing cells");
+        let ours: Vec<&&Value> = failures
+            .iter()
+            .filter(|e| port_of(e) == cell.upstream)
+            .collect();
+        let mut log: Vec<&Logged> = theirs
+            .iter()
+            .filter(|l| l.upstream == cell.upstream)
+            .collect();
+        // Matched one for one: each of tracer's failures takes one logged attempt of the same
+        // cause and reason, the expected ones.
+        let mut agreeing = 0;
+        for e in &ours {
+            let same = |l: &&Logged| {
+                e["cause"] == l.cause
+                    && e["tls_reason"].as_str() == l.reason
+                    && l.cause == cause
+                    && l.reason == reason
+            };
+            if let Some(i) = log.iter().position(same) {
+                log.remove(i);
+                agreeing += 1;
+            }
+        }
+        if let Some(e) = ours.first() {
+            report.explanations.push(format!(
+                "{} {}: {}",
+                software,
+                cell.path,
+                e["explanation"].as_str().unwrap_or_default()
+            ));
+        }
+        if cell.path == "/alert"
+            && let Some(e) = ours.iter().find(|e| e["tls_alert"] != "protocol_version")
+        {
+            report
+                .problems
+                .push(format!("the alert is not named protocol_version: {e}"));
+        }
+        report.rows.push(TlsRow {
+            proxy: software,
+            path: cell.path,
+            expected: match reason {
+                Some(reason) => format!("`{cause}` `{reason}`"),
+                None => format!("`{cause}`"),
+            },
+            statuses: statuses_of
+                .iter()
+                .find(|(u, _)| *u == cell.upstream)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default(),
+            logged: theirs
+                .iter()
+                .filter(|l| l.upstream == cell.upstream)
+                .count(),
+            reported: ours.len(),
+            agreeing,
+        });
+    }
+    report.healthy_failures = failures
+        .iter()
+        .filter(|e| !lab.cells.iter().any(|c| c.upstream == port_of(e)))
+        .map(|e| (*e).clone())
+        .collect();
+    if software == Software::Nginx && lab.resumed_sessions() < 10 {
+        report.problems.push(format!(
+            "TLS sessions were not resumed ({} of 20)",
+            lab.resumed_sessions()
+        ));
+    }
+    report
+}
