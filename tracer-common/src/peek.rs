@@ -215,12 +215,15 @@ impl Peek {
 
     /// Whether the verdict at the socket's close must wait for the proxy's read: the upstream
     /// sent `data_received` bytes of which the proxy read none yet, and they may be what tells
-    /// a TLS failure.
-    pub const fn must_wait_for_read(&self, data_received: u64) -> bool {
+    /// a TLS failure. Only when the upstream (or the kernel) ended the connection
+    /// (`proxy_holds_it`): the proxy still holds the socket and will read it, or close() it.
+    /// A connection the proxy closed itself will see no read.
+    pub const fn must_wait_for_read(&self, data_received: u64, proxy_holds_it: bool) -> bool {
         self.flags & Peek::WATCHED != 0
             && self.sent_len > 0
             && self.received_len == 0
             && data_received > 0
+            && proxy_holds_it
     }
 
     pub const EMPTY: Peek = Peek {
@@ -651,6 +654,21 @@ mod tests {
         receive(&mut p, b"TP/1.1 400");
         assert_eq!(&p.received_head(), b"HTTP/1.1");
         assert_eq!(p.received_len as usize, PEEK_BYTES);
+    }
+
+    #[test]
+    fn only_a_socket_the_proxy_still_holds_waits_for_its_read() {
+        let mut p = watched();
+        send(&mut p, b"GET / HTTP/1.0\r\n");
+        assert!(p.must_wait_for_read(7, true));
+        assert!(
+            !p.must_wait_for_read(7, false),
+            "the proxy closed it: no read will come"
+        );
+        assert!(!p.must_wait_for_read(0, true), "nothing to read");
+        receive(&mut p, b"HTTP/1.1 200 OK\r\n");
+        assert!(!p.must_wait_for_read(7, true), "read already");
+        assert!(!Peek::EMPTY.must_wait_for_read(7, true), "not watched");
     }
 
     #[test]

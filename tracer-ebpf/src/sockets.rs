@@ -278,7 +278,8 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
         sends_tracked: config!(sends) != Config::SENDS_UNSEEN,
     });
     let data_received = conn.data_received(old_state, bytes_received);
-    if conn.established_ns != 0 && conn.peek.must_wait_for_read(data_received) {
+    let proxy_holds_it = conn.end != EndKind::ProxyClose as u8;
+    if conn.established_ns != 0 && conn.peek.must_wait_for_read(data_received, proxy_holds_it) {
         return crate::peek::wait_for_read(sk, conn, &verdict, data_received, now);
     }
     let Some(outcome) = verdict.outcome else {

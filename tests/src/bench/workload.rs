@@ -26,6 +26,10 @@ pub const SERVER: &str = "127.79.2.1:8090";
 /// nginx, proxying to its own responder without keep-alive.
 pub const NGINX: &str = "127.0.0.1:8091";
 pub const RESPONDER_PORT: u16 = 8092;
+/// A second nginx, proxying over TLS (session resumption on, no keep-alive) to its own TLS
+/// responder.
+pub const NGINX_TLS: &str = "127.0.0.1:8093";
+pub const TLS_RESPONDER: &str = "127.79.3.1:8094";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Workload {
@@ -37,14 +41,18 @@ pub enum Workload {
     Http,
     /// (d) accepted connects with 1% refused.
     Mix,
+    /// (e) HTTP through nginx to a TLS upstream without keep-alive (wrk): the first-bytes
+    /// probes' cost on the connections they follow through a handshake.
+    Https,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::Refused,
         Workload::Accepted,
         Workload::Http,
         Workload::Mix,
+        Workload::Https,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +61,7 @@ impl Workload {
             Workload::Accepted => "(b) connect/accept/close storm",
             Workload::Http => "(c) HTTP through nginx, no upstream keep-alive",
             Workload::Mix => "(d) mix, 1% refused",
+            Workload::Https => "(e) HTTP through nginx to a TLS upstream, no keep-alive",
         }
     }
 }
@@ -81,6 +90,7 @@ pub struct Env {
     server_stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
     _nginx: Nginx,
+    tls_nginx: std::process::Child,
     dir: PathBuf,
 }
 
@@ -145,6 +155,7 @@ impl Env {
             app: None,
         };
         let nginx = Nginx::start_with_responders(&ns.name, &dir, &[route], &[responder]);
+        let tls_nginx = start_tls_nginx(&ns, &dir.join("tls"));
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Env {
             ns,
@@ -152,6 +163,7 @@ impl Env {
             server_stop,
             server: Some(server),
             _nginx: nginx,
+            tls_nginx,
             dir,
         }
     }
@@ -168,7 +180,8 @@ impl Env {
                     Attempt::Accepted
                 }
             }),
-            Workload::Http => self.wrk(duration),
+            Workload::Http => self.wrk(NGINX, duration),
+            Workload::Https => self.wrk(NGINX_TLS, duration),
         }
     }
 
@@ -215,13 +228,13 @@ impl Env {
         }
     }
 
-    /// HTTP through nginx with wrk, as many threads as cores, 64 connections.
-    fn wrk(&self, duration: Duration) -> Done {
+    /// HTTP through the nginx at `nginx` with wrk, as many threads as cores, 64 connections.
+    fn wrk(&self, nginx: &str, duration: Duration) -> Done {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns.name, "wrk"])
             .arg(format!("-t{}", self.threads))
             .args(["-c64", &format!("-d{}s", duration.as_secs().max(1))])
-            .arg(format!("http://{NGINX}/"))
+            .arg(format!("http://{nginx}/"))
             .output()
             .expect("wrk (cargo xtask bench installs it)");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -309,6 +322,8 @@ impl Drop for Env {
         if let Some(server) = self.server.take() {
             let _ = server.join();
         }
+        // SIGQUIT: the master stops its workers too.
+        crate::process::stop_gracefully(&mut self.tls_nginx, libc::SIGQUIT, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -316,4 +331,64 @@ impl Drop for Env {
 enum Attempt {
     Refused,
     Accepted,
+}
+
+/// The second nginx of (e), in `ns`: a self-signed certificate made with openssl, a TLS
+/// responder and a proxy to it over TLS.
+fn start_tls_nginx(ns: &Netns, dir: &std::path::Path) -> std::process::Child {
+    crate::lab::nginx::make_temp_dirs(dir);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", "/CN=bench.test"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (cargo xtask setup installs it)");
+    assert!(status.success(), "openssl req");
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp}    server {{
+        listen {TLS_RESPONDER} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        location / {{ return 200 \"ok\\n\"; }}
+    }}
+    server {{
+        listen {NGINX_TLS};
+        location / {{ proxy_pass https://{TLS_RESPONDER}; proxy_ssl_session_reuse on; }}
+    }}
+}}
+",
+        cert = cert.display(),
+        key = key.display(),
+        temp = crate::lab::nginx::temp_paths(dir)
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("writing the TLS nginx.conf");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nginx", "-c"])
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx (cargo xtask setup installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("nginx.pid").exists() {
+        assert!(Instant::now() < deadline, "the TLS nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child
 }

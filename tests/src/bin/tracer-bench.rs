@@ -278,13 +278,16 @@ impl Bench {
                     ),
                 );
             }
-            self.verdict.check(
-                tr > b,
-                format!(
-                    "{}: tracer keeps more throughput ({tr:.3}) than bpftrace ({b:.3})",
-                    workload.name()
-                ),
-            );
+            // bpftrace's script does not look at TLS: (e) is no comparison.
+            if workload != Workload::Https {
+                self.verdict.check(
+                    tr > b,
+                    format!(
+                        "{}: tracer keeps more throughput ({tr:.3}) than bpftrace ({b:.3})",
+                        workload.name()
+                    ),
+                );
+            }
         }
         let _ = writeln!(
             report,
@@ -387,6 +390,11 @@ impl Bench {
                 cell(Condition::TracerOlderKernels),
                 b / per_op * 100.0
             );
+            if workload == Workload::Https {
+                // Not one of issue 16's workloads: what the first-bytes probes cost on
+                // connections they follow through a handshake, reported only.
+                continue;
+            }
             // Issue 16's targets: a storm of refusals is nearly all failure (each one is
             // reported), so it may cost more of its cheap operations than the others.
             let (share, of_bpftrace) = if workload == Workload::Refused {
@@ -708,7 +716,7 @@ fn check_exact(
             checks.push(("refused", delta(closed, "refused"), done.refused));
             checks.push(("connected", delta(server, "connected"), done.accepted));
         }
-        Workload::Http => {}
+        Workload::Http | Workload::Https => {}
     }
     for (what, counted, made) in &checks {
         if counted != made {
