@@ -28,8 +28,12 @@ fn agrees(software: Software) {
         report.healthy_failures
     );
     for row in &report.rows {
-        assert_eq!(row.agreeing, row.logged, "{row:?}");
-        assert_eq!(row.reported, row.logged, "{row:?}");
+        // Every failure tracer reported is the log's; one missing only where the kernel
+        // skipped runs of its programs (a preempting kernel under emulation: 7.x guests).
+        assert_eq!(row.reported, row.agreeing, "{row:?}");
+        if report.skipped_runs == 0 {
+            assert_eq!(row.agreeing, row.logged, "{row:?}");
+        }
     }
 }
 
