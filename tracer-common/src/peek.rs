@@ -168,7 +168,8 @@ pub struct DeferredClose {
     pub send: u8,
     /// Whether the upstream's FIN or RST ended the connection.
     pub upstream_ended: u8,
-    pub _pad: u8,
+    /// The counted outcome's detail (its count key's `bucket`: a `TlsReason`, or 0).
+    pub detail: u8,
 }
 
 /// The first bytes of a connection, kept in its record (`ConnTrack::peek`).

@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use tracer_common::{
     ConnTrack, CountKey, Endpoint, FailureEvent, Outcome, Program, RecordKind, RouteKey, Source,
-    Stat, Tally, Task,
+    Stat, Tally, Task, Verdict,
     counts::{EVENTS_RING_BYTES, UnixFail, connect_bucket},
 };
 
@@ -86,6 +86,23 @@ pub fn count(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64, now: 
     add(&key, outcome, ns, now)
 }
 
+/// Counts what a connection's close decided: `outcome` (the verdict's) under its detail where
+/// it has one (a `TlsReason`), else as [`count`] does.
+#[inline(always)]
+pub fn count_verdict(
+    proxy: &Task,
+    upstream: &Endpoint,
+    outcome: Outcome,
+    verdict: &Verdict,
+    now: u64,
+) -> bool {
+    if verdict.detail == 0 {
+        count(proxy, upstream, outcome, verdict.waited_ns, now)
+    } else {
+        count_detail(proxy, upstream, outcome, verdict.detail, verdict.waited_ns)
+    }
+}
+
 /// [`count`] for an outcome with a detail in its key (a `TlsReason` for
 /// `tls_handshake_failed`), at the current time.
 #[inline(never)]
@@ -146,11 +163,13 @@ pub fn uncount(fail: &UnixFail) {
     uncount_key(&fail.count, fail.waited_ns);
 }
 
-/// Takes back one count of `outcome` of `proxy` toward `upstream` (made by [`count`]), as
-/// [`uncount`] does.
+/// Takes back one count of `outcome` (with `detail`) of `proxy` toward `upstream`, made by
+/// [`count_verdict`], as [`uncount`] does.
 #[inline(never)]
-pub fn uncount_outcome(proxy: &Task, upstream: &Endpoint, outcome: Outcome, ns: u64) {
-    uncount_key(&count_key(proxy, upstream, outcome), ns);
+pub fn uncount_outcome(proxy: &Task, upstream: &Endpoint, outcome: Outcome, detail: u8, ns: u64) {
+    let mut key = count_key(proxy, upstream, outcome);
+    key.bucket = detail;
+    uncount_key(&key, ns);
 }
 
 #[inline(always)]

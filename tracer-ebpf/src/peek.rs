@@ -19,7 +19,7 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count_detail, note_error, report, stat, uncount_outcome},
+    counting::{Report, count_detail, count_verdict, note_error, report, stat, uncount_outcome},
     kernel::{local_port, netns_of, read_field, read_kernel},
     maps::{CONNS, DEFERRED, PEEK_READS, PEEK_TGIDS, PEEKS},
     sockets::{record, socket_error, tracked},
@@ -314,7 +314,7 @@ pub fn wait_for_read(
 ) -> bool {
     let mut send = false;
     if let Some(outcome) = verdict.outcome {
-        send = crate::counting::count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now);
+        send = count_verdict(&conn.proxy, &conn.upstream, outcome, verdict, now);
     }
     let end = tracer_common::EndKind::from_u8(conn.end);
     let deferred = DeferredClose {
@@ -329,7 +329,7 @@ pub fn wait_for_read(
             end,
             tracer_common::EndKind::PeerReset | tracer_common::EndKind::PeerFin
         )),
-        _pad: 0,
+        detail: verdict.detail,
     };
     if conn.local.port == 0 {
         conn.local.port = local_port(sk);
@@ -364,10 +364,16 @@ fn settle(sk: u64, conn: &mut ConnTrack) {
         let mut outcome = counted;
         let mut send = deferred.send != 0;
         if let Some((tls, detail)) = conn.peek.verdict(deferred.upstream_ended != 0)
-            && counted != Some(tls)
+            && (counted, deferred.detail) != (Some(tls), detail)
         {
             if let Some(counted) = counted {
-                uncount_outcome(&conn.proxy, &conn.upstream, counted, deferred.waited_ns);
+                uncount_outcome(
+                    &conn.proxy,
+                    &conn.upstream,
+                    counted,
+                    deferred.detail,
+                    deferred.waited_ns,
+                );
             }
             send = count_detail(&conn.proxy, &conn.upstream, tls, detail, deferred.waited_ns);
             outcome = Some(tls);

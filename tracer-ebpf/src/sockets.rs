@@ -17,7 +17,7 @@ use tracer_common::{
 };
 
 use crate::{
-    counting::{Report, count, count_detail, note_error, report, stat},
+    counting::{Report, count, count_verdict, note_error, report, stat},
     kernel::{field, fill_current_task, is_ignored, local_port, netns_of, now, read_kernel},
     lifecycle::listener_changed,
     maps::{CONNECTS, CONNS},
@@ -285,17 +285,7 @@ fn connection_closed(sk: *const u8, conn: &mut ConnTrack, old_state: i32, now: u
     let Some(outcome) = verdict.outcome else {
         return false;
     };
-    let send = if verdict.detail == 0 {
-        count(&conn.proxy, &conn.upstream, outcome, verdict.waited_ns, now)
-    } else {
-        count_detail(
-            &conn.proxy,
-            &conn.upstream,
-            outcome,
-            verdict.detail,
-            verdict.waited_ns,
-        )
-    };
+    let send = count_verdict(&conn.proxy, &conn.upstream, outcome, &verdict, now);
     if !outcome.is_failure() {
         return false;
     }

@@ -361,7 +361,7 @@ impl TlsEvidence {
         };
         let received = p.received_head();
         let alert = match reason {
-            Some(TlsReason::ProxyRejected) => peek::alert(&p.second, p.second_len),
+            Some(TlsReason::ProxyRejected) => p.proxy_alert_text(),
             _ => peek::alert(&received, p.received_len),
         };
         let bytes = |head: &[u8], len: u8| head[..usize::from(len).min(head.len())].to_vec();
