@@ -29,6 +29,26 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
     false
 }
 
+/// Waits until `done`, checking every 100 ms; fails the test after `within`.
+#[track_caller]
+pub fn wait_until(within: std::time::Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {within:?} for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The value of the sample `series` (name and labels as printed) in a Prometheus scrape.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// This process's name, as tracer reports the proxy.
 pub fn own_comm() -> String {
     std::fs::read_to_string("/proc/self/comm")

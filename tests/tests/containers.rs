@@ -10,7 +10,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -20,9 +20,10 @@ use tracer_tests::{
     docker::{self, Container, GATEWAY},
     http::{free_port, get},
     kernel_tests_enabled,
-    lab::nginx::{failures_in, make_temp_dirs, temp_paths},
-    process::{stop_gracefully, upstream_process_bin},
+    lab::nginx::{Nginx, failures_in, make_temp_dirs, temp_paths},
+    process::upstream_process_bin,
     tracer_process::{Tracer, tracer_bin},
+    wait_until,
 };
 
 /// One scenario at a time: they share the daemon, the network and the host's nginx ports.
@@ -99,7 +100,7 @@ http {{
 
 /// nginx on the host, proxying from a loopback port to `upstream`.
 struct HostNginx {
-    child: Child,
+    nginx: Nginx,
     dir: PathBuf,
     addr: SocketAddr,
 }
@@ -108,45 +109,20 @@ impl HostNginx {
     fn start(tag: &str, upstream: SocketAddr) -> HostNginx {
         let dir = workdir(tag);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        std::fs::write(
-            dir.join("nginx.conf"),
-            nginx_conf(&dir, &addr.to_string(), upstream),
-        )
-        .unwrap();
-        let child = Command::new("nginx")
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nginx (cargo xtask setup installs it)");
-        wait_until(Duration::from_secs(10), "nginx to listen", || {
-            std::net::TcpStream::connect(addr).is_ok()
-        });
-        HostNginx { child, dir, addr }
+        let nginx = Nginx::start_config(None, &dir, &nginx_conf(&dir, &addr.to_string(), upstream));
+        HostNginx { nginx, dir, addr }
     }
 
     fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        self.nginx.error_log()
     }
 }
 
 impl Drop for HostNginx {
     fn drop(&mut self) {
-        // SIGQUIT: the master stops its workers too (SIGKILL would leave them behind).
-        stop_gracefully(&mut self.child, libc::SIGQUIT, Duration::from_secs(5));
+        // Before its directory goes.
+        self.nginx.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[track_caller]
-fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -13,6 +13,7 @@ use tracer_tests::{
     http::{encode, free_port, get},
     kernel_tests_enabled,
     netns::Netns,
+    sample,
     tracer_process::{Tracer, tracer_bin},
     upstream::{Behaviour, Upstream},
 };
@@ -20,13 +21,6 @@ use tracer_tests::{
 /// `tracer run` on a loopback port.
 fn agent(extra: &[&str]) -> (Tracer, SocketAddr) {
     Tracer::agent(extra)
-}
-
-/// The value of the sample `series` (name and labels as printed) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A Prometheus server scraping `target` every second; killed on drop.

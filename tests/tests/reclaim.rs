@@ -9,14 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_tests::{http::get, kernel_tests_enabled, netns::Netns, tracer_process::Tracer};
-
-/// The value of the sample `series` (name and labels as printed) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
+use tracer_tests::{http::get, kernel_tests_enabled, netns::Netns, sample, tracer_process::Tracer};
 
 /// The refusals of processes named `comm` in a scrape: (upstream label, count) per series.
 fn refusals_of(comm: &str, scrape: &str) -> Vec<(String, f64)> {

@@ -12,6 +12,7 @@ use tracer_tests::{
         Software,
         tls::{self, Lab, ONE_AT_A_TIME, statuses},
     },
+    sample,
     tracer_process::Tracer,
 };
 
@@ -57,12 +58,6 @@ fn tls_failures_behind_apache_agree_with_its_error_log() {
     if kernel_tests_enabled("tls_failures_behind_apache_agree_with_its_error_log") {
         agrees(Software::Apache);
     }
-}
-
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The agent counts TLS failures exactly, by cause and by reason, in its metrics.

@@ -90,7 +90,7 @@ pub struct Env {
     server_stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
     _nginx: Nginx,
-    tls_nginx: std::process::Child,
+    _tls_nginx: Nginx,
     dir: PathBuf,
 }
 
@@ -163,7 +163,7 @@ impl Env {
             server_stop,
             server: Some(server),
             _nginx: nginx,
-            tls_nginx,
+            _tls_nginx: tls_nginx,
             dir,
         }
     }
@@ -322,8 +322,6 @@ impl Drop for Env {
         if let Some(server) = self.server.take() {
             let _ = server.join();
         }
-        // SIGQUIT: the master stops its workers too.
-        crate::process::stop_gracefully(&mut self.tls_nginx, libc::SIGQUIT, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -335,23 +333,9 @@ enum Attempt {
 
 /// The second nginx of (e), in `ns`: a self-signed certificate made with openssl, a TLS
 /// responder and a proxy to it over TLS.
-fn start_tls_nginx(ns: &Netns, dir: &std::path::Path) -> std::process::Child {
-    crate::lab::nginx::make_temp_dirs(dir);
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args(["-subj", "/CN=bench.test"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl (cargo xtask setup installs it)");
-    assert!(status.success(), "openssl req");
+fn start_tls_nginx(ns: &Netns, dir: &std::path::Path) -> Nginx {
+    std::fs::create_dir_all(dir).expect("the TLS nginx's directory");
+    let (cert, key) = crate::lab::tls::self_signed(dir, "bench", "/CN=bench.test");
     let d = dir.display();
     let conf = format!(
         "worker_processes auto;
@@ -375,20 +359,5 @@ http {{
         key = key.display(),
         temp = crate::lab::nginx::temp_paths(dir)
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("writing the TLS nginx.conf");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "nginx", "-c"])
-        .arg(&path)
-        .args(["-g", "daemon off;"])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("nginx (cargo xtask setup installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("nginx.pid").exists() {
-        assert!(Instant::now() < deadline, "the TLS nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    child
+    Nginx::start_config(Some(&ns.name), dir, &conf)
 }

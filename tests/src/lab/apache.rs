@@ -91,27 +91,46 @@ fn backend_url(addr: &LabAddr) -> String {
     }
 }
 
-/// One virtual host per route. `retry=0` keeps a worker that failed in use (no time-out in
-/// the error state), so that every request is an attempt; Apache's mod_proxy does not try
-/// another server on its own.
-fn config(dir: &Path, routes: &[Route]) -> String {
+/// What every Apache of the tests starts with: its files in `dir`, the event MPM, mod_proxy_http
+/// and the `modules` given (`ssl` …), workers as nobody, no client keep-alive, the main error
+/// log.
+pub fn base_config(dir: &Path, modules: &[&str]) -> String {
     let d = dir.display();
-    let timeout = super::proxy_timeout().as_secs().max(1);
     let mut conf = format!(
         "ServerRoot {d}
 ServerName lab
 PidFile {d}/apache2.pid
 DefaultRuntimeDir {d}
 Mutex file:{d} default
-LoadModule mpm_event_module {MODULES}/mod_mpm_event.so
-LoadModule authz_core_module {MODULES}/mod_authz_core.so
-LoadModule proxy_module {MODULES}/mod_proxy.so
-LoadModule proxy_http_module {MODULES}/mod_proxy_http.so
-User nobody
+"
+    );
+    for module in ["mpm_event", "authz_core", "proxy", "proxy_http"]
+        .iter()
+        .chain(modules)
+    {
+        let _ = writeln!(conf, "LoadModule {module}_module {MODULES}/mod_{module}.so");
+    }
+    let _ = write!(
+        conf,
+        "User nobody
 Group nogroup
 KeepAlive Off
 ErrorLog {d}/error.log
-LogLevel warn
+"
+    );
+    conf
+}
+
+/// One virtual host per route. `retry=0` keeps a worker that failed in use (no time-out in
+/// the error state), so that every request is an attempt; Apache's mod_proxy does not try
+/// another server on its own.
+fn config(dir: &Path, routes: &[Route]) -> String {
+    let d = dir.display();
+    let timeout = super::proxy_timeout().as_secs().max(1);
+    let mut conf = base_config(dir, &[]);
+    let _ = write!(
+        conf,
+        "LogLevel warn
 LogFormat \"%{{end:sec}}t.%{{end:msec_frac}}t %D %>s %{{local}}p\" lab
 CustomLog {d}/access.log lab
 "

@@ -48,11 +48,25 @@ impl Nginx {
     }
 
     fn launch(netns: &str, dir: &Path, config: &str) -> Nginx {
+        Nginx::start_config(Some(netns), dir, config)
+    }
+
+    /// Writes `config` into `dir` and starts nginx with it, in namespace `netns` or on the host,
+    /// its error log in `dir`; returns once it listens.
+    pub fn start_config(netns: Option<&str>, dir: &Path, config: &str) -> Nginx {
         make_temp_dirs(dir);
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, config).expect("writing nginx.conf");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "nginx", "-e"])
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, "nginx"]);
+                command
+            }
+            None => Command::new("nginx"),
+        };
+        let child = command
+            .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
             .arg(&conf)

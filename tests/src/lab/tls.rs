@@ -24,19 +24,20 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
 
 use super::{
     Software,
-    nginx::{cause_of, failures_in, make_temp_dirs, temp_paths, tls_reason_of},
+    nginx::{Nginx, cause_of, failures_in, make_temp_dirs, temp_paths, tls_reason_of},
 };
 use crate::{
     http::{free_port, get},
     process::stop_gracefully,
     tracer_process::Tracer,
+    wait_until,
 };
 
 /// One lab at a time: a tracer sees every proxy's failures, and each run checks that nothing
@@ -52,29 +53,37 @@ pub struct Certificates {
 }
 
 fn certificates(dir: &Path) -> Certificates {
-    let make = |name: &str, subject: &str| {
-        let status = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.pem")))
-            .args(["-subj", subject])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl (cargo xtask setup installs it)");
-        assert!(status.success(), "openssl req failed");
-    };
-    make("upstream", "/CN=upstream.test");
-    make("other", "/CN=another.test");
+    let (cert, key) = self_signed(dir, "upstream", "/CN=upstream.test");
+    let (other_ca, _) = self_signed(dir, "other", "/CN=another.test");
     Certificates {
-        cert: dir.join("upstream.pem"),
-        key: dir.join("upstream.key"),
-        other_ca: dir.join("other.pem"),
+        cert,
+        key,
+        other_ca,
     }
+}
+
+/// A self-signed certificate for `subject` made with `openssl req`: `dir/NAME.pem` and its key
+/// `dir/NAME.key`.
+pub fn self_signed(dir: &Path, name: &str, subject: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", subject])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (cargo xtask setup installs it)");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
 }
 
 /// One way of proxying: the path nginx serves it under, the upstream port, and what every
@@ -82,6 +91,8 @@ fn certificates(dir: &Path) -> Certificates {
 pub struct Cell {
     pub path: &'static str,
     pub upstream: u16,
+    /// How the proxies speak to it (nginx's configuration has the same per path).
+    pub toward: Toward,
     pub expect: Option<(&'static str, Option<&'static str>)>,
     pub requests: usize,
 }
@@ -89,7 +100,7 @@ pub struct Cell {
 pub struct Lab {
     pub dir: PathBuf,
     pub certs: Certificates,
-    nginx: Child,
+    nginx: Nginx,
     gnutls: Child,
     /// nginx's proxy server, with a location per cell.
     pub proxy: SocketAddr,
@@ -109,39 +120,39 @@ impl Lab {
             Cell {
                 path: "/plaintext-upstream",
                 upstream: plain,
+                toward: Toward::Tls,
                 expect: Some(("tls_handshake_failed", Some("plaintext_upstream"))),
                 requests: CELL_REQUESTS,
             },
             Cell {
                 path: "/untrusted",
                 upstream: tls,
+                toward: Toward::TlsVerified,
                 expect: Some(("tls_handshake_failed", Some("proxy_rejected"))),
                 requests: CELL_REQUESTS,
             },
             Cell {
                 path: "/alert",
                 upstream: tls12,
+                toward: Toward::Tls13Only,
                 expect: Some(("tls_handshake_failed", Some("alert"))),
                 requests: CELL_REQUESTS,
             },
             Cell {
                 path: "/closed",
                 upstream: closer,
+                toward: Toward::Tls,
                 expect: Some(("tls_handshake_failed", Some("closed"))),
                 requests: CELL_REQUESTS,
             },
             Cell {
                 path: "/plaintext-to-tls",
                 upstream: gnutls,
+                toward: Toward::Plaintext,
                 expect: Some(("plaintext_to_tls", None)),
                 requests: CELL_REQUESTS,
             },
         ];
-        std::fs::write(
-            dir.join("nginx.conf"),
-            nginx_conf(&dir, &certs, proxy, plain, tls, tls12, closer, gnutls),
-        )
-        .unwrap();
         // An upstream that reads the ClientHello and closes (a worker dying mid-handshake).
         let listener = TcpListener::bind(("127.0.0.1", closer)).expect("closer port");
         std::thread::spawn(move || {
@@ -165,22 +176,15 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .expect("gnutls-serv (cargo xtask setup installs gnutls-bin)");
-        let nginx = Command::new("nginx")
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nginx (cargo xtask setup installs it)");
-        let proxy: SocketAddr = ([127, 0, 0, 1], proxy).into();
-        let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-        wait_until(
-            Duration::from_secs(10),
-            "nginx and gnutls-serv to listen",
-            || listening(proxy.port()) && listening(gnutls_port),
+        let nginx = Nginx::start_config(
+            None,
+            &dir,
+            &nginx_conf(&dir, &certs, proxy, plain, tls, tls12, closer, gnutls_port),
         );
+        let proxy: SocketAddr = ([127, 0, 0, 1], proxy).into();
+        wait_until(Duration::from_secs(10), "gnutls-serv to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", gnutls_port)).is_ok()
+        });
         Lab {
             dir,
             certs,
@@ -193,7 +197,7 @@ impl Lab {
     }
 
     pub fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        self.nginx.error_log()
     }
 
     pub fn resumed_sessions(&self) -> usize {
@@ -207,8 +211,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // SIGQUIT: the master stops its workers too.
-        stop_gracefully(&mut self.nginx, libc::SIGQUIT, Duration::from_secs(5));
+        // Before its directory goes.
+        self.nginx.stop();
         stop_gracefully(&mut self.gnutls, libc::SIGTERM, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -282,15 +286,6 @@ http {{
     )
 }
 
-#[track_caller]
-fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 pub fn statuses(proxy: SocketAddr, path: &str, n: usize) -> Vec<u16> {
     (0..n)
         .map(|_| get(proxy, path).map(|(s, _)| s).unwrap_or(0))
@@ -320,14 +315,16 @@ fn reason_of_openssl(text: &str) -> &'static str {
     }
 }
 
-/// How each failing cell is proxied: TLS toward it or not, and the TLS options.
-fn tls_options(cell: &Cell) -> Option<&'static str> {
-    match cell.path {
-        "/plaintext-to-tls" => None,
-        "/untrusted" => Some("verify"),
-        "/alert" => Some("tls13"),
-        _ => Some(""),
-    }
+/// How a proxy speaks to an upstream of the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    Plaintext,
+    /// TLS, the certificate not checked.
+    Tls,
+    /// TLS, the certificate checked against the CA that did not sign it.
+    TlsVerified,
+    /// TLS 1.3 only.
+    Tls13Only,
 }
 
 /// HAProxy with one frontend per cell and one for the healthy TLS upstream (kept alive, as
@@ -368,14 +365,14 @@ defaults
             listen
         };
         for cell in &lab.cells {
-            let server = match tls_options(cell) {
-                None => String::new(),
-                Some("verify") => format!(
+            let server = match cell.toward {
+                Toward::Plaintext => String::new(),
+                Toward::TlsVerified => format!(
                     " ssl verify required ca-file {}",
                     lab.certs.other_ca.display()
                 ),
-                Some("tls13") => " ssl verify none ssl-min-ver TLSv1.3".to_string(),
-                Some(_) => " ssl verify none".to_string(),
+                Toward::Tls13Only => " ssl verify none ssl-min-ver TLSv1.3".to_string(),
+                Toward::Tls => " ssl verify none".to_string(),
             };
             fronts.push((
                 add(cell.upstream.to_string(), cell.upstream, server),
@@ -459,52 +456,31 @@ pub struct Apache {
     healthy: SocketAddr,
 }
 
-const APACHE_MODULES: &str = "/usr/lib/apache2/modules";
-
 impl Apache {
     pub fn start(lab: &Lab) -> Apache {
         let dir = lab.dir.join("apache");
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
-        let m = APACHE_MODULES;
-        let mut conf = format!(
-            "ServerRoot {d}
-ServerName tls-lab
-PidFile {d}/apache2.pid
-DefaultRuntimeDir {d}
-Mutex file:{d} default
-LoadModule mpm_event_module {m}/mod_mpm_event.so
-LoadModule authz_core_module {m}/mod_authz_core.so
-LoadModule proxy_module {m}/mod_proxy.so
-LoadModule proxy_http_module {m}/mod_proxy_http.so
-LoadModule ssl_module {m}/mod_ssl.so
-LoadModule socache_shmcb_module {m}/mod_socache_shmcb.so
-User nobody
-Group nogroup
-KeepAlive Off
-ErrorLog {d}/error.log
-LogLevel warn ssl:info
-Timeout 3
-"
-        );
+        let mut conf = super::apache::base_config(&dir, &["ssl", "socache_shmcb"]);
+        conf.push_str("LogLevel warn ssl:info\nTimeout 3\n");
         let mut fronts = Vec::new();
-        let mut add = |upstream: u16, tls: Option<&str>| {
+        let mut add = |upstream: u16, toward: Toward| {
             let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let (scheme, ssl) = match tls {
-                None => ("http", String::new()),
-                Some(options) => (
+            let unchecked =
+                "    SSLProxyEngine on\n    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n";
+            let (scheme, ssl) = match toward {
+                Toward::Plaintext => ("http", String::new()),
+                Toward::Tls => ("https", unchecked.to_string()),
+                Toward::TlsVerified => (
                     "https",
                     format!(
-                        "    SSLProxyEngine on\n{}",
-                        match options {
-                            "verify" => format!(
-                                "    SSLProxyVerify require\n    SSLProxyCACertificateFile {}\n",
-                                lab.certs.other_ca.display()
-                            ),
-                            "tls13" => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n    SSLProxyProtocol TLSv1.3\n".to_string(),
-                            _ => "    SSLProxyVerify none\n    SSLProxyCheckPeerName off\n".to_string(),
-                        }
+                        "    SSLProxyEngine on\n    SSLProxyVerify require\n    SSLProxyCACertificateFile {}\n",
+                        lab.certs.other_ca.display()
                     ),
+                ),
+                Toward::Tls13Only => (
+                    "https",
+                    format!("{unchecked}    SSLProxyProtocol TLSv1.3\n"),
                 ),
             };
             conf.push_str(&format!(
@@ -513,9 +489,9 @@ Timeout 3
             listen
         };
         for cell in &lab.cells {
-            fronts.push((add(cell.upstream, tls_options(cell)), cell.upstream));
+            fronts.push((add(cell.upstream, cell.toward), cell.upstream));
         }
-        let healthy = add(lab.tls, Some(""));
+        let healthy = add(lab.tls, Toward::Tls);
         let config = dir.join("apache2.conf");
         std::fs::write(&config, conf).unwrap();
         let child = Command::new("apache2")
