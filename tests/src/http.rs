@@ -49,12 +49,23 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, and one this test process has not handed out
+/// before: the kernel's choice for port 0 is random, so two calls in a row can name the same
+/// port, and two of a proxy's listeners would then share it (HAProxy binds with SO_REUSEPORT
+/// and the kernel splits the connections between them).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// `%`-encodes a query parameter.
