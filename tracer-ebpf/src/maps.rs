@@ -91,7 +91,8 @@ pub static PEEK_TGIDS: Array<u64> = Array::with_max_entries(PEEK_TGID_WORDS, 0);
 #[map]
 pub static PEEKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PEEKS_MAX_ENTRIES, 0);
 
-/// A read under way on such a connection, by thread: `[struct sock *, buffer, its size]`.
+/// A read under way on such a connection, by thread: `[struct sock *, buffer, its size]`;
+/// the thread's slot is written over by its next one, and its socket is 0 once the read ended.
 #[map]
 pub static PEEK_READS: LruHashMap<u64, [u64; 3]> =
     LruHashMap::with_max_entries(PEEK_READS_MAX_ENTRIES, 0);

@@ -229,7 +229,17 @@ fn receiving(ctx: &TracePointContext, buffer: Buffer) -> Result<(), i64> {
     }
     let arg: u64 = read_field(ctx, config!(syscalls.io_buf))?;
     let (at, size) = first_buffer(ctx, arg, buffer)?;
-    let _ = PEEK_READS.insert(&pid_tgid, &[sk, at, size], 0);
+    // The thread's slot is written over in place (an insert costs several times a lookup);
+    // its exit marks it used.
+    let read = [sk, at, size];
+    match PEEK_READS.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a pointer into the map's value, valid while this program runs; only this
+        // thread's programs use its slot.
+        Some(slot) => unsafe { *slot = read },
+        None => {
+            let _ = PEEK_READS.insert(&pid_tgid, &read, 0);
+        }
+    }
     Ok(())
 }
 
@@ -238,11 +248,18 @@ fn received(ctx: &TracePointContext) -> Result<(), i64> {
     if !may_watch((pid_tgid >> 32) as u32) {
         return Ok(());
     }
-    // SAFETY: a copy of the map's value.
-    let Some([sk, at, size]) = (unsafe { PEEK_READS.get(&pid_tgid).copied() }) else {
+    let Some(slot) = PEEK_READS.get_ptr_mut(&pid_tgid) else {
         return Ok(());
     };
-    let _ = PEEK_READS.remove(&pid_tgid);
+    // SAFETY: a pointer into the map's value, valid while this program runs; only this
+    // thread's programs use its slot.
+    let [sk, at, size] = unsafe { *slot };
+    if sk == 0 {
+        // Used already: this read is not on a watched connection.
+        return Ok(());
+    }
+    // SAFETY: as above.
+    unsafe { (*slot)[0] = 0 };
     let ret: i64 = read_field(ctx, config!(syscalls.io_ret))?;
     if ret <= 0 {
         // Nothing more will come: a closed connection is decided with what was read.

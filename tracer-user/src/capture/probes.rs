@@ -265,7 +265,9 @@ pub fn skippable_probe(name: &str) -> Result<&'static str, String> {
     Ok(probe.program)
 }
 
-/// Whether `probe` is skipped, by name or through its pair.
+/// Whether `probe` is skipped, by name, through its pair or its group; the first-bytes probes
+/// also go with the connect() pair (connect() starts their watch: without it they would run on
+/// every read and write for nothing).
 pub(super) fn is_skipped(skip: &[&str], probe: &str) -> bool {
     skip.iter().any(|s| {
         *s == probe
@@ -273,6 +275,7 @@ pub(super) fn is_skipped(skip: &[&str], probe: &str) -> bool {
                 .iter()
                 .any(|(a, b)| (s == a && probe == *b) || (s == b && probe == *a))
             || (PEEK_PROBES.contains(s) && PEEK_PROBES.contains(&probe))
+            || (PEEK_PROBES.contains(&probe) && PAIRED.iter().any(|(a, b)| s == a || s == b))
     })
 }
 
@@ -474,4 +477,21 @@ pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipping_follows_pairs_and_groups() {
+        assert!(is_skipped(&["sys_enter_connect"], "sys_exit_connect"));
+        assert!(is_skipped(&["sys_enter_write"], "sys_exit_recvmsg"));
+        // connect() starts the first bytes' watch: the group goes with the pair, not the
+        // other way round.
+        assert!(is_skipped(&["sys_exit_connect"], "sys_enter_close"));
+        assert!(is_skipped(&["sys_enter_connect"], "sys_enter_read"));
+        assert!(!is_skipped(&["sys_enter_write"], "sys_exit_connect"));
+        assert!(!is_skipped(&["tcp_retransmit_skb"], "sys_enter_read"));
+    }
 }
