@@ -397,6 +397,22 @@ impl ConnTrack {
             .saturating_sub(self.rx_at_last_send);
         let outstanding = self.sends > 0 && answer_bytes == 0;
         let outcome = match end {
+            // A slow connect the proxy gave up on just as it completed: SYNs went unanswered,
+            // then the proxy closed the connection soon after it was established, without a
+            // byte sent. Its connect timer fired with the SYN-ACK to a retransmitted SYN (a
+            // 3 s timeout meets the kernel's second SYN retransmit): HAProxy logs `sC`.
+            EndKind::ProxyClose
+                if self.sends == 0
+                    && self.syn_retransmits > 0
+                    && self.end_ns.saturating_sub(self.established_ns)
+                        < GAVE_UP_AS_CONNECTED_NS =>
+            {
+                return Verdict {
+                    outcome: Some(Outcome::ConnectTimeout),
+                    waited_ns: self.end_ns.saturating_sub(self.connect_ns),
+                    detail: 0,
+                };
+            }
             EndKind::PeerReset if self.sends == 0 || outstanding => {
                 Some(Outcome::ResetBeforeResponse)
             }
@@ -419,6 +435,11 @@ impl ConnTrack {
         }
     }
 }
+
+/// How soon after a slow connect completed the proxy's close without a byte sent means it gave
+/// up on that connect (its timer and the late SYN-ACK met); longer, and it was a connection
+/// opened ahead and left unused.
+pub const GAVE_UP_AS_CONNECTED_NS: u64 = 2_000_000_000;
 
 /// What a failed connect() (or a connection aborted with `sk_err` before it was established)
 /// means, by errno. `None` for results that are not failures of the attempt (EINPROGRESS…).
@@ -774,6 +795,33 @@ mod tests {
         c.on_reset_received(6_001 * MS);
         let v = close_from(&mut c, CLOSE_WAIT, 6_001, 32, 301);
         assert_eq!(v.outcome, Some(Outcome::ClosedBeforeResponse));
+    }
+
+    #[test]
+    fn proxy_giving_up_on_a_slow_connect_as_it_completes_is_connect_timeout() {
+        // SYNs at 1 000 ms, 2 000 ms and 4 000 ms; the last one answered at 4 001 ms, as the
+        // proxy's 3 s connect timer fires: it closes without sending anything.
+        let mut c = conn();
+        c.on_retransmit();
+        c.on_retransmit();
+        c.on_established(4_001 * MS);
+        proxy_closes(&mut c, 4_020);
+        let v = close_from(&mut c, FIN_WAIT2, 4_021, 0, 1);
+        assert_outcome(v, Some(Outcome::ConnectTimeout), 3_020);
+    }
+
+    #[test]
+    fn a_connection_opened_ahead_and_closed_unused_is_no_failure() {
+        // The same connect answered at once, or answered late and then kept unused for
+        // longer than a connect timer's lag: the proxy chose to close it.
+        let mut c = established();
+        proxy_closes(&mut c, 1_020);
+        assert_eq!(close_from(&mut c, FIN_WAIT2, 1_021, 0, 1).outcome, None);
+        let mut c = conn();
+        c.on_retransmit();
+        c.on_established(2_001 * MS);
+        proxy_closes(&mut c, 62_001);
+        assert_eq!(close_from(&mut c, FIN_WAIT2, 62_002, 0, 1).outcome, None);
     }
 
     #[test]

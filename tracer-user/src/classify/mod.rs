@@ -122,10 +122,14 @@ pub fn explain(f: &Failure) -> String {
             f.upstream
         ),
         Outcome::ConnectTimeout => {
-            let who_gave_up = if e.errno != 0 {
-                "the kernel gave up"
-            } else {
-                "the proxy gave up"
+            let who_gave_up = match e.connect_time {
+                // The SYN-ACK came as the proxy's connect timer fired.
+                Some(took) => format!(
+                    "the proxy gave up as the last was answered after {}",
+                    human_duration(took)
+                ),
+                None if e.errno != 0 => "the kernel gave up".to_string(),
+                None => "the proxy gave up".to_string(),
             };
             format!(
                 "{who}: connect timed out after {waited} with {} SYN retransmit(s) unanswered \
