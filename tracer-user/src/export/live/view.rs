@@ -430,7 +430,7 @@ fn render_help(frame: &mut Frame, area: Rect) {
         Line::raw(""),
         Line::raw("↑ ↓  k j   select an upstream"),
         Line::raw("s          sort by failures/s, failure %, attempts/s, upstream"),
-        Line::raw("/          filter by text (proxy or upstream)"),
+        Line::raw("/          filter by text (proxy, upstream or container)"),
         Line::raw("c          show one cause only (cycles)"),
         Line::raw("p          pause and resume"),
         Line::raw("q  Esc     quit"),

@@ -128,6 +128,8 @@ pub struct RouteRow {
     pub root_cause: Option<String>,
     /// The container that held the upstream's address at the last failure, when one did.
     pub upstream_container: Option<String>,
+    /// The container the proxy ran in at the last failure, when it ran in one.
+    pub proxy_container: Option<String>,
 }
 
 impl RouteRow {
@@ -168,6 +170,7 @@ pub struct App {
     last_failure: HashMap<RouteId, (SystemTime, u32)>,
     root_causes: HashMap<RouteId, String>,
     upstream_containers: HashMap<RouteId, String>,
+    proxy_containers: HashMap<RouteId, String>,
     pub health: Health,
     pub now: SystemTime,
     pub selected: usize,
@@ -194,6 +197,7 @@ impl App {
             last_failure: HashMap::new(),
             root_causes: HashMap::new(),
             upstream_containers: HashMap::new(),
+            proxy_containers: HashMap::new(),
             health: Health::default(),
             now: SystemTime::now(),
             selected: 0,
@@ -254,6 +258,13 @@ impl App {
                     row.upstream_container = Some(container.name.clone());
                 }
                 self.upstream_containers
+                    .insert(id.clone(), container.name.clone());
+            }
+            if let Some(container) = &event.proxy_container {
+                if let Some(row) = self.rows.iter_mut().find(|r| r.id == id) {
+                    row.proxy_container = Some(container.name.clone());
+                }
+                self.proxy_containers
                     .insert(id.clone(), container.name.clone());
             }
             self.last_failure.insert(id, (time, event.pid));
@@ -351,9 +362,11 @@ impl App {
             let last = self.last_failure.get(&id);
             let root_cause = self.root_causes.get(&id).cloned();
             let upstream_container = self.upstream_containers.get(&id).cloned();
+            let proxy_container = self.proxy_containers.get(&id).cloned();
             rows.push(RouteRow {
                 root_cause,
                 upstream_container,
+                proxy_container,
                 pid: last.map(|(_, pid)| *pid),
                 last_failure: last.map(|(time, _)| *time),
                 id,
@@ -390,11 +403,18 @@ impl App {
         });
     }
 
-    fn matches(&self, proxy: &str, upstream: &str, has_cause: impl Fn(Outcome) -> bool) -> bool {
+    /// Whether the filter's text is in one of `names` (the proxy, the upstream, their
+    /// containers) and the cause filter allows.
+    fn matches<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        has_cause: impl Fn(Outcome) -> bool,
+    ) -> bool {
         let text = self.filter.to_lowercase();
         (text.is_empty()
-            || proxy.to_lowercase().contains(&text)
-            || upstream.to_lowercase().contains(&text))
+            || names
+                .into_iter()
+                .any(|name| name.to_lowercase().contains(&text)))
             && self.cause_filter.is_none_or(has_cause)
     }
 
@@ -403,7 +423,12 @@ impl App {
         self.rows
             .iter()
             .filter(|r| {
-                self.matches(&r.id.proxy, &r.id.upstream, |c| {
+                let names = [&r.id.proxy, &r.id.upstream]
+                    .into_iter()
+                    .chain(&r.upstream_container)
+                    .chain(&r.proxy_container)
+                    .map(String::as_str);
+                self.matches(names, |c| {
                     r.window.contains_key(&c) || r.total.contains_key(&c)
                 })
             })
@@ -421,9 +446,13 @@ impl App {
 
     /// The recent failures shown, newest first.
     pub fn visible_recent(&self) -> impl Iterator<Item = &EventRecord> {
-        self.recent
-            .iter()
-            .filter(|e| self.matches(&e.comm, &e.upstream, |c| c.name() == e.cause))
+        self.recent.iter().filter(|e| {
+            let names = [e.comm.as_str(), e.upstream.as_str()]
+                .into_iter()
+                .chain(e.upstream_container.iter().map(|c| c.name.as_str()))
+                .chain(e.proxy_container.iter().map(|c| c.name.as_str()));
+            self.matches(names, |c| c.name() == e.cause)
+        })
     }
 
     fn clamp_selection(&mut self) {

@@ -252,3 +252,28 @@ fn percentiles_come_from_bucket_bounds() {
     assert_eq!(percentile(&buckets, 0.99), Some(Duration::from_millis(1)));
     assert_eq!(percentile(&buckets, 1.0), Some(Duration::from_secs(5)));
 }
+
+#[test]
+fn the_filter_finds_routes_and_failures_by_container_name() {
+    let mut app = busy_app();
+    let mut failure = event("10.0.0.5:8000", "refused", 812);
+    let container = |name: &str| crate::classify::containers::ContainerId {
+        id: "16daf7440aa0".into(),
+        name: name.into(),
+        image: "shop:1.4".into(),
+        pod: None,
+    };
+    failure.proxy_container = Some(container("edge-proxy"));
+    failure.upstream_container = Some(container("web-1"));
+    app.on_event(failure);
+    for (text, rows, recent) in [("web-1", 1, 1), ("EDGE", 1, 1), ("db-2", 0, 0)] {
+        app.filter = text.into();
+        let visible: Vec<_> = app.visible_rows().iter().map(|r| &r.id.upstream).collect();
+        assert_eq!(visible.len(), rows, "{text}: {visible:?}");
+        if rows == 1 {
+            assert_eq!(visible[0], "10.0.0.5:8000", "{text}");
+        }
+        // The failure without containers (from busy_app) is not among them.
+        assert_eq!(app.visible_recent().count(), recent, "{text}");
+    }
+}
