@@ -5,7 +5,9 @@
 //! - an upstream container recreated with a new address while nginx proxies to the old one;
 //! - one OOM-killed at its `--memory` limit;
 //! - one in a crash loop under a restart policy;
-//! - nginx itself in a container.
+//! - nginx itself in a container;
+//! - nginx in a Kubernetes pod's container on containerd (no Docker API: named from the
+//!   container's bundle).
 
 use std::{
     net::SocketAddr,
@@ -533,4 +535,304 @@ fn metrics_say_which_container_each_upstream_and_proxy_is() {
     println!("metrics: {upstream_info}\nmetrics: {}", proxy_lines[0]);
     drop(agent);
     let _ = std::fs::remove_dir_all(log.parent().unwrap());
+}
+
+/// containerd, as on a Kubernetes node without Docker: the host's own when one answers at
+/// `/run/containerd/containerd.sock`, else one started here (no CRI plugin: the test makes the
+/// container as the CRI plugin would). Its running containers' bundles are under
+/// `/run/containerd`, where tracer reads them.
+struct Containerd {
+    child: Option<std::process::Child>,
+    address: PathBuf,
+    dir: PathBuf,
+    /// Whether `/run/containerd` is ours to remove afterwards (it was not there).
+    made_state: bool,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = std::env::temp_dir().join(format!("tracer-containerd-{}", std::process::id()));
+        let host = PathBuf::from("/run/containerd/containerd.sock");
+        if std::os::unix::net::UnixStream::connect(&host).is_ok() {
+            return Containerd {
+                child: None,
+                address: host,
+                dir,
+                made_state: false,
+            };
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let address = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let made_state = !Path::new("/run/containerd").exists();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg(&address)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .args(["--state", "/run/containerd"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (cargo xtask setup installs it)");
+        let containerd = Containerd {
+            child: Some(child),
+            address,
+            dir,
+            made_state,
+        };
+        wait_until(Duration::from_secs(30), "containerd to answer", || {
+            containerd.ctr(&["version"]).status.success()
+        });
+        containerd
+    }
+
+    /// `ctr --address … --namespace k8s.io ARGS` (the CRI plugin's namespace).
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("ctr")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.made_state {
+            let _ = std::fs::remove_dir_all("/run/containerd");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A container as kubelet has containerd's CRI plugin make one: namespace `k8s.io`, a cgroup
+/// of its pod's (cgroupfs driver), the plugin's annotations; host network, the host's /usr
+/// and `mounts` read-only… except `mounts`' first, writable.
+struct PodContainer<'a> {
+    containerd: &'a Containerd,
+    id: String,
+    cgroup_parents: Vec<String>,
+    rootfs: PathBuf,
+}
+
+impl<'a> PodContainer<'a> {
+    fn run(
+        containerd: &'a Containerd,
+        annotations: &[(&str, &str)],
+        writable: &Path,
+        command: &[&str],
+    ) -> PodContainer<'a> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let seed = u64::from(std::process::id()) ^ (now.as_nanos() as u64);
+        let id = format!(
+            "{:016x}{:016x}{:016x}{:016x}",
+            seed,
+            0x7ace_7ace_u64,
+            seed.rotate_left(17),
+            0xc0ff_ee00_u64
+        );
+        let pod = format!(
+            "pod{:08x}-0000-4000-8000-{:012x}",
+            seed as u32,
+            seed & 0xffff_ffff_ffff
+        );
+        let parents = vec![
+            "tracer-test-kubepods".to_string(),
+            "tracer-test-kubepods/besteffort".to_string(),
+            format!("tracer-test-kubepods/besteffort/{pod}"),
+        ];
+        let cgroup = format!("/{}/{id}", parents[2]);
+        let rootfs = containerd.dir.join(format!("rootfs-{}", &id[..12]));
+        let _ = std::fs::remove_dir_all(&rootfs);
+        for dir in ["usr", "etc", "tmp", "proc", "sys", "dev", "run"] {
+            std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+        }
+        for dir in ["bin", "sbin", "lib", "lib64"] {
+            std::os::unix::fs::symlink(format!("usr/{dir}"), rootfs.join(dir)).unwrap();
+        }
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        )
+        .unwrap();
+        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        let usr = "type=bind,src=/usr,dst=/usr,options=rbind:ro".to_string();
+        let work = format!(
+            "type=bind,src={0},dst={0},options=rbind:rw",
+            writable.display()
+        );
+        let notes: Vec<String> = annotations
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut args = vec![
+            "run",
+            "--detach",
+            "--net-host",
+            "--cgroup",
+            &cgroup,
+            "--mount",
+            &usr,
+            "--mount",
+            &work,
+        ];
+        for note in &notes {
+            args.extend(["--annotation", note.as_str()]);
+        }
+        let root = rootfs.to_str().unwrap().to_string();
+        args.extend(["--rootfs", &root, &id]);
+        args.extend_from_slice(command);
+        let container = PodContainer {
+            containerd,
+            id: id.clone(),
+            cgroup_parents: parents,
+            rootfs,
+        };
+        let out = containerd.ctr(&args);
+        assert!(
+            out.status.success(),
+            "ctr run: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        container
+    }
+}
+
+impl Drop for PodContainer<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .containerd
+            .ctr(&["task", "kill", "--signal", "SIGKILL", &self.id]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .containerd
+            .ctr(&["task", "rm", &self.id])
+            .status
+            .success()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.containerd.ctr(&["container", "rm", &self.id]);
+        let _ = std::fs::remove_dir_all(&self.rootfs);
+        // The pod's cgroups, in every hierarchy, innermost first.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mounts.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fs = fields.iter().skip_while(|f| **f != "-").nth(1);
+            if matches!(fs, Some(&"cgroup" | &"cgroup2")) {
+                for parent in self.cgroup_parents.iter().rev() {
+                    let _ = std::fs::remove_dir(Path::new(fields[4]).join(parent));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
+    if !kernel_tests_enabled("nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let containerd = Containerd::start();
+    let dir = workdir("pod");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Its upstream: a port on the host where nothing listens.
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        nginx_conf(&dir, &listen.to_string(), upstream),
+    )
+    .unwrap();
+    let log = dir.join("error.log");
+    let conf = dir.join("nginx.conf");
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let image = "registry.example/edge/nginx:1.22";
+    let pod = PodContainer::run(
+        &containerd,
+        &[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.container-name", "edge"),
+            ("io.kubernetes.cri.image-name", image),
+            ("io.kubernetes.cri.sandbox-name", "edge-7f9c4-x2x8q"),
+            ("io.kubernetes.cri.sandbox-namespace", "ingress"),
+        ],
+        &dir,
+        &[
+            "/usr/sbin/nginx",
+            "-e",
+            log.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ],
+    );
+    wait_until(Duration::from_secs(10), "nginx in its pod", || {
+        std::net::TcpStream::connect(listen).is_ok()
+    });
+    let bundle = format!(
+        "/run/containerd/io.containerd.runtime.v2.task/k8s.io/{}/config.json",
+        pod.id
+    );
+    println!(
+        "ctr: container {} running; its bundle's annotations: {}",
+        &pod.id[..12],
+        serde_json::from_str::<Value>(&std::fs::read_to_string(&bundle).unwrap_or_default())
+            .map(|spec| spec["annotations"].to_string())
+            .unwrap_or_else(|e| format!("({bundle}: {e})"))
+    );
+    let statuses = requests(listen, 5, Duration::ZERO);
+    assert_eq!(statuses, [502; 5]);
+    let (events, _) = tracer.stop_collecting();
+    // `tracer check` tells where it finds such containers.
+    let out = Command::new(tracer_bin()).arg("check").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = said
+        .lines()
+        .find(|l| l.contains("container bundles"))
+        .unwrap_or_else(|| panic!("no container bundles row:\n{said}"));
+    assert!(
+        row.starts_with("ok") && row.contains("io.containerd.runtime.v2.task/k8s.io ("),
+        "{row}"
+    );
+    let error_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let ours = agree_with_nginx(&events, &error_log, &upstream.to_string());
+    assert_eq!(ours.len(), 5);
+    for e in &ours {
+        assert_eq!(e["cause"], "refused");
+        assert_eq!(e["proxy_container"]["name"], "edge", "{e:#}");
+        assert_eq!(
+            e["proxy_container"]["pod"], "ingress/edge-7f9c4-x2x8q",
+            "{e:#}"
+        );
+        assert_eq!(e["proxy_container"]["image"], image, "{e:#}");
+        assert_eq!(e["proxy_container"]["id"], &pod.id[..12], "{e:#}");
+    }
+    println!(
+        "tracer: {} from nginx in {}: {}",
+        ours[0]["cause"], ours[0]["proxy_container"], ours[0]["explanation"]
+    );
+    drop(pod);
+    let _ = std::fs::remove_dir_all(&dir);
 }

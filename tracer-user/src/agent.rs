@@ -260,7 +260,14 @@ impl Agent {
             clock: Clock::new(),
             listeners,
             self_probes: SelfProbes::default(),
-            containers: ContainerView::new(shared.containers.clone()),
+            containers: ContainerView::new(
+                shared.containers.clone(),
+                (!matches!(
+                    options.container_runtime,
+                    crate::capture::ContainerRuntime::None
+                ))
+                .then(crate::capture::bundles::Bundles::new),
+            ),
             runtime_socket,
             shared,
         })

@@ -40,6 +40,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     // Real containers (tests/tests/containers.rs): Debian's docker, whose daemon the tests
     // start themselves, leaving the firewall and IP forwarding alone.
     ("dockerd", "docker.io"),
+    // A Kubernetes node's runtime without kubelet (tests/tests/kubernetes.rs): containerd and
+    // its `ctr`, started by the test.
+    ("ctr", "containerd"),
     // TLS between proxy and upstream (tests/tests/tls.rs): certificates made by the test, and
     // a TLS server that answers plaintext with an alert.
     ("openssl", "openssl"),

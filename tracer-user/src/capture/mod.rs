@@ -6,6 +6,7 @@
 //! process ending in any way, detaches every program.
 
 pub mod btf;
+pub mod bundles;
 mod counters;
 mod offsets;
 pub mod preflight;

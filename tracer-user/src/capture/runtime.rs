@@ -130,7 +130,7 @@ struct Actor {
 }
 
 /// A name from the runtime, escaped and cut to `max` characters.
-fn name(text: &str, max: usize) -> String {
+pub(crate) fn name(text: &str, max: usize) -> String {
     let text = untrusted(text.as_bytes());
     match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

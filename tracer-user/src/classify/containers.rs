@@ -255,16 +255,23 @@ pub struct Containers {
 pub struct ContainerView {
     pub model: std::sync::Arc<std::sync::Mutex<Containers>>,
     proxies: HashMap<(u32, u64), (u64, Option<ContainerId>)>,
+    /// Kubernetes containers no runtime API names (containerd, CRI-O), from their bundles;
+    /// none with `--container-runtime none`.
+    bundles: Option<crate::capture::bundles::Bundles>,
 }
 
 /// Processes whose container is remembered.
 const PROXIES: usize = 4096;
 
 impl ContainerView {
-    pub fn new(model: std::sync::Arc<std::sync::Mutex<Containers>>) -> ContainerView {
+    pub fn new(
+        model: std::sync::Arc<std::sync::Mutex<Containers>>,
+        bundles: Option<crate::capture::bundles::Bundles>,
+    ) -> ContainerView {
         ContainerView {
             model,
             proxies: HashMap::new(),
+            bundles,
         }
     }
 
@@ -278,7 +285,7 @@ impl ContainerView {
         Option<ContainerId>,
     ) {
         let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        if model.known.is_empty() {
+        if model.known.is_empty() && self.bundles.is_none() {
             return (None, None, None);
         }
         let cause = model.root_cause(failure);
@@ -293,7 +300,11 @@ impl ContainerView {
                 found.clone()
             }
             _ => {
-                let found = model.of_pid(failure.proxy.pid).cloned();
+                let found = model.of_pid(failure.proxy.pid).cloned().or_else(|| {
+                    self.bundles
+                        .as_mut()
+                        .and_then(|b| b.of_pid(failure.proxy.pid))
+                });
                 if self.proxies.len() >= PROXIES {
                     self.proxies.clear();
                 }

@@ -39,8 +39,28 @@ impl Rows {
 }
 
 /// Whether containers can be named: the runtime socket `--container-runtime` gives, and how
-/// many containers it lists. Never a failure: tracer works without one.
+/// many containers it lists; containerd's and CRI-O's bundles. Never a failure: tracer works
+/// without them.
 async fn container_runtime(rows: &mut Rows, choice: &ContainerRuntime) {
+    if *choice != ContainerRuntime::None {
+        let found = crate::capture::bundles::census();
+        let (value, note) = if found.is_empty() {
+            (
+                "none".to_string(),
+                "no containerd or CRI-O bundles under /run or /host/run".to_string(),
+            )
+        } else {
+            let dirs: Vec<String> = found
+                .iter()
+                .map(|(dir, n)| format!("{} ({n})", dir.display()))
+                .collect();
+            (
+                dirs.join(", "),
+                "Kubernetes containers: the proxy's container, pod and image in events".to_string(),
+            )
+        };
+        rows.row("container bundles", value, true, note);
+    }
     let Some(socket) = choice.socket() else {
         let note = if *choice == ContainerRuntime::None {
             "--container-runtime none: containers are not named".to_string()
