@@ -118,30 +118,7 @@ fn start_daemon() {
 }
 
 fn import_image() {
-    let root = std::env::temp_dir().join(format!("tracer-test-rootfs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    for dir in ["usr", "etc", "tmp", "proc", "sys", "dev", "run", "var/log"] {
-        std::fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    for dir in ["bin", "sbin", "lib", "lib64"] {
-        std::os::unix::fs::symlink(format!("usr/{dir}"), root.join(dir)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-    let archive = root.with_extension("tar");
-    let packed = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&archive)
-        .arg(".")
-        .status()
-        .expect("tar");
-    assert!(packed.success(), "tar of the test image's root");
+    let archive = base_image_archive("docker");
     let imported = Command::new("docker")
         .args(["import"])
         .arg(&archive)
@@ -154,7 +131,44 @@ fn import_image() {
         "docker import: {}",
         String::from_utf8_lossy(&imported.stderr)
     );
+}
+
+/// The test image's root file system as a tar archive (`tag` tells callers' files apart): empty
+/// folders, `/etc/passwd` and `/etc/group`, and the usual links into `/usr`, which containers
+/// get from the host, read-only. The caller removes the archive.
+pub fn base_image_archive(tag: &str) -> PathBuf {
+    let root =
+        std::env::temp_dir().join(format!("tracer-test-rootfs-{tag}-{}", std::process::id()));
+    base_rootfs(&root);
+    let archive = root.with_extension("tar");
+    let packed = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(packed.success(), "tar of the test image's root");
     let _ = std::fs::remove_dir_all(&root);
+    archive
+}
+
+/// Makes the test image's root file system at `root` (see [`base_image_archive`]).
+pub fn base_rootfs(root: &Path) {
+    let _ = std::fs::remove_dir_all(root);
+    for dir in ["usr", "etc", "tmp", "proc", "sys", "dev", "run", "var/log"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    for dir in ["bin", "sbin", "lib", "lib64"] {
+        std::os::unix::fs::symlink(format!("usr/{dir}"), root.join(dir)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
 }
 
 /// A container on the test network, removed (with `docker rm -f`) when dropped.

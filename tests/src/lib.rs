@@ -9,6 +9,7 @@ pub mod docker;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod podman;
 pub mod privileges;
 pub mod process;
 pub mod tracer_process;

@@ -7,7 +7,8 @@
 //! - one in a crash loop under a restart policy;
 //! - nginx itself in a container;
 //! - nginx in a Kubernetes pod's container on containerd (no Docker API: named from the
-//!   container's bundle).
+//!   container's bundle);
+//! - nginx in a podman container, named through Podman's API service.
 
 use std::{
     net::SocketAddr,
@@ -23,6 +24,7 @@ use tracer_tests::{
     http::{free_port, get},
     kernel_tests_enabled,
     lab::nginx::{Nginx, failures_in, make_temp_dirs, temp_paths},
+    podman::{self, podman, podman_ok, runtime_limits},
     process::upstream_process_bin,
     tracer_process::{Tracer, tracer_bin},
     wait_until,
@@ -661,19 +663,7 @@ impl<'a> PodContainer<'a> {
         ];
         let cgroup = format!("/{}/{id}", parents[2]);
         let rootfs = containerd.dir.join(format!("rootfs-{}", &id[..12]));
-        let _ = std::fs::remove_dir_all(&rootfs);
-        for dir in ["usr", "etc", "tmp", "proc", "sys", "dev", "run"] {
-            std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-        }
-        for dir in ["bin", "sbin", "lib", "lib64"] {
-            std::os::unix::fs::symlink(format!("usr/{dir}"), rootfs.join(dir)).unwrap();
-        }
-        std::fs::write(
-            rootfs.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        )
-        .unwrap();
-        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        docker::base_rootfs(&rootfs);
         let usr = "type=bind,src=/usr,dst=/usr,options=rbind:ro".to_string();
         let work = format!(
             "type=bind,src={0},dst={0},options=rbind:rw",
@@ -835,4 +825,153 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
     );
     drop(pod);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Podman's API service (`podman system service`), serving the Docker Engine API on a socket of
+/// the test's own; it ends with the test.
+struct PodmanService {
+    child: std::process::Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl PodmanService {
+    fn start() -> PodmanService {
+        let dir = std::env::temp_dir().join(format!("tracer-podman-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("podman.sock");
+        let log = std::fs::File::create(dir.join("service.log")).unwrap();
+        let child = Command::new("podman")
+            .args(["--runtime", "runc", "system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("podman (cargo xtask setup installs it)");
+        let service = PodmanService { child, socket, dir };
+        wait_until(Duration::from_secs(30), "podman's API service", || {
+            std::os::unix::net::UnixStream::connect(&service.socket).is_ok()
+        });
+        service
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn nginx_in_a_podman_container_is_named_through_podmans_api() {
+    if !kernel_tests_enabled("nginx_in_a_podman_container_is_named_through_podmans_api") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let before = host_network();
+    let image = "localhost/tracer-test-base:1";
+    if !podman(&["image", "exists", image]).status.success() {
+        let archive = docker::base_image_archive("podman");
+        podman_ok(&["import", archive.to_str().unwrap(), image]);
+        let _ = std::fs::remove_file(&archive);
+    }
+    let service = PodmanService::start();
+    let socket = service.socket.to_str().unwrap().to_string();
+    let tracer = Tracer::events(&["--comm", "nginx", "--container-runtime", &socket]);
+    let dir = workdir("podman");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Its upstream: a port on the host where nothing listens.
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        nginx_conf(&dir, &listen.to_string(), upstream),
+    )
+    .unwrap();
+    let log = dir.join("error.log");
+    let conf = dir.join("nginx.conf");
+    let name = "tracer-test-podman-nginx";
+    let _ = podman(&["rm", "--force", name]);
+    let container = podman::Container(name.to_string());
+    let work = format!("{0}:{0}", dir.display());
+    let mut args = vec![
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network=host",
+        "--volume",
+        "/usr:/usr:ro",
+        "--volume",
+        &work,
+    ];
+    let limits = runtime_limits();
+    args.extend(limits.iter().map(String::as_str));
+    args.extend([
+        image,
+        "/usr/sbin/nginx",
+        "-e",
+        log.to_str().unwrap(),
+        "-c",
+        conf.to_str().unwrap(),
+        "-g",
+        "daemon off;",
+    ]);
+    podman_ok(&args);
+    wait_until(
+        Duration::from_secs(10),
+        "nginx in its podman container",
+        || std::net::TcpStream::connect(listen).is_ok(),
+    );
+    let id = podman_ok(&["inspect", "--format", "{{.Id}}", name]);
+    println!("podman inspect: {name} {}", id.trim());
+    // tracer learns of the container from the service's event stream, which a fresh service
+    // delivers up to a second or two late: failures before that come unnamed. One request at a
+    // time until a failure names it (each is checked against nginx's log below too), then 5.
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut early = 0;
+    loop {
+        assert_eq!(requests(listen, 1, Duration::ZERO), [502]);
+        let got = tracer.collect(1, Duration::from_secs(5), Duration::ZERO);
+        let named = got.iter().any(|e| e["proxy_container"]["name"] == name);
+        events.extend(got);
+        if named {
+            break;
+        }
+        early += 1;
+        assert!(
+            Instant::now() < deadline,
+            "tracer never named the container"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("failures before tracer had heard of the container: {early}");
+    let statuses = requests(listen, 5, Duration::ZERO);
+    assert_eq!(statuses, [502; 5]);
+    let (rest, _) = tracer.stop_collecting();
+    let error_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let all: Vec<Value> = events.into_iter().chain(rest).collect();
+    let ours = agree_with_nginx(&all, &error_log, &upstream.to_string());
+    assert_eq!(ours.len(), early + 6);
+    for e in &ours[early..] {
+        assert_eq!(e["cause"], "refused");
+        assert_eq!(e["proxy_container"]["name"], name, "{e:#}");
+        assert_eq!(e["proxy_container"]["id"], &id.trim()[..12], "{e:#}");
+        assert_eq!(e["proxy_container"]["image"], image, "{e:#}");
+    }
+    println!(
+        "tracer: {} from nginx in {}: {}",
+        ours[0]["cause"], ours[0]["proxy_container"], ours[0]["explanation"]
+    );
+    drop(container);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        host_network(),
+        before,
+        "podman changed the host's firewall rules or IP forwarding"
+    );
 }

@@ -11,7 +11,13 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{client::refuse, http::get, kernel_tests_enabled, netns::Netns};
+use tracer_tests::{
+    client::refuse,
+    http::get,
+    kernel_tests_enabled,
+    netns::Netns,
+    podman::{Container, effective_caps, podman, podman_ok, runtime_limits, text},
+};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -47,14 +53,6 @@ fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {program:?}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[track_caller]
@@ -171,29 +169,6 @@ fn the_debian_package_installs_runs_and_uninstalls_cleanly() {
         !Path::new("/usr/share/tracer").exists(),
         "/usr/share/tracer left behind"
     );
-}
-
-/// podman, which `cargo xtask dist` builds the image with (see dist.rs for why not docker), with
-/// runc as its runtime: podman's own choice, crun, refuses hosts whose cgroups are in hybrid
-/// mode (v1 controllers beside a v2 hierarchy, as on CI's machines).
-fn podman(args: &[&str]) -> Output {
-    Command::new("podman")
-        .args(["--runtime", "runc"])
-        .args(args)
-        .output()
-        .expect("running podman (cargo xtask dist installs it)")
-}
-
-#[track_caller]
-fn podman_ok(args: &[&str]) -> String {
-    let out = podman(args);
-    assert!(
-        out.status.success(),
-        "podman {} failed: {}",
-        args.join(" "),
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The DaemonSet's pod spec.
@@ -330,24 +305,6 @@ fn the_daemonset_runs_the_image_that_dist_builds() {
 }
 
 /// The effective capabilities of process `pid`, from /proc.
-fn effective_caps(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap()
-}
-
-/// Removes the container when the test ends, passed or not.
-struct Container(String);
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = podman(&["rm", "--force", "--time", "5", &self.0]);
-    }
-}
 
 #[test]
 fn the_image_runs_as_the_daemonset_does_and_counts_refusals_exactly() {
@@ -510,30 +467,4 @@ fn host_network_configuration() -> (String, String) {
         text(&run("nft", &["list", "ruleset"])),
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
     )
-}
-
-/// Resource limits: a pod's container gets its runtime's own, which no pod field sets. podman
-/// instead gives containers 1,048,576 descriptors and 4,194,304 processes, limits only
-/// CAP_SYS_RESOURCE may raise to; without it (CI's sandbox) it fails to start any container.
-/// So where this test lacks that capability it asks for this process's descriptor limit (at
-/// most the systemd unit's 65,536) and 4,096 processes, both far more than tracer uses.
-fn runtime_limits() -> Vec<String> {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    if effective_caps(std::process::id()) & (1 << CAP_SYS_RESOURCE) != 0 {
-        return Vec::new();
-    }
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
-    let files = limit.rlim_max.min(65_536);
-    vec![
-        format!("--ulimit=nofile={files}:{files}"),
-        "--ulimit=nproc=4096:4096".into(),
-    ]
 }
