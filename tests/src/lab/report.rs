@@ -467,10 +467,12 @@ fn explain_gateway_errors(
     // machine, and much more in a kernel guest under emulation (`cargo xtask test --kernel`
     // sets TRACER_TEST_GUEST), a turn takes long and the stamps lag. The counts per upstream
     // and cause are compared exactly elsewhere; this window only pairs responses to failures.
+    // On the host 0.1 s was too little once in CI-like runs: one of 20 gunicorn crash responses
+    // (its workers restarting loads the machine) went unpaired, with 20 failures for 20 logged.
     let slack = if std::env::var_os("TRACER_TEST_GUEST").is_some() {
         5.0
     } else {
-        0.1
+        0.5
     };
     let mut used = BTreeSet::new();
     let mut gateway: Vec<&LoggedRequest> = requests
