@@ -757,6 +757,7 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
     let log = dir.join("error.log");
     let conf = dir.join("nginx.conf");
     let tracer = Tracer::events(&["--comm", "nginx"]);
+    let (agent, metrics) = Tracer::agent(&["--container-metrics"]);
     let image = "registry.example/edge/nginx:1.22";
     let pod = PodContainer::run(
         &containerd,
@@ -823,6 +824,27 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
         "tracer: {} from nginx in {}: {}",
         ours[0]["cause"], ours[0]["proxy_container"], ours[0]["explanation"]
     );
+    // The agent's metrics name the proxy's container too (`--container-metrics`).
+    let proxy_info = format!(
+        "container=\"edge\",image=\"{image}\",container_id=\"{}\",pod=\"ingress/edge-7f9c4-x2x8q\"}} 1",
+        &pod.id[..12]
+    );
+    let mut scrape = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !scrape.contains(&proxy_info) {
+        std::thread::sleep(Duration::from_millis(200));
+        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    }
+    let proxy_lines: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("tracer_proxy_container_info{proxy=\"nginx\""))
+        .collect();
+    assert!(
+        proxy_lines.iter().any(|l| l.ends_with(&proxy_info)),
+        "{proxy_info} not in {proxy_lines:#?}"
+    );
+    println!("metrics: {}", proxy_lines[0]);
+    drop(agent);
     drop(pod);
     let _ = std::fs::remove_dir_all(&dir);
 }

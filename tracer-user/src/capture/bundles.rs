@@ -77,6 +77,12 @@ impl Bundles {
         self.of_container(&id)
     }
 
+    /// The Kubernetes container a cgroup path (`…/cri-containerd-ID.scope`) names.
+    pub fn of_cgroup_path(&mut self, path: &str) -> Option<ContainerId> {
+        let id = container_id_in(path)?.to_string();
+        self.of_container(&id)
+    }
+
     /// The Kubernetes container with this full id (64 hex digits), when a bundle names it.
     pub fn of_container(&mut self, full_id: &str) -> Option<ContainerId> {
         if let Some(found) = self.cache.get(full_id) {
