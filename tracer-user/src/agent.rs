@@ -19,7 +19,10 @@ use tracer_common::{Endpoint, Outcome, Stat};
 
 use crate::{
     aggregate::{ListenerTotals, RootCauseTotals, Totals, ledger::Ledger},
-    capture::{Capture, CaptureError, Counters, Events, Options, ProbeStatus, procfs},
+    capture::{
+        Capture, CaptureError, ContainerRuntime, Counters, Events, Options, ProbeStatus,
+        bundles::Bundles, procfs,
+    },
     classify::{
         Classified, Listeners, Notice, RootCause,
         containers::{ContainerView, Containers},
@@ -59,6 +62,9 @@ pub struct Shared {
     pub ledger: Mutex<Ledger>,
     /// The containers the runtime reported (see `classify::containers`).
     pub containers: Arc<Mutex<Containers>>,
+    /// Kubernetes containers named from their bundles (containerd, CRI-O), one cache for the
+    /// events and the metrics; none with `--container-runtime none`.
+    pub bundles: Option<Arc<Mutex<Bundles>>>,
 }
 
 impl Shared {
@@ -242,6 +248,8 @@ impl Agent {
             root_causes: Mutex::new(RootCauseTotals::default()),
             ledger: Mutex::new(Ledger::new(options.max_upstreams, options.idle_after)),
             containers: Arc::default(),
+            bundles: (options.container_runtime != ContainerRuntime::None)
+                .then(|| Arc::new(Mutex::new(Bundles::new()))),
         });
         if let Some(socket) = &runtime_socket {
             eprintln!(
@@ -260,14 +268,7 @@ impl Agent {
             clock: Clock::new(),
             listeners,
             self_probes: SelfProbes::default(),
-            containers: ContainerView::new(
-                shared.containers.clone(),
-                (!matches!(
-                    options.container_runtime,
-                    crate::capture::ContainerRuntime::None
-                ))
-                .then(crate::capture::bundles::Bundles::new),
-            ),
+            containers: ContainerView::new(shared.containers.clone(), shared.bundles.clone()),
             runtime_socket,
             shared,
         })

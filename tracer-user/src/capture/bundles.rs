@@ -25,7 +25,7 @@ use std::{
 use serde::Deserialize;
 
 use super::runtime::name;
-use crate::classify::containers::{ContainerId, container_id_in};
+use crate::classify::containers::{ContainerId, container_id_in, container_ids_of_pid};
 
 /// Where the host's `/run` may be: on the host, or mounted by the DaemonSet.
 pub const RUN_DIRS: &[&str] = &["/run", "/host/run"];
@@ -68,12 +68,7 @@ impl Bundles {
 
     /// The Kubernetes container process `pid` runs in, from its cgroup and its bundle.
     pub fn of_pid(&mut self, pid: u32) -> Option<ContainerId> {
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let id = cgroups
-            .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(2))
-            .find_map(container_id_in)?
-            .to_string();
+        let id = container_ids_of_pid(pid).into_iter().next()?;
         self.of_container(&id)
     }
 

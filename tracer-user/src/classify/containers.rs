@@ -257,7 +257,7 @@ pub struct ContainerView {
     proxies: HashMap<(u32, u64), (u64, Option<ContainerId>)>,
     /// Kubernetes containers no runtime API names (containerd, CRI-O), from their bundles;
     /// none with `--container-runtime none`.
-    bundles: Option<crate::capture::bundles::Bundles>,
+    bundles: Option<std::sync::Arc<std::sync::Mutex<crate::capture::bundles::Bundles>>>,
 }
 
 /// Processes whose container is remembered.
@@ -266,7 +266,7 @@ const PROXIES: usize = 4096;
 impl ContainerView {
     pub fn new(
         model: std::sync::Arc<std::sync::Mutex<Containers>>,
-        bundles: Option<crate::capture::bundles::Bundles>,
+        bundles: Option<std::sync::Arc<std::sync::Mutex<crate::capture::bundles::Bundles>>>,
     ) -> ContainerView {
         ContainerView {
             model,
@@ -301,9 +301,11 @@ impl ContainerView {
             }
             _ => {
                 let found = model.of_pid(failure.proxy.pid).cloned().or_else(|| {
-                    self.bundles
-                        .as_mut()
-                        .and_then(|b| b.of_pid(failure.proxy.pid))
+                    self.bundles.as_ref().and_then(|b| {
+                        b.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .of_pid(failure.proxy.pid)
+                    })
                 });
                 if self.proxies.len() >= PROXIES {
                     self.proxies.clear();
@@ -504,11 +506,10 @@ impl Containers {
         if self.known.is_empty() {
             return None;
         }
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        cgroups
-            .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(2))
-            .find_map(|path| self.of_cgroup_path(path))
+        container_ids_of_pid(pid)
+            .iter()
+            .find_map(|id| self.known.get(id))
+            .map(|k| &k.who)
     }
 
     /// The container that holds `ip` now.
@@ -637,6 +638,18 @@ impl Containers {
             last_exit: known.last_end.map(|e| (e.at, e.exit_code)),
         })
     }
+}
+
+/// The container ids in the cgroup paths of process `pid` (/proc/PID/cgroup: one path per
+/// hierarchy), in their order; none when it is gone or in no container.
+pub fn container_ids_of_pid(pid: u32) -> Vec<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    cgroups
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .filter_map(container_id_in)
+        .map(str::to_string)
+        .collect()
 }
 
 /// The container id in a cgroup path: the last 64-hex-digit name in it, as Docker

@@ -29,13 +29,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bind first: a bad address or a port in use fails before any probe is attached.
     let listener = http::bind(args.listen).await?;
     let mut agent = Agent::start(&args.options()).context("starting tracer")?;
-    let exporter = Arc::new(Exporter::new(agent.shared.clone()).with_container_info(
-        args.container_metrics,
-        !matches!(
-            args.capture.options().container_runtime,
-            crate::capture::ContainerRuntime::None
-        ),
-    ));
+    let exporter =
+        Arc::new(Exporter::new(agent.shared.clone()).with_container_info(args.container_metrics));
     let (failures, _) = broadcast::channel::<Bytes>(EVENT_BACKLOG);
     let handler: Handler = {
         let failures = failures.clone();

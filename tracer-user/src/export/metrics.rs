@@ -64,10 +64,6 @@ pub struct Exporter {
 /// own is the agent's ledger's).
 struct State {
     cgroups: CgroupPaths,
-    /// Kubernetes containers named from their bundles (containerd, CRI-O), for
-    /// `tracer_proxy_container_info` where no runtime API names them; none with
-    /// `--container-runtime none`.
-    bundles: Option<crate::capture::bundles::Bundles>,
     /// Evictions seen so far (the estimate can dip; the counter must not).
     evicted: u64,
 }
@@ -99,23 +95,15 @@ impl Exporter {
                 .unwrap_or_default(),
             state: Mutex::new(State {
                 cgroups: CgroupPaths::new(),
-                bundles: None,
                 evicted: 0,
             }),
             container_info: false,
         }
     }
 
-    /// Adds the container info families (see [`Exporter::write_containers`]); `bundles`: also
-    /// from Kubernetes containers' bundles.
-    pub fn with_container_info(mut self, on: bool, bundles: bool) -> Exporter {
+    /// Adds the container info families (see [`Exporter::write_containers`]).
+    pub fn with_container_info(mut self, on: bool) -> Exporter {
         self.container_info = on;
-        if on && bundles {
-            self.state
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .bundles = Some(crate::capture::bundles::Bundles::new());
-        }
         self
     }
 
@@ -162,7 +150,7 @@ impl Exporter {
         let mut text = Text::with_capacity(4096 + series.len() * 1100);
         write_routes(&mut text, &series);
         if self.container_info {
-            self.write_containers(&mut text, &series, state.bundles.as_mut());
+            self.write_containers(&mut text, &series);
         }
         drop(series);
         self.write_agent(&mut text, &mut state);
@@ -322,17 +310,18 @@ impl Exporter {
     /// Which container each route's upstream address and proxy cgroup is now, as info series
     /// (value 1) to join on `upstream` or `cgroup`: labels on the counters themselves would
     /// start new series whenever a container is recreated. At most one series per route.
-    fn write_containers(
-        &self,
-        text: &mut Text,
-        series: &BTreeMap<Labels, RouteTotals>,
-        mut bundles: Option<&mut crate::capture::bundles::Bundles>,
-    ) {
+    fn write_containers(&self, text: &mut Text, series: &BTreeMap<Labels, RouteTotals>) {
         let containers = self
             .shared
             .containers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Kubernetes containers from their bundles (the agent's cache: read once for both).
+        let mut bundles = self
+            .shared
+            .bundles
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()));
         if containers.is_empty() && bundles.is_none() {
             return;
         }
@@ -369,7 +358,7 @@ impl Exporter {
                 .cloned()
                 .or_else(|| {
                     bundles
-                        .as_deref_mut()
+                        .as_mut()
                         .and_then(|b| b.of_cgroup_path(&labels.cgroup))
                 });
             if let Some(c) = found {
