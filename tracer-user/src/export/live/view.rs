@@ -559,12 +559,7 @@ mod tests {
     fn containers_are_named_beside_the_proxy_and_the_upstream() {
         let mut app = busy_app();
         let mut event = crate::export::live::model::tests::event("10.0.0.5:8000", "refused", 812);
-        let container = |name: &str| crate::classify::containers::ContainerId {
-            id: "16daf7440aa0".into(),
-            name: name.into(),
-            image: "shop:1.4".into(),
-            pod: None,
-        };
+        let container = crate::export::live::model::tests::container;
         event.proxy_container = Some(container("edge"));
         event.upstream_container = Some(container("web-1"));
         app.on_event(event);

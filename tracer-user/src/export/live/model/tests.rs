@@ -67,6 +67,17 @@ pub fn event(upstream: &str, cause: &str, pid: u32) -> EventRecord {
     }
 }
 
+/// A container named `name` (image shop:1.4), for a failure's `proxy_container` or
+/// `upstream_container`.
+pub fn container(name: &str) -> crate::classify::containers::ContainerId {
+    crate::classify::containers::ContainerId {
+        id: "16daf7440aa0".into(),
+        name: name.into(),
+        image: "shop:1.4".into(),
+        pod: None,
+    }
+}
+
 /// nginx → 10.0.0.5 refused 10/s; → 10.0.0.6 healthy at 50/s.
 pub fn busy_app() -> App {
     let mut app = App::new("local");
@@ -257,12 +268,6 @@ fn percentiles_come_from_bucket_bounds() {
 fn the_filter_finds_routes_and_failures_by_container_name() {
     let mut app = busy_app();
     let mut failure = event("10.0.0.5:8000", "refused", 812);
-    let container = |name: &str| crate::classify::containers::ContainerId {
-        id: "16daf7440aa0".into(),
-        name: name.into(),
-        image: "shop:1.4".into(),
-        pod: None,
-    };
     failure.proxy_container = Some(container("edge-proxy"));
     failure.upstream_container = Some(container("web-1"));
     app.on_event(failure);
