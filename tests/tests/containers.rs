@@ -402,38 +402,57 @@ fn tracer_check_says_which_runtime_names_containers() {
     );
 }
 
+/// What a container needs to run nginx: a work folder (`workdir(tag)`, to mount at the same
+/// path) whose nginx.conf proxies `listen` to `upstream`, its error log, and the command.
+struct ContainedNginx {
+    dir: PathBuf,
+    log: PathBuf,
+    conf: PathBuf,
+}
+
+impl ContainedNginx {
+    fn new(tag: &str, listen: &str, upstream: SocketAddr) -> ContainedNginx {
+        let dir = workdir(tag);
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(&dir, listen, upstream)).unwrap();
+        ContainedNginx {
+            log: dir.join("error.log"),
+            conf,
+            dir,
+        }
+    }
+
+    /// nginx in the foreground, with this configuration and error log.
+    fn command(&self) -> [&str; 7] {
+        [
+            "/usr/sbin/nginx",
+            "-e",
+            self.log.to_str().unwrap(),
+            "-c",
+            self.conf.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ]
+    }
+}
+
 /// nginx in a container `name` on the test network, proxying its port 8080 to `upstream`;
 /// returns it, its entry address and its error log's path.
 fn nginx_container(name: &str, upstream: SocketAddr) -> (Container, SocketAddr, PathBuf) {
-    let dir = workdir(name);
-    std::fs::write(
-        dir.join("nginx.conf"),
-        nginx_conf(&dir, "0.0.0.0:8080", upstream),
-    )
-    .unwrap();
-    let mount = format!("{0}:{0}", dir.display());
-    let conf = dir.join("nginx.conf");
-    let log = dir.join("error.log");
+    let nginx = ContainedNginx::new(name, "0.0.0.0:8080", upstream);
+    let mount = format!("{0}:{0}", nginx.dir.display());
     let proxy = Container::run(
         name,
         &["--volume", &mount],
         &docker::binaries(),
-        &[
-            "/usr/sbin/nginx",
-            "-e",
-            log.to_str().unwrap(),
-            "-c",
-            conf.to_str().unwrap(),
-            "-g",
-            "daemon off;",
-        ],
+        &nginx.command(),
     );
     proxy.wait_for("{{.State.Running}}", "true", Duration::from_secs(10));
     let entry = SocketAddr::new(proxy.ip(), 8080);
     wait_until(Duration::from_secs(10), "nginx in its container", || {
         std::net::TcpStream::connect(entry).is_ok()
     });
-    (proxy, entry, log)
+    (proxy, entry, nginx.log)
 }
 
 #[test]
@@ -745,17 +764,10 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let containerd = Containerd::start();
-    let dir = workdir("pod");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // Its upstream: a port on the host where nothing listens.
     let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        nginx_conf(&dir, &listen.to_string(), upstream),
-    )
-    .unwrap();
-    let log = dir.join("error.log");
-    let conf = dir.join("nginx.conf");
+    let nginx = ContainedNginx::new("pod", &listen.to_string(), upstream);
     let tracer = Tracer::events(&["--comm", "nginx"]);
     let (agent, metrics) = Tracer::agent(&["--container-metrics"]);
     let image = "registry.example/edge/nginx:1.22";
@@ -768,16 +780,8 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
             ("io.kubernetes.cri.sandbox-name", "edge-7f9c4-x2x8q"),
             ("io.kubernetes.cri.sandbox-namespace", "ingress"),
         ],
-        &dir,
-        &[
-            "/usr/sbin/nginx",
-            "-e",
-            log.to_str().unwrap(),
-            "-c",
-            conf.to_str().unwrap(),
-            "-g",
-            "daemon off;",
-        ],
+        &nginx.dir,
+        &nginx.command(),
     );
     wait_until(Duration::from_secs(10), "nginx in its pod", || {
         std::net::TcpStream::connect(listen).is_ok()
@@ -807,7 +811,7 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
         row.starts_with("ok") && row.contains("io.containerd.runtime.v2.task/k8s.io ("),
         "{row}"
     );
-    let error_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let error_log = std::fs::read_to_string(&nginx.log).unwrap_or_default();
     let ours = agree_with_nginx(&events, &error_log, &upstream.to_string());
     assert_eq!(ours.len(), 5);
     for e in &ours {
@@ -846,7 +850,7 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
     println!("metrics: {}", proxy_lines[0]);
     drop(agent);
     drop(pod);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&nginx.dir);
 }
 
 /// Podman's API service (`podman system service`), serving the Docker Engine API on a socket of
@@ -903,21 +907,14 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
     let service = PodmanService::start();
     let socket = service.socket.to_str().unwrap().to_string();
     let tracer = Tracer::events(&["--comm", "nginx", "--container-runtime", &socket]);
-    let dir = workdir("podman");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // Its upstream: a port on the host where nothing listens.
     let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        nginx_conf(&dir, &listen.to_string(), upstream),
-    )
-    .unwrap();
-    let log = dir.join("error.log");
-    let conf = dir.join("nginx.conf");
+    let nginx = ContainedNginx::new("podman", &listen.to_string(), upstream);
     let name = "tracer-test-podman-nginx";
     let _ = podman(&["rm", "--force", name]);
     let container = podman::Container(name.to_string());
-    let work = format!("{0}:{0}", dir.display());
+    let work = format!("{0}:{0}", nginx.dir.display());
     let mut args = vec![
         "run",
         "--detach",
@@ -931,16 +928,8 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
     ];
     let limits = runtime_limits();
     args.extend(limits.iter().map(String::as_str));
-    args.extend([
-        image,
-        "/usr/sbin/nginx",
-        "-e",
-        log.to_str().unwrap(),
-        "-c",
-        conf.to_str().unwrap(),
-        "-g",
-        "daemon off;",
-    ]);
+    args.push(image);
+    args.extend(nginx.command());
     podman_ok(&args);
     wait_until(
         Duration::from_secs(10),
@@ -974,7 +963,7 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
     let statuses = requests(listen, 5, Duration::ZERO);
     assert_eq!(statuses, [502; 5]);
     let (rest, _) = tracer.stop_collecting();
-    let error_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let error_log = std::fs::read_to_string(&nginx.log).unwrap_or_default();
     let all: Vec<Value> = events.into_iter().chain(rest).collect();
     let ours = agree_with_nginx(&all, &error_log, &upstream.to_string());
     assert_eq!(ours.len(), early + 6);
@@ -990,7 +979,7 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
     );
     drop(container);
     drop(service);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&nginx.dir);
     assert_eq!(
         host_network(),
         before,
