@@ -52,7 +52,13 @@ async fn container_runtime(rows: &mut Rows, choice: &ContainerRuntime) {
         } else {
             let dirs: Vec<String> = found
                 .iter()
-                .map(|(dir, n)| format!("{} ({n})", dir.display()))
+                .map(|(dir, n)| {
+                    // A containerd namespace is named by whoever made it: escaped.
+                    let dir = crate::decode::text::untrusted(
+                        std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()),
+                    );
+                    format!("{dir} ({n})")
+                })
                 .collect();
             (
                 dirs.join(", "),
