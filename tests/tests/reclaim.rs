@@ -40,7 +40,15 @@ fn after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_seri
     ) {
         return;
     }
-    let (tracer, agent_addr) = Tracer::agent(&["--max-upstreams", "6", "--idle-after", "3s"]);
+    // Long enough for the storm below to end within it, even under emulation beside another
+    // guest (3 s was not: a storm that outlasts it retires its first pass's routes early).
+    let idle_after = Duration::from_secs(10);
+    let (tracer, agent_addr) = Tracer::agent(&[
+        "--max-upstreams",
+        "6",
+        "--idle-after",
+        &format!("{}s", idle_after.as_secs()),
+    ]);
     // The scrapes' own connections are a route of this process: it takes the first place.
     get(agent_addr, "/metrics").unwrap();
     let ns = Netns::new("storm");
@@ -58,9 +66,15 @@ fn after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_seri
         assert_eq!(String::from_utf8_lossy(&out.stdout), refused, "{out:?}");
     };
     let my_refusals = |scrape: &str| refusals_of(storm, scrape);
-    // A storm of 60 distinct upstreams from one process, quicker than --idle-after even
-    // under emulation: 5 get series, 55 are folded into `other`.
+    // A storm of 60 distinct upstreams from one process, quicker than --idle-after: 5 get
+    // series, 55 are folded into `other`.
+    let storm_began = Instant::now();
     refuse("127.77.43.1:9100-9159", "tcp-range", 2, 120);
+    let storm_took = storm_began.elapsed();
+    assert!(
+        storm_took < idle_after,
+        "the storm took {storm_took:?}: too slow a host for --idle-after {idle_after:?}"
+    );
     let (_, scrape) = get(agent_addr, "/metrics").unwrap();
     let refusals = my_refusals(&scrape);
     assert_eq!(
@@ -76,7 +90,7 @@ fn after_a_storm_of_upstreams_idle_routes_are_retired_and_new_upstreams_get_seri
     // Idle for --idle-after: the kernel entries are freed, the counts move to the agent (all
     // under `other` now: the admitted upstreams gave their places up, as upstreams were
     // waiting), and nothing is lost.
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + idle_after + Duration::from_secs(40);
     let scrape = loop {
         let (_, scrape) = get(agent_addr, "/metrics").unwrap();
         if sample(&scrape, "tracer_upstreams_released_total") == Some(5.0)

@@ -162,7 +162,7 @@ impl Lab {
             }
         });
         let gnutls_port = gnutls;
-        let gnutls = Command::new("gnutls-serv")
+        let mut gnutls = Command::new("gnutls-serv")
             .args([
                 "--port",
                 &gnutls_port.to_string(),
@@ -182,9 +182,12 @@ impl Lab {
             &nginx_conf(&dir, &certs, proxy, plain, tls, tls12, closer, gnutls_port),
         );
         let proxy: SocketAddr = ([127, 0, 0, 1], proxy).into();
-        wait_until(Duration::from_secs(10), "gnutls-serv to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", gnutls_port)).is_ok()
-        });
+        wait_to_listen(
+            &mut gnutls,
+            ([127, 0, 0, 1], gnutls_port).into(),
+            "gnutls-serv",
+            None,
+        );
         Lab {
             dir,
             certs,
@@ -387,21 +390,19 @@ defaults
         let config = lab.dir.join("haproxy.cfg");
         std::fs::write(&config, conf).unwrap();
         let log = lab.dir.join("haproxy.log");
-        let child = Command::new("haproxy")
+        let mut child = Command::new("haproxy")
             .arg("-f")
             .arg(&config)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(lab.dir.join("haproxy.err")).unwrap())
             .spawn()
             .expect("haproxy (cargo xtask setup installs it)");
-        let err = lab.dir.join("haproxy.err");
-        wait_until(Duration::from_secs(10), "haproxy to listen", || {
-            let up = std::net::TcpStream::connect(healthy).is_ok();
-            if !up && let Ok(text) = std::fs::read_to_string(&err) {
-                assert!(!text.contains("ALERT"), "haproxy did not start:\n{text}");
-            }
-            up
-        });
+        wait_to_listen(
+            &mut child,
+            healthy,
+            "haproxy",
+            Some(&lab.dir.join("haproxy.err")),
+        );
         Haproxy {
             child,
             log,
@@ -494,7 +495,7 @@ impl Apache {
         let healthy = add(lab.tls, Toward::Tls);
         let config = dir.join("apache2.conf");
         std::fs::write(&config, conf).unwrap();
-        let child = Command::new("apache2")
+        let mut child = Command::new("apache2")
             .arg("-f")
             .arg(&config)
             .arg("-DFOREGROUND")
@@ -502,9 +503,12 @@ impl Apache {
             .stderr(std::fs::File::create(dir.join("output.log")).unwrap())
             .spawn()
             .expect("apache2 (cargo xtask setup installs it)");
-        wait_until(Duration::from_secs(10), "apache2 to listen", || {
-            std::net::TcpStream::connect(healthy).is_ok()
-        });
+        wait_to_listen(
+            &mut child,
+            healthy,
+            "apache2",
+            Some(&dir.join("output.log")),
+        );
         Apache {
             child,
             dir,
@@ -821,4 +825,28 @@ pub fn run(software: Software) -> TlsReport {
         ));
     }
     report
+}
+
+/// Waits for a server the lab started to accept on `addr`. Under emulation (TCG, two guests
+/// side by side) a TLS server's start-up takes seconds, so the wait is long; a server that
+/// exits meanwhile fails at once, with what it printed.
+fn wait_to_listen(child: &mut Child, addr: SocketAddr, what: &str, output: Option<&Path>) {
+    let printed = || {
+        output
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{what} to listen on {addr}"),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{what} exited ({status}) before it listened:\n{}",
+                    printed()
+                );
+            }
+            std::net::TcpStream::connect(addr).is_ok()
+        },
+    );
 }
