@@ -8,6 +8,8 @@
 //! - nginx itself in a container;
 //! - nginx in a Kubernetes pod's container on containerd (no Docker API: named from the
 //!   container's bundle);
+//! - an upstream in a pod of its own network on containerd, named from the process that
+//!   listened behind the pod's address, after it exited;
 //! - nginx in a podman container, named through Podman's API service.
 
 use std::{
@@ -24,6 +26,7 @@ use tracer_tests::{
     http::{free_port, get},
     kernel_tests_enabled,
     lab::nginx::{Nginx, failures_in, make_temp_dirs, temp_paths},
+    netns::Netns,
     podman::{self, podman, podman_ok, runtime_limits},
     process::upstream_process_bin,
     tracer_process::{Tracer, tracer_bin},
@@ -643,8 +646,9 @@ impl Drop for Containerd {
 }
 
 /// A container as kubelet has containerd's CRI plugin make one: namespace `k8s.io`, a cgroup
-/// of its pod's (cgroupfs driver), the plugin's annotations; host network, the host's /usr
-/// and `mounts` read-only… except `mounts`' first, writable.
+/// of its pod's (cgroupfs driver), the plugin's annotations; the host's network or the pod's
+/// (`netns`, a namespace's path, as a CNI plugin makes one), the host's /usr and `read_only`
+/// mounted read-only, `writable` writable, each at its own path.
 struct PodContainer<'a> {
     containerd: &'a Containerd,
     id: String,
@@ -657,6 +661,8 @@ impl<'a> PodContainer<'a> {
         containerd: &'a Containerd,
         annotations: &[(&str, &str)],
         writable: &Path,
+        read_only: &[&Path],
+        netns: Option<&Path>,
         command: &[&str],
     ) -> PodContainer<'a> {
         let now = std::time::SystemTime::now()
@@ -688,21 +694,28 @@ impl<'a> PodContainer<'a> {
             "type=bind,src={0},dst={0},options=rbind:rw",
             writable.display()
         );
+        let read_only: Vec<String> = read_only
+            .iter()
+            .map(|p| format!("type=bind,src={0},dst={0},options=rbind:ro", p.display()))
+            .collect();
+        let network = match netns {
+            Some(path) => format!("network:{}", path.display()),
+            None => String::new(),
+        };
         let notes: Vec<String> = annotations
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let mut args = vec![
-            "run",
-            "--detach",
-            "--net-host",
-            "--cgroup",
-            &cgroup,
-            "--mount",
-            &usr,
-            "--mount",
-            &work,
-        ];
+        let mut args = vec!["run", "--detach", "--cgroup", &cgroup];
+        if netns.is_some() {
+            args.extend(["--with-ns", network.as_str()]);
+        } else {
+            args.push("--net-host");
+        }
+        args.extend(["--mount", &usr, "--mount", &work]);
+        for mount in &read_only {
+            args.extend(["--mount", mount.as_str()]);
+        }
         for note in &notes {
             args.extend(["--annotation", note.as_str()]);
         }
@@ -781,6 +794,8 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
             ("io.kubernetes.cri.sandbox-namespace", "ingress"),
         ],
         &nginx.dir,
+        &[],
+        None,
         &nginx.command(),
     );
     wait_until(Duration::from_secs(10), "nginx in its pod", || {
@@ -985,4 +1000,149 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
         before,
         "podman changed the host's firewall rules or IP forwarding"
     );
+}
+
+/// A pod's network as a CNI plugin makes one: a namespace of its own with an address
+/// (`10.213.99.2`), reached from the host through a veth pair. Deleted on drop.
+struct PodNetwork {
+    netns: Netns,
+    host_side: String,
+}
+
+impl PodNetwork {
+    const ADDRESS: &str = "10.213.99.2";
+
+    fn new() -> PodNetwork {
+        let netns = Netns::new("pod");
+        let host_side = format!("trpod{}", std::process::id() % 1_000_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        ip(&[
+            "link",
+            "add",
+            &host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ]);
+        let network = PodNetwork { netns, host_side };
+        ip(&["addr", "add", "10.213.99.1/30", "dev", &network.host_side]);
+        ip(&["link", "set", &network.host_side, "up"]);
+        network.netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", Self::ADDRESS),
+            "dev",
+            "eth0",
+        ]);
+        network.netns.ip(&["link", "set", "eth0", "up"]);
+        network
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns.name)
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        // Its peer goes with the namespace; this one too, in case the namespace is held.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_side])
+            .output();
+    }
+}
+
+#[test]
+fn an_upstream_pod_on_containerd_is_named_from_the_process_that_listened_in_it() {
+    if !kernel_tests_enabled(
+        "an_upstream_pod_on_containerd_is_named_from_the_process_that_listened_in_it",
+    ) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let containerd = Containerd::start();
+    let network = PodNetwork::new();
+    let upstream: SocketAddr = format!("{}:8000", PodNetwork::ADDRESS).parse().unwrap();
+    let nginx = HostNginx::start("pod-upstream", upstream);
+    let tracer = Tracer::events(&["--comm", "nginx"]);
+    let (agent, metrics) = Tracer::agent(&["--container-metrics"]);
+    let work = workdir("pod-upstream-work");
+    let binary = upstream_process_bin();
+    let image = "registry.example/shop/api:2.3";
+    // It listens on all of its pod's addresses, answers for 3 s, then exits. No runtime API
+    // names it: only its bundle does, and only its listener ties it to its address.
+    let pod = PodContainer::run(
+        &containerd,
+        &[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.container-name", "api"),
+            ("io.kubernetes.cri.image-name", image),
+            ("io.kubernetes.cri.sandbox-name", "api-5d8f7-q2w3e"),
+            ("io.kubernetes.cri.sandbox-namespace", "shop"),
+        ],
+        &work,
+        &[&docker::binaries()],
+        Some(&network.path()),
+        &[binary.to_str().unwrap(), "0.0.0.0:8000", "exit", "3000"],
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the pod's upstream to listen",
+        || std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(1)).is_ok(),
+    );
+    assert_eq!(requests(nginx.addr, 1, Duration::ZERO), [200]);
+    wait_until(
+        Duration::from_secs(30),
+        "the pod's upstream to crash",
+        || {
+            std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(1))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        },
+    );
+    let (statuses, ours) = through_nginx(tracer, &nginx, upstream, 5, Duration::ZERO);
+    assert_eq!(statuses, [502; 5]);
+    assert_eq!(ours.len(), 5);
+    assert_root_cause(&ours, "upstream_exited", "api", &["exited"]);
+    for e in &ours {
+        assert_eq!(
+            e["upstream_container"]["pod"], "shop/api-5d8f7-q2w3e",
+            "{e:#}"
+        );
+        assert_eq!(e["upstream_container"]["image"], image, "{e:#}");
+        assert_eq!(e["upstream_container"]["id"], &pod.id[..12], "{e:#}");
+    }
+    println!(
+        "tracer: {} {} in {}: {}",
+        ours[0]["cause"],
+        ours[0]["upstream"],
+        ours[0]["upstream_container"],
+        ours[0]["explanation"]
+    );
+    // The agent's metrics name it too, by the address its namespace had.
+    let info = format!(
+        "tracer_upstream_container_info{{upstream=\"{upstream}\",container=\"api\",image=\"{image}\",container_id=\"{}\",pod=\"shop/api-5d8f7-q2w3e\"}} 1",
+        &pod.id[..12]
+    );
+    let mut scrape = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !scrape.contains(&info) {
+        std::thread::sleep(Duration::from_millis(200));
+        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    }
+    let lines: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("tracer_upstream_container_info"))
+        .collect();
+    assert!(lines.contains(&info.as_str()), "{info} not in {lines:#?}");
+    println!("metrics: {info}");
+    drop(agent);
+    drop(pod);
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -257,6 +257,12 @@ impl Agent {
                 socket.display()
             );
         }
+        let mut containers = ContainerView::new(shared.containers.clone(), shared.bundles.clone());
+        for l in &existing {
+            if let Some(&pid) = l.pids.first() {
+                containers.listener_opened(l.local, l.netns, pid, started);
+            }
+        }
         // Start-up read the kernel's BTF and /proc.
         give_memory_back();
         Ok(Agent {
@@ -268,7 +274,7 @@ impl Agent {
             clock: Clock::new(),
             listeners,
             self_probes: SelfProbes::default(),
-            containers: ContainerView::new(shared.containers.clone(), shared.bundles.clone()),
+            containers,
             runtime_socket,
             shared,
         })
@@ -420,6 +426,16 @@ impl Agent {
                 None
             }),
             Ok(record) => Lifecycle::from_record(&record, &self.clock).map(|lifecycle| {
+                if let Some(Lifecycle::Listener(change)) = &lifecycle
+                    && change.opened
+                {
+                    self.containers.listener_opened(
+                        change.local,
+                        change.task.netns,
+                        change.task.pid,
+                        change.time,
+                    );
+                }
                 let notice = lifecycle.and_then(|l| self.listeners.on_lifecycle(&l))?;
                 self.shared
                     .listeners

@@ -92,6 +92,52 @@ pub fn listeners_in(proc: &Path) -> Vec<ExistingListener> {
         .collect()
 }
 
+/// Addresses a namespace's own interfaces have, at most this many (a host may have many).
+const MAX_LOCAL_ADDRESSES: usize = 256;
+
+/// The addresses of the network namespace process `pid` is in: its interfaces' own (IPv4 from
+/// `/proc/PID/net/fib_trie`'s local routes, IPv6 from `/proc/PID/net/if_inet6`). Empty when
+/// the process is gone.
+pub fn local_addresses(pid: u32) -> Vec<IpAddr> {
+    let net = PathBuf::from(format!("/proc/{pid}/net"));
+    let mut all =
+        fib_trie_locals(&std::fs::read_to_string(net.join("fib_trie")).unwrap_or_default());
+    all.extend(if_inet6_addresses(
+        &std::fs::read_to_string(net.join("if_inet6")).unwrap_or_default(),
+    ));
+    all.truncate(MAX_LOCAL_ADDRESSES);
+    all
+}
+
+/// The IPv4 addresses with a `/32 host LOCAL` route in a fib_trie dump (each once).
+fn fib_trie_locals(fib_trie: &str) -> Vec<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut last = None;
+    for line in fib_trie.lines() {
+        let line = line.trim_start_matches([' ', '|', '+', '-']);
+        if let Ok(ip) = line.trim().parse::<Ipv4Addr>() {
+            last = Some(IpAddr::V4(ip));
+        } else if line.trim() == "/32 host LOCAL"
+            && let Some(ip) = last
+            && !found.contains(&ip)
+            && found.len() < MAX_LOCAL_ADDRESSES
+        {
+            found.push(ip);
+        }
+    }
+    found
+}
+
+/// The addresses in `/proc/net/if_inet6` (32 hex digits first on each line).
+fn if_inet6_addresses(if_inet6: &str) -> Vec<IpAddr> {
+    if_inet6
+        .lines()
+        .filter_map(|l| u128::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .map(|bits| IpAddr::V6(Ipv6Addr::from(bits)))
+        .take(MAX_LOCAL_ADDRESSES)
+        .collect()
+}
+
 /// The children of process `pid`: those of every one of its threads
 /// (`/proc/PID/task/TID/children`, CONFIG_PROC_CHILDREN, which distributions enable).
 pub fn children(pid: u32) -> Vec<u32> {
@@ -329,6 +375,50 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 100 0 0 10 0
 ";
+
+    #[test]
+    fn a_namespaces_own_addresses_are_its_local_routes_and_ipv6_addresses() {
+        let fib_trie = "Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 10.244.1.0/24 2 0 2
+        |-- 10.244.1.0
+           /24 link UNICAST
+        |-- 10.244.1.5
+           /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 10.244.1.5
+        /32 host LOCAL
+";
+        assert_eq!(
+            fib_trie_locals(fib_trie),
+            ["127.0.0.1", "10.244.1.5"]
+                .map(|ip| ip.parse::<IpAddr>().unwrap())
+                .to_vec()
+        );
+        let if_inet6 = "00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000005 02 40 00 80     eth0
+";
+        assert_eq!(
+            if_inet6_addresses(if_inet6),
+            ["::1", "fd00::5"]
+                .map(|ip| ip.parse::<IpAddr>().unwrap())
+                .to_vec()
+        );
+        // This process's own namespace has at least its loopback.
+        let own = local_addresses(std::process::id());
+        assert!(own.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{own:?}");
+    }
 
     #[test]
     fn finds_listening_sockets_only() {

@@ -14,17 +14,23 @@
 //! When a container dies or is recreated, its old address has no owner and the proxy's SYNs go
 //! nowhere: these are the root causes of those connect timeouts and unreachables too.
 
+mod homes;
+
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
+pub use self::homes::ListenerHomes;
 use super::root_cause::{bytes, clock};
-use crate::decode::{Failure, Upstream};
+use crate::{
+    capture::procfs,
+    decode::{Failure, Upstream},
+};
 
 /// A container as users name it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +254,8 @@ pub struct Containers {
     leases: VecDeque<Lease>,
     /// Bumped when a container is first seen: a process found in none is looked up again.
     generation: u64,
+    /// Which container listens behind a local address (host network, pods without leases).
+    pub homes: ListenerHomes,
 }
 
 /// The agent's side: the model the runtime follower fills, and which container each proxy
@@ -291,7 +299,10 @@ impl ContainerView {
         let cause = model.root_cause(failure);
         let upstream = match (&cause, &failure.upstream) {
             (Some(cause), _) => Some(cause.container().clone()),
-            (None, Upstream::Ip(addr)) => model.held_by(addr.ip(), failure.time).cloned(),
+            (None, Upstream::Ip(addr)) => model
+                .held_by(addr.ip(), failure.time)
+                .cloned()
+                .or_else(|| self.listening_at(&model, *addr, failure.proxy.netns)),
             _ => None,
         };
         let key = (failure.proxy.pid, failure.proxy.cgroup_id);
@@ -315,6 +326,47 @@ impl ContainerView {
             }
         };
         (cause, proxy, upstream)
+    }
+}
+
+impl ContainerView {
+    /// A socket started listening on `local` (namespace `netns`, process `pid`), or was
+    /// listening when tracer started: notes which container, if any, it is in. Read while the
+    /// process lives, so that failures after its death still name its container.
+    pub fn listener_opened(&mut self, local: SocketAddr, netns: u32, pid: u32, at: SystemTime) {
+        let full_id = container_ids_of_pid(pid).into_iter().next();
+        let local_ips = match &full_id {
+            Some(_) if local.ip().is_unspecified() => procfs::local_addresses(pid),
+            _ => Vec::new(),
+        };
+        let mut model = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(id), Some(bundles)) = (&full_id, &self.bundles)
+            && !model.known.contains_key(id)
+        {
+            // Its bundle goes with its task: read it now.
+            bundles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .of_container(id);
+        }
+        model.homes.opened(local, netns, full_id, local_ips, at);
+    }
+
+    /// The container whose process listens (or last listened) on `upstream`.
+    fn listening_at(
+        &self,
+        model: &Containers,
+        upstream: SocketAddr,
+        proxy_netns: u32,
+    ) -> Option<ContainerId> {
+        let id = model.homes.of(upstream, proxy_netns)?;
+        model.of_full_id(id).cloned().or_else(|| {
+            self.bundles
+                .as_ref()?
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .of_container(id)
+        })
     }
 }
 
@@ -493,6 +545,11 @@ impl Containers {
                 self.leases.retain(|l| l.full_id != id);
             }
         }
+    }
+
+    /// The container with this full id (64 hex digits).
+    pub fn of_full_id(&self, full_id: &str) -> Option<&ContainerId> {
+        self.known.get(full_id).map(|k| &k.who)
     }
 
     /// The container with this full id, or whose cgroup path names it.

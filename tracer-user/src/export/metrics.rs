@@ -328,7 +328,7 @@ impl Exporter {
         let now = SystemTime::now();
         let mut upstreams = text.family(
             "tracer_upstream_container_info",
-            "The container that holds an upstream's address now (from the container runtime).",
+            "The container that holds an upstream's address now (from the container runtime), or whose process listens or last listened there.",
             GAUGE,
         );
         let mut seen = std::collections::BTreeSet::new();
@@ -339,7 +339,16 @@ impl Exporter {
             if !seen.insert(&labels.upstream) {
                 continue;
             }
-            if let Some(c) = containers.held_now(addr.ip(), now) {
+            // Else the container listening there (a pod's address, by its network namespace's
+            // addresses; a loopback address needs the proxy's namespace, which series lack).
+            let held = containers.held_now(addr.ip(), now).cloned().or_else(|| {
+                let id = containers.homes.of(addr, 0)?;
+                containers
+                    .of_full_id(id)
+                    .cloned()
+                    .or_else(|| bundles.as_mut()?.of_container(id))
+            });
+            if let Some(c) = &held {
                 upstreams.sample(&container_labels(&[("upstream", &labels.upstream)], c), 1);
             }
         }
