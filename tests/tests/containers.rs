@@ -953,16 +953,25 @@ fn nginx_in_a_podman_container_is_named_through_podmans_api() {
     );
     let id = podman_ok(&["inspect", "--format", "{{.Id}}", name]);
     println!("podman inspect: {name} {}", id.trim());
-    // tracer learns of the container from the service's event stream, which a fresh service
-    // delivers up to a second or two late: failures before that come unnamed. One request at a
-    // time until a failure names it (each is checked against nginx's log below too), then 5.
+    // A fresh service's event stream tells of the container up to a second or two late, but
+    // tracer asks the service as soon as nginx listens in a container it has not heard of: its
+    // first failure is named already, unless the host is so slow that the answer comes after
+    // it. One request at a time until a failure names the container (each is checked against
+    // nginx's log below too), then 5.
     let mut events = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut early = 0;
     loop {
         assert_eq!(requests(listen, 1, Duration::ZERO), [502]);
-        let got = tracer.collect(1, Duration::from_secs(5), Duration::ZERO);
-        let named = got.iter().any(|e| e["proxy_container"]["name"] == name);
+        let mut got = Vec::new();
+        while !got.iter().any(|e: &Value| e["type"] == "failure") {
+            let more = tracer.collect(1, Duration::from_secs(5), Duration::ZERO);
+            assert!(!more.is_empty(), "no failure event from tracer");
+            got.extend(more);
+        }
+        let named = got
+            .iter()
+            .any(|e| e["type"] == "failure" && e["proxy_container"]["name"] == name);
         events.extend(got);
         if named {
             break;

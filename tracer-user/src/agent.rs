@@ -205,6 +205,8 @@ pub struct Agent {
     /// Containers, from the runtime at `runtime_socket` (followed while `run` runs).
     containers: ContainerView,
     runtime_socket: Option<std::path::PathBuf>,
+    /// What `containers` sighted, for the runtime follower (taken when `run` starts it).
+    sightings: Option<crate::capture::runtime::Sightings>,
     pub shared: Arc<Shared>,
 }
 
@@ -257,7 +259,15 @@ impl Agent {
                 socket.display()
             );
         }
-        let mut containers = ContainerView::new(shared.containers.clone(), shared.bundles.clone());
+        let containers = ContainerView::new(shared.containers.clone(), shared.bundles.clone());
+        let (sightings, mut containers) = match &runtime_socket {
+            Some(_) => {
+                let (tell, sightings) =
+                    tokio::sync::mpsc::channel(crate::capture::runtime::SIGHTINGS);
+                (Some(sightings), containers.with_sightings(tell))
+            }
+            None => (None, containers),
+        };
         for l in &existing {
             if let Some(&pid) = l.pids.first() {
                 containers.listener_opened(l.local, l.netns, pid, started);
@@ -276,6 +286,7 @@ impl Agent {
             self_probes: SelfProbes::default(),
             containers,
             runtime_socket,
+            sightings,
             shared,
         })
     }
@@ -307,12 +318,17 @@ impl Agent {
         reclaim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::new();
         // Aborted when `run` returns, however it returns.
-        let _runtime = self.runtime_socket.clone().map(|socket| {
-            AbortOnDrop(tokio::spawn(crate::capture::runtime::follow(
-                socket,
-                self.containers.model.clone(),
-            )))
-        });
+        let _runtime =
+            self.runtime_socket
+                .clone()
+                .zip(self.sightings.take())
+                .map(|(socket, sightings)| {
+                    AbortOnDrop(tokio::spawn(crate::capture::runtime::follow(
+                        socket,
+                        self.containers.model.clone(),
+                        sightings,
+                    )))
+                });
         loop {
             tokio::select! {
                 ready = self.failures.ready() => ready.context("reading the event ring buffer")?,

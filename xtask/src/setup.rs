@@ -40,9 +40,12 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     // Real containers (tests/tests/containers.rs): Debian's docker, whose daemon the tests
     // start themselves, leaving the firewall and IP forwarding alone.
     ("dockerd", "docker.io"),
-    // A Kubernetes node's runtime without kubelet (tests/tests/kubernetes.rs): containerd and
+    // A Kubernetes node's runtime without kubelet (tests/tests/containers.rs): containerd and
     // its `ctr`, started by the test.
     ("ctr", "containerd"),
+    // Podman's API service naming containers (tests/tests/containers.rs); the image test
+    // (tests/tests/dist.rs) runs with it too.
+    ("podman", "podman"),
     // TLS between proxy and upstream (tests/tests/tls.rs): certificates made by the test, and
     // a TLS server that answers plaintext with an alert.
     ("openssl", "openssl"),

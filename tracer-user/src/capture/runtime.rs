@@ -2,7 +2,10 @@
 //! socket: Docker's (`/var/run/docker.sock`) and Podman's service (`/run/podman/podman.sock`),
 //! which serves the same API. At start every container is inspected; then the runtime's event
 //! stream says when one starts, dies (and how), is OOM-killed or removed, and each is inspected
-//! again. What it says goes into `classify::containers`.
+//! again. What it says goes into `classify::containers`. A container the agent meets before
+//! the runtime's event about it has come (a listener's or a proxy's process in a container the
+//! model does not know: Podman's service, freshly started, reports late) is *sighted*: its id
+//! comes down a bounded channel and is inspected at once.
 //!
 //! The runtime's answers are others' words: names and images are escaped and cut, and bodies,
 //! lines and the number of containers are bounded.
@@ -205,12 +208,18 @@ async fn inspect(socket: &Path, id: &str) -> std::io::Result<Option<Observed>> {
     Ok(inspected.observed())
 }
 
+/// Containers sighted by the agent before the runtime told of them (full ids).
+pub type Sightings = tokio::sync::mpsc::Receiver<String>;
+
+/// How many sightings may wait for the follower; more are dropped (and sighted again later).
+pub const SIGHTINGS: usize = 64;
+
 /// Follows the runtime at `socket` for as long as the agent runs, reconnecting when it goes
-/// away, and keeps `containers` up to date.
-pub async fn follow(socket: PathBuf, containers: Arc<Mutex<Containers>>) {
+/// away, and keeps `containers` up to date; inspects each container `sightings` names.
+pub async fn follow(socket: PathBuf, containers: Arc<Mutex<Containers>>, mut sightings: Sightings) {
     let mut warned = false;
     loop {
-        match follow_once(&socket, &containers, &mut warned).await {
+        match follow_once(&socket, &containers, &mut sightings, &mut warned).await {
             Ok(()) => tracing::info!(
                 "the container runtime at {} closed its event stream",
                 socket.display()
@@ -237,6 +246,7 @@ fn lock(containers: &Mutex<Containers>) -> std::sync::MutexGuard<'_, Containers>
 async fn follow_once(
     socket: &Path,
     containers: &Mutex<Containers>,
+    sightings: &mut Sightings,
     warned: &mut bool,
 ) -> std::io::Result<()> {
     // Events from before the listing on, so that nothing between the two is missed.
@@ -262,41 +272,73 @@ async fn follow_once(
     tracing::debug!("{} containers from {}", listed.len(), socket.display());
     // filters={"type":["container"]}
     let path = format!("/events?since={since}&filters=%7B%22type%22%3A%5B%22container%22%5D%7D");
-    let mut events = get_stream(Server::Unix(socket), &path).await?;
-    while let Some(line) = events.next_line().await? {
-        let Ok(event) = serde_json::from_str::<Event>(&line) else {
-            continue;
-        };
-        if event.kind != "container" {
-            continue;
+    // Podman's service answers the stream's request only with its first event: sightings are
+    // served meanwhile too.
+    let opening = get_stream(Server::Unix(socket), &path);
+    tokio::pin!(opening);
+    let mut events = loop {
+        tokio::select! {
+            opened = &mut opening => break opened?,
+            Some(id) = sightings.recv() => inspect_sighted(socket, containers, &id).await,
         }
-        let id = event.actor.id.as_str();
-        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(event.time_nano);
-        match event.action.as_str() {
-            "oom" => lock(containers).oom(id, at),
-            "die" => {
-                let code = event
-                    .actor
-                    .attributes
-                    .get("exitCode")
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(0);
-                if let Ok(Some(observed)) = inspect(socket, id).await {
-                    lock(containers).observe(observed, at);
-                }
-                lock(containers).died(id, at, code);
-            }
-            "destroy" | "remove" => lock(containers).removed(id, at),
-            "start" | "restart" | "rename" | "update" | "create" | "stop" | "kill" | "connect"
-            | "disconnect" => {
-                if let Ok(Some(observed)) = inspect(socket, id).await {
-                    lock(containers).observe(observed, at);
-                }
-            }
-            _ => {}
+    };
+    loop {
+        tokio::select! {
+            line = events.next_line() => match line? {
+                Some(line) => on_event(socket, containers, &line).await,
+                None => return Ok(()),
+            },
+            Some(id) = sightings.recv() => inspect_sighted(socket, containers, &id).await,
         }
     }
-    Ok(())
+}
+
+/// A container the agent met before the runtime told of it.
+async fn inspect_sighted(socket: &Path, containers: &Mutex<Containers>, id: &str) {
+    if lock(containers).of_full_id(id).is_none()
+        && let Ok(Some(observed)) = inspect(socket, id).await
+    {
+        tracing::debug!(
+            "container {} inspected as soon as met",
+            &id[..12.min(id.len())]
+        );
+        lock(containers).observe(observed, SystemTime::now());
+    }
+}
+
+/// One line of the runtime's event stream.
+async fn on_event(socket: &Path, containers: &Mutex<Containers>, line: &str) {
+    let Ok(event) = serde_json::from_str::<Event>(line) else {
+        return;
+    };
+    if event.kind != "container" {
+        return;
+    }
+    let id = event.actor.id.as_str();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(event.time_nano);
+    match event.action.as_str() {
+        "oom" => lock(containers).oom(id, at),
+        "die" => {
+            let code = event
+                .actor
+                .attributes
+                .get("exitCode")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            if let Ok(Some(observed)) = inspect(socket, id).await {
+                lock(containers).observe(observed, at);
+            }
+            lock(containers).died(id, at, code);
+        }
+        "destroy" | "remove" => lock(containers).removed(id, at),
+        "start" | "restart" | "rename" | "update" | "create" | "stop" | "kill" | "connect"
+        | "disconnect" => {
+            if let Ok(Some(observed)) = inspect(socket, id).await {
+                lock(containers).observe(observed, at);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +384,69 @@ mod tests {
             .unwrap();
         assert_eq!(o.who.name, "web");
         assert_eq!(o.who.pod.as_deref(), Some("default/shop-7d9"));
+    }
+
+    /// A runtime that lists no container and holds its event stream's answer back (as a fresh
+    /// Podman service does until its first event), but answers inspects.
+    async fn holding_runtime(socket: PathBuf, id: &'static str) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let n = conn.read(&mut request).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n]).into_owned();
+                let body = if line.starts_with("GET /containers/json") {
+                    "[]".to_string()
+                } else if line.starts_with(&format!("GET /containers/{id}/json")) {
+                    format!(
+                        r#"{{"Id":"{id}","Name":"/edge","Config":{{"Image":"nginx:1.22"}},
+                        "State":{{"Running":true}}}}"#
+                    )
+                } else {
+                    // The event stream: no answer, for as long as the test runs.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sighted_container_is_inspected_while_the_event_stream_is_silent() {
+        let id = "5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1e5ee1";
+        let dir = std::env::temp_dir().join(format!("tracer-runtime-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("runtime.sock");
+        tokio::spawn(holding_runtime(socket.clone(), id));
+        let containers = Arc::new(Mutex::new(Containers::default()));
+        let (tell, sightings) = tokio::sync::mpsc::channel(SIGHTINGS);
+        let follower = tokio::spawn(follow(socket, containers.clone(), sightings));
+        tell.send(id.to_string()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let named = loop {
+            if let Some(who) = lock(&containers).of_full_id(id).cloned() {
+                break who;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sighted container was never inspected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            (named.name.as_str(), named.image.as_str()),
+            ("edge", "nginx:1.22")
+        );
+        follower.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -266,6 +266,10 @@ pub struct ContainerView {
     /// Kubernetes containers no runtime API names (containerd, CRI-O), from their bundles;
     /// none with `--container-runtime none`.
     bundles: Option<std::sync::Arc<std::sync::Mutex<crate::capture::bundles::Bundles>>>,
+    /// To the runtime follower: containers met before the runtime told of them.
+    sightings: Option<tokio::sync::mpsc::Sender<String>>,
+    /// Containers sighted already (each is asked about once).
+    sighted: std::collections::HashSet<String>,
 }
 
 /// Processes whose container is remembered.
@@ -280,6 +284,31 @@ impl ContainerView {
             model,
             proxies: HashMap::new(),
             bundles,
+            sightings: None,
+            sighted: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Tells the runtime follower of containers it has not reported yet.
+    pub fn with_sightings(mut self, sightings: tokio::sync::mpsc::Sender<String>) -> ContainerView {
+        self.sightings = Some(sightings);
+        self
+    }
+
+    /// A process in container `full_id` was met: when the runtime has not told of it yet, the
+    /// follower inspects it now (once; a full channel drops it).
+    fn sight(&mut self, model: &Containers, full_id: &str) {
+        let Some(sightings) = &self.sightings else {
+            return;
+        };
+        if model.known.contains_key(full_id) || self.sighted.contains(full_id) {
+            return;
+        }
+        if self.sighted.len() >= PROXIES {
+            self.sighted.clear();
+        }
+        if sightings.try_send(full_id.to_string()).is_ok() {
+            self.sighted.insert(full_id.to_string());
         }
     }
 
@@ -292,7 +321,8 @@ impl ContainerView {
         Option<ContainerId>,
         Option<ContainerId>,
     ) {
-        let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        let model = self.model.clone();
+        let model = model.lock().unwrap_or_else(|p| p.into_inner());
         if model.known.is_empty() && self.bundles.is_none() {
             return (None, None, None);
         }
@@ -311,13 +341,24 @@ impl ContainerView {
                 found.clone()
             }
             _ => {
-                let found = model.of_pid(failure.proxy.pid).cloned().or_else(|| {
-                    self.bundles.as_ref().and_then(|b| {
-                        b.lock()
+                let ids = container_ids_of_pid(failure.proxy.pid);
+                let found = ids
+                    .iter()
+                    .find_map(|id| model.of_full_id(id))
+                    .cloned()
+                    .or_else(|| {
+                        let id = ids.first()?;
+                        self.bundles
+                            .as_ref()?
+                            .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .of_pid(failure.proxy.pid)
-                    })
-                });
+                            .of_container(id)
+                    });
+                if found.is_none()
+                    && let Some(id) = ids.first()
+                {
+                    self.sight(&model, id);
+                }
                 if self.proxies.len() >= PROXIES {
                     self.proxies.clear();
                 }
@@ -339,15 +380,20 @@ impl ContainerView {
             Some(_) if local.ip().is_unspecified() => procfs::local_addresses(pid),
             _ => Vec::new(),
         };
-        let mut model = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(id), Some(bundles)) = (&full_id, &self.bundles)
+        let model = self.model.clone();
+        let mut model = model.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = &full_id
             && !model.known.contains_key(id)
         {
-            // Its bundle goes with its task: read it now.
-            bundles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .of_container(id);
+            // Its bundle goes with its task: read it now. A runtime that has not told of it
+            // yet is asked: the proxy's first failures may follow its first listen() closely.
+            let in_bundle = self
+                .bundles
+                .as_ref()
+                .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).of_container(id));
+            if in_bundle.is_none() {
+                self.sight(&model, id);
+            }
         }
         model.homes.opened(local, netns, full_id, local_ips, at);
     }
