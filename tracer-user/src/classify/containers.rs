@@ -375,6 +375,10 @@ impl ContainerView {
     /// listening when tracer started: notes which container, if any, it is in. Read while the
     /// process lives, so that failures after its death still name its container.
     pub fn listener_opened(&mut self, local: SocketAddr, netns: u32, pid: u32, at: SystemTime) {
+        if self.bundles.is_none() && self.sightings.is_none() {
+            // `--container-runtime none`: nothing names containers.
+            return;
+        }
         let full_id = container_ids_of_pid(pid).into_iter().next();
         let local_ips = match &full_id {
             Some(_) if local.ip().is_unspecified() => procfs::local_addresses(pid),
