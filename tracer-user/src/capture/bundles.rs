@@ -12,7 +12,7 @@
 //!
 //! The id comes from the process's cgroup path (`cri-containerd-ID.scope`, `crio-ID.scope`).
 //! No CRI (gRPC) client and no kubelet: a file read per container, the first time one of its
-//! processes fails. Under the DaemonSet the host's `/run` is mounted at `/host/run`.
+//! processes listens or fails. Under the DaemonSet the host's `/run` is mounted at `/host/run`.
 //!
 //! The files are others' words: their size is bounded, and names are escaped and cut.
 
@@ -25,7 +25,7 @@ use std::{
 use serde::Deserialize;
 
 use super::runtime::name;
-use crate::classify::containers::{ContainerId, container_id_in, container_ids_of_pid};
+use crate::classify::containers::{ContainerId, container_id_in};
 
 /// Where the host's `/run` may be: on the host, or mounted by the DaemonSet.
 pub const RUN_DIRS: &[&str] = &["/run", "/host/run"];
@@ -64,12 +64,6 @@ impl Bundles {
             run_dirs,
             cache: HashMap::new(),
         }
-    }
-
-    /// The Kubernetes container process `pid` runs in, from its cgroup and its bundle.
-    pub fn of_pid(&mut self, pid: u32) -> Option<ContainerId> {
-        let id = container_ids_of_pid(pid).into_iter().next()?;
-        self.of_container(&id)
     }
 
     /// The Kubernetes container a cgroup path (`…/cri-containerd-ID.scope`) names.

@@ -295,13 +295,13 @@ impl ContainerView {
         self
     }
 
-    /// A process in container `full_id` was met: when the runtime has not told of it yet, the
+    /// A process in container `full_id`, which the runtime has not told of yet, was met: the
     /// follower inspects it now (once; a full channel drops it).
-    fn sight(&mut self, model: &Containers, full_id: &str) {
+    fn sight(&mut self, full_id: &str) {
         let Some(sightings) = &self.sightings else {
             return;
         };
-        if model.known.contains_key(full_id) || self.sighted.contains(full_id) {
+        if self.sighted.contains(full_id) {
             return;
         }
         if self.sighted.len() >= PROXIES {
@@ -329,10 +329,11 @@ impl ContainerView {
         let cause = model.root_cause(failure);
         let upstream = match (&cause, &failure.upstream) {
             (Some(cause), _) => Some(cause.container().clone()),
-            (None, Upstream::Ip(addr)) => model
-                .held_by(addr.ip(), failure.time)
-                .cloned()
-                .or_else(|| self.listening_at(&model, *addr, failure.proxy.netns)),
+            (None, Upstream::Ip(addr)) => {
+                model.held_by(addr.ip(), failure.time).cloned().or_else(|| {
+                    model.listening_at(*addr, failure.proxy.netns, |id| self.in_bundle(id))
+                })
+            }
             _ => None,
         };
         let key = (failure.proxy.pid, failure.proxy.cgroup_id);
@@ -346,18 +347,11 @@ impl ContainerView {
                     .iter()
                     .find_map(|id| model.of_full_id(id))
                     .cloned()
-                    .or_else(|| {
-                        let id = ids.first()?;
-                        self.bundles
-                            .as_ref()?
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .of_container(id)
-                    });
+                    .or_else(|| self.in_bundle(ids.first()?));
                 if found.is_none()
                     && let Some(id) = ids.first()
                 {
-                    self.sight(&model, id);
+                    self.sight(id);
                 }
                 if self.proxies.len() >= PROXIES {
                     self.proxies.clear();
@@ -391,32 +385,20 @@ impl ContainerView {
         {
             // Its bundle goes with its task: read it now. A runtime that has not told of it
             // yet is asked: the proxy's first failures may follow its first listen() closely.
-            let in_bundle = self
-                .bundles
-                .as_ref()
-                .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).of_container(id));
-            if in_bundle.is_none() {
-                self.sight(&model, id);
+            if self.in_bundle(id).is_none() {
+                self.sight(id);
             }
         }
         model.homes.opened(local, netns, full_id, local_ips, at);
     }
 
-    /// The container whose process listens (or last listened) on `upstream`.
-    fn listening_at(
-        &self,
-        model: &Containers,
-        upstream: SocketAddr,
-        proxy_netns: u32,
-    ) -> Option<ContainerId> {
-        let id = model.homes.of(upstream, proxy_netns)?;
-        model.of_full_id(id).cloned().or_else(|| {
-            self.bundles
-                .as_ref()?
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .of_container(id)
-        })
+    /// The Kubernetes container with this full id, from its bundle (cached).
+    fn in_bundle(&self, full_id: &str) -> Option<ContainerId> {
+        self.bundles
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .of_container(full_id)
     }
 }
 
@@ -602,21 +584,22 @@ impl Containers {
         self.known.get(full_id).map(|k| &k.who)
     }
 
+    /// The container whose process listens (or last listened) on `upstream`, as a proxy in
+    /// namespace `proxy_netns` reaches it: the runtime's, else what `in_bundle` says of its id.
+    pub fn listening_at(
+        &self,
+        upstream: SocketAddr,
+        proxy_netns: u32,
+        in_bundle: impl FnOnce(&str) -> Option<ContainerId>,
+    ) -> Option<ContainerId> {
+        let id = self.homes.of(upstream, proxy_netns)?;
+        self.of_full_id(id).cloned().or_else(|| in_bundle(id))
+    }
+
     /// The container with this full id, or whose cgroup path names it.
     pub fn of_cgroup_path(&self, path: &str) -> Option<&ContainerId> {
         let id = container_id_in(path)?;
         self.known.get(id).map(|k| &k.who)
-    }
-
-    /// The container process `pid` runs in, from its cgroup.
-    pub fn of_pid(&self, pid: u32) -> Option<&ContainerId> {
-        if self.known.is_empty() {
-            return None;
-        }
-        container_ids_of_pid(pid)
-            .iter()
-            .find_map(|id| self.known.get(id))
-            .map(|k| &k.who)
     }
 
     /// The container that holds `ip` now.

@@ -342,11 +342,7 @@ impl Exporter {
             // Else the container listening there (a pod's address, by its network namespace's
             // addresses; a loopback address needs the proxy's namespace, which series lack).
             let held = containers.held_now(addr.ip(), now).cloned().or_else(|| {
-                let id = containers.homes.of(addr, 0)?;
-                containers
-                    .of_full_id(id)
-                    .cloned()
-                    .or_else(|| bundles.as_mut()?.of_container(id))
+                containers.listening_at(addr, 0, |id| bundles.as_mut()?.of_container(id))
             });
             if let Some(c) = &held {
                 upstreams.sample(&container_labels(&[("upstream", &labels.upstream)], c), 1);
