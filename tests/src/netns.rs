@@ -4,6 +4,7 @@ use std::{
     fs::File,
     io::Write as _,
     os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -30,6 +31,11 @@ impl Netns {
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Its file, `/run/netns/<ns>` (what `setns` and runtimes' `--with-ns` take).
+    pub fn path(&self) -> PathBuf {
+        path_of(&self.name)
     }
 
     /// `ip -n <ns> …`
@@ -94,8 +100,8 @@ impl Netns {
 
 /// Moves the calling thread into namespace `name` (threads it spawns follow it).
 pub fn enter(name: &str) {
-    let path = format!("/run/netns/{name}");
-    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    let path = path_of(name);
+    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     // SAFETY: a valid namespace file descriptor; affects only this thread.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(
@@ -168,6 +174,15 @@ pub fn kill_processes_in(name: &str) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// `ip …` in this process's own (the host's) namespace; panics when it fails.
+pub fn host_ip(args: &[&str]) {
+    run("ip", args);
+}
+
+fn path_of(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
 }
 
 fn run(program: &str, args: &[&str]) {

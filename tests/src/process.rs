@@ -54,7 +54,7 @@ impl UpstreamProcess {
         after_ms: u64,
         placed: impl FnOnce(u32),
     ) -> UpstreamProcess {
-        let netns = File::open(format!("/run/netns/{}", ns.name)).expect("the namespace");
+        let netns = File::open(ns.path()).expect("the namespace");
         let fd = netns.as_raw_fd();
         let mut command = Command::new(upstream_process_bin());
         command

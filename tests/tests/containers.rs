@@ -26,7 +26,7 @@ use tracer_tests::{
     http::{free_port, get},
     kernel_tests_enabled,
     lab::nginx::{Nginx, failures_in, make_temp_dirs, temp_paths},
-    netns::Netns,
+    netns::{Netns, host_ip},
     podman::{self, podman, podman_ok, runtime_limits},
     process::upstream_process_bin,
     tracer_process::{Tracer, tracer_bin},
@@ -405,6 +405,19 @@ fn tracer_check_says_which_runtime_names_containers() {
     );
 }
 
+/// The agent's `/metrics` at `metrics`, scraped until `done` says it has what is awaited (the
+/// runtime's answers come asynchronously), or for 15 s; the last scrape.
+fn scrape_until(metrics: SocketAddr, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        if done(&scrape) || Instant::now() >= deadline {
+            return scrape;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// What a container needs to run nginx: a work folder (`workdir(tag)`, to mount at the same
 /// path) whose nginx.conf proxies `listen` to `upstream`, its error log, and the command.
 struct ContainedNginx {
@@ -524,15 +537,9 @@ fn metrics_say_which_container_each_upstream_and_proxy_is() {
         id = short_id(&proxy)
     );
     let failures = format!("upstream=\"{target}\",cause=\"refused\"");
-    let mut scrape = String::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
-        if scrape.contains(&upstream_info) && scrape.contains(&proxy_info) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let scrape = scrape_until(metrics, |scrape| {
+        scrape.contains(&upstream_info) && scrape.contains(&proxy_info)
+    });
     let lines =
         |needle: &str| -> Vec<&str> { scrape.lines().filter(|l| l.contains(needle)).collect() };
     assert!(
@@ -848,12 +855,7 @@ fn nginx_in_a_kubernetes_pod_on_containerd_is_named_from_its_bundle() {
         "container=\"edge\",image=\"{image}\",container_id=\"{}\",pod=\"ingress/edge-7f9c4-x2x8q\"}} 1",
         &pod.id[..12]
     );
-    let mut scrape = String::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline && !scrape.contains(&proxy_info) {
-        std::thread::sleep(Duration::from_millis(200));
-        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
-    }
+    let scrape = scrape_until(metrics, |scrape| scrape.contains(&proxy_info));
     let proxy_lines: Vec<&str> = scrape
         .lines()
         .filter(|l| l.starts_with("tracer_proxy_container_info{proxy=\"nginx\""))
@@ -1024,11 +1026,7 @@ impl PodNetwork {
     fn new() -> PodNetwork {
         let netns = Netns::new("pod");
         let host_side = format!("trpod{}", std::process::id() % 1_000_000);
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("ip");
-            assert!(out.status.success(), "ip {args:?}: {out:?}");
-        };
-        ip(&[
+        host_ip(&[
             "link",
             "add",
             &host_side,
@@ -1041,8 +1039,8 @@ impl PodNetwork {
             &netns.name,
         ]);
         let network = PodNetwork { netns, host_side };
-        ip(&["addr", "add", "10.213.99.1/30", "dev", &network.host_side]);
-        ip(&["link", "set", &network.host_side, "up"]);
+        host_ip(&["addr", "add", "10.213.99.1/30", "dev", &network.host_side]);
+        host_ip(&["link", "set", &network.host_side, "up"]);
         network.netns.ip(&[
             "addr",
             "add",
@@ -1052,10 +1050,6 @@ impl PodNetwork {
         ]);
         network.netns.ip(&["link", "set", "eth0", "up"]);
         network
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.netns.name)
     }
 }
 
@@ -1098,7 +1092,7 @@ fn an_upstream_pod_on_containerd_is_named_from_the_process_that_listened_in_it()
         ],
         &work,
         &[&docker::binaries()],
-        Some(&network.path()),
+        Some(&network.netns.path()),
         &[binary.to_str().unwrap(), "0.0.0.0:8000", "exit", "3000"],
     );
     wait_until(
@@ -1139,12 +1133,7 @@ fn an_upstream_pod_on_containerd_is_named_from_the_process_that_listened_in_it()
         "tracer_upstream_container_info{{upstream=\"{upstream}\",container=\"api\",image=\"{image}\",container_id=\"{}\",pod=\"shop/api-5d8f7-q2w3e\"}} 1",
         &pod.id[..12]
     );
-    let mut scrape = String::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline && !scrape.contains(&info) {
-        std::thread::sleep(Duration::from_millis(200));
-        scrape = get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
-    }
+    let scrape = scrape_until(metrics, |scrape| scrape.contains(&info));
     let lines: Vec<&str> = scrape
         .lines()
         .filter(|l| l.starts_with("tracer_upstream_container_info"))

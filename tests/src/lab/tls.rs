@@ -401,7 +401,10 @@ defaults
             &mut child,
             healthy,
             "haproxy",
-            Some(&lab.dir.join("haproxy.err")),
+            Some(Output {
+                path: &lab.dir.join("haproxy.err"),
+                fatal: Some("ALERT"),
+            }),
         );
         Haproxy {
             child,
@@ -507,7 +510,10 @@ impl Apache {
             &mut child,
             healthy,
             "apache2",
-            Some(&dir.join("output.log")),
+            Some(Output {
+                path: &dir.join("output.log"),
+                fatal: None,
+            }),
         );
         Apache {
             child,
@@ -827,13 +833,20 @@ pub fn run(software: Software) -> TlsReport {
     report
 }
 
+/// Where a server the lab started prints, and what in it means that it failed to start.
+struct Output<'a> {
+    path: &'a Path,
+    fatal: Option<&'a str>,
+}
+
 /// Waits for a server the lab started to accept on `addr`. Under emulation (TCG, two guests
 /// side by side) a TLS server's start-up takes seconds, so the wait is long; a server that
-/// exits meanwhile fails at once, with what it printed.
-fn wait_to_listen(child: &mut Child, addr: SocketAddr, what: &str, output: Option<&Path>) {
+/// exits meanwhile, or prints its `fatal` mark, fails at once, with what it printed.
+fn wait_to_listen(child: &mut Child, addr: SocketAddr, what: &str, output: Option<Output>) {
     let printed = || {
         output
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .as_ref()
+            .and_then(|o| std::fs::read_to_string(o.path).ok())
             .unwrap_or_default()
     };
     wait_until(
@@ -846,7 +859,12 @@ fn wait_to_listen(child: &mut Child, addr: SocketAddr, what: &str, output: Optio
                     printed()
                 );
             }
-            std::net::TcpStream::connect(addr).is_ok()
+            let up = std::net::TcpStream::connect(addr).is_ok();
+            if !up && let Some(fatal) = output.as_ref().and_then(|o| o.fatal) {
+                let text = printed();
+                assert!(!text.contains(fatal), "{what} did not start:\n{text}");
+            }
+            up
         },
     );
 }
