@@ -87,7 +87,8 @@ pub static SERVER_END_BUDGET: PerCpuArray<Tally> = PerCpuArray::with_max_entries
 #[map]
 pub static PEEK_TGIDS: Array<u64> = Array::with_max_entries(PEEK_TGID_WORDS, 0);
 
-/// Connections whose first bytes are still awaited: `struct sock *` by tgid << 32 | fd.
+/// Connections whose first bytes are still awaited: `struct sock *` by tgid << 32 | fd, 0 once
+/// they are not (the slot stays for the descriptor's next connection: written over in place).
 #[map]
 pub static PEEKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PEEKS_MAX_ENTRIES, 0);
 

@@ -94,9 +94,20 @@ pub fn watch(tgid: u32, fd: u32, sk: u64) {
     let Some(conn) = tracked(sk as *const u8) else {
         return;
     };
-    if PEEKS.insert(&key(tgid, fd), &sk, 0).is_err() {
-        stat(Stat::FirstBytesUnwatched);
-        return;
+    // The descriptor's slot is written over in place when it has one (descriptors are reused,
+    // lowest first: a proxy's next upstream connection mostly gets the last one's): an insert
+    // into the LRU costs several times a lookup, and a removal at close() about two.
+    let key = key(tgid, fd);
+    match PEEKS.get_ptr_mut(&key) {
+        // SAFETY: a pointer into the map's value, valid while this program runs; only this
+        // process's own calls on this descriptor touch it.
+        Some(slot) => unsafe { *slot = sk },
+        None => {
+            if PEEKS.insert(&key, &sk, 0).is_err() {
+                stat(Stat::FirstBytesUnwatched);
+                return;
+            }
+        }
     }
     stat(Stat::FirstBytesWatched);
     conn.peek.flags |= tracer_common::peek::Peek::WATCHED;
@@ -128,13 +139,17 @@ fn may_watch(tgid: u32) -> bool {
 }
 
 /// The watched connection behind the current process's `fd`, if its first bytes are still
-/// wanted or it is an established TLS connection (whose alerts are no requests); the entry of
-/// one that is gone, or told, goes. It may be closed already, waiting for this very read.
+/// wanted or it is an established TLS connection (whose alerts are no requests); the slot of
+/// one that is gone, or told, is emptied (0) in place, for the descriptor's next connection.
+/// It may be closed already, waiting for this very read.
 #[inline(always)]
 fn watched(tgid: u32, fd: u64) -> Option<(u64, &'static mut ConnTrack)> {
-    let key = key(tgid, fd as u32);
-    // SAFETY: a copy of the map's value.
-    let sk = unsafe { *PEEKS.get(&key)? };
+    let slot = PEEKS.get_ptr_mut(&key(tgid, fd as u32))?;
+    // SAFETY: a pointer into the map's value, valid while this program runs.
+    let sk = unsafe { *slot };
+    if sk == 0 {
+        return None;
+    }
     match record(sk) {
         Some(conn)
             if conn.peek.flags & Peek::WATCHED != 0
@@ -143,7 +158,8 @@ fn watched(tgid: u32, fd: u64) -> Option<(u64, &'static mut ConnTrack)> {
             Some((sk, conn))
         }
         _ => {
-            let _ = PEEKS.remove(&key);
+            // SAFETY: as above.
+            unsafe { *slot = 0 };
             None
         }
     }
@@ -307,13 +323,15 @@ fn closing(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let fd: u64 = read_field(ctx, config!(syscalls.io_fd))?;
-    let key = key(tgid, fd as u32);
-    // SAFETY: a copy of the map's value.
-    let Some(sk) = (unsafe { PEEKS.get(&key).copied() }) else {
+    let Some(slot) = PEEKS.get_ptr_mut(&key(tgid, fd as u32)) else {
         return Ok(());
     };
-    let _ = PEEKS.remove(&key);
-    settle_if_closed(sk);
+    // SAFETY: a pointer into the map's value, valid while this program runs. Emptied in place:
+    // the descriptor's next connection writes over it.
+    let sk = unsafe { core::mem::replace(&mut *slot, 0) };
+    if sk != 0 {
+        settle_if_closed(sk);
+    }
     Ok(())
 }
 
