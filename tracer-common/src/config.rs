@@ -103,7 +103,32 @@ pub struct SyscallFields {
     pub io_fd: u32,
     pub io_buf: u32,
     pub io_ret: u32,
-    pub _pad: u32,
+    /// Non-zero when every offset above is the one every kernel since 4.x has used
+    /// ([`SyscallFields::is_usual`]): the programs then load the record's words directly, at
+    /// offsets fixed when they were compiled, rather than through a helper call each.
+    pub usual: u32,
+}
+
+impl SyscallFields {
+    /// Where a syscall tracepoint's record has its first argument, and its return value: after
+    /// the common header (8 bytes) and the syscall number (an int, padded to 8).
+    pub const FIRST_ARG: u32 = 16;
+    pub const RET: u32 = 16;
+
+    /// Whether these offsets are the usual layout the programs were compiled with (the
+    /// arguments one 8-byte slot after another from [`Self::FIRST_ARG`]). `io` says whether
+    /// the read and write probes' offsets were found (else they are not used).
+    pub fn is_usual(&self, io: bool) -> bool {
+        let arg = |n: u32| Self::FIRST_ARG + 8 * n;
+        let connect = self.connect_fd == arg(0)
+            && self.connect_uservaddr == arg(1)
+            && self.connect_addrlen == arg(2)
+            && self.connect_ret == Self::RET
+            && self.socket_ret == Self::RET
+            && self.accept_ret == Self::RET;
+        let io = !io || (self.io_fd == arg(0) && self.io_buf == arg(1) && self.io_ret == Self::RET);
+        connect && io
+    }
 }
 
 /// Offsets of the fields of the classic `oom:mark_victim` tracepoint, from its format file;
@@ -222,7 +247,7 @@ impl Config {
             io_fd: 0,
             io_buf: 0,
             io_ret: 0,
-            _pad: 0,
+            usual: 0,
         },
         oom: OomFields {
             pid: OomFields::MISSING,
@@ -238,4 +263,50 @@ impl Config {
         peek: 0,
         _pad: 0,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyscallFields;
+
+    fn usual() -> SyscallFields {
+        SyscallFields {
+            connect_fd: 16,
+            connect_uservaddr: 24,
+            connect_addrlen: 32,
+            connect_ret: 16,
+            socket_ret: 16,
+            accept_ret: 16,
+            bind_umyaddr: 24,
+            bind_addrlen: 32,
+            io_fd: 16,
+            io_buf: 24,
+            io_ret: 16,
+            usual: 0,
+        }
+    }
+
+    #[test]
+    fn the_programs_load_syscall_fields_directly_only_where_the_layout_is_the_usual_one() {
+        assert!(usual().is_usual(true));
+        let shifted = SyscallFields {
+            connect_addrlen: 40,
+            ..usual()
+        };
+        assert!(!shifted.is_usual(true));
+        let other_ret = SyscallFields {
+            accept_ret: 24,
+            ..usual()
+        };
+        assert!(!other_ret.is_usual(false));
+        // The read and write probes' fields count only where they were found.
+        let no_io = SyscallFields {
+            io_fd: 0,
+            io_buf: 0,
+            io_ret: 0,
+            ..usual()
+        };
+        assert!(no_io.is_usual(false));
+        assert!(!no_io.is_usual(true));
+    }
 }

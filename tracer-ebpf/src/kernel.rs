@@ -1,6 +1,7 @@
 //! Reading kernel memory and the current task, at the offsets user space passed in `CONFIG`.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
@@ -30,6 +31,29 @@ pub fn read_kernel<T>(base: *const u8, offset: u32) -> Result<T, i64> {
 pub fn read_field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     // SAFETY: read_at goes through bpf_probe_read_kernel, which copes with any address.
     unsafe { ctx.read_at(offset as usize).map_err(i64::from) }
+}
+
+/// Where a syscall tracepoint's record has its arguments and its return value on every kernel
+/// (`SyscallFields::FIRST_ARG`, `SyscallFields::RET`), as constants the loads can carry.
+pub const ARG0: usize = tracer_common::SyscallFields::FIRST_ARG as usize;
+pub const ARG1: usize = ARG0 + 8;
+pub const ARG2: usize = ARG0 + 16;
+pub const RET: usize = tracer_common::SyscallFields::RET as usize;
+
+/// A word of a syscall tracepoint's record: at `AT`, loaded directly, where user space found
+/// the usual layout (`SyscallFields::usual`); else at `offset`, from the format file, through
+/// a helper call (the verifier allows direct loads from the record only at offsets fixed in the
+/// instruction). A direct load saves about a helper call per field, on probes that run at every
+/// read, write and connect() of the host.
+#[inline(always)]
+pub fn syscall_word<const AT: usize>(ctx: &TracePointContext, offset: u32) -> Result<u64, i64> {
+    if config!(syscalls.usual) != 0 {
+        // SAFETY: a tracepoint program may read its own record; AT lies inside the record of
+        // every tracepoint this is called for (user space checked their format files, and the
+        // kernel checks again when the program is attached).
+        return Ok(unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(AT).cast()) });
+    }
+    read_field(ctx, offset)
 }
 
 #[inline(always)]

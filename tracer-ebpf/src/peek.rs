@@ -20,7 +20,7 @@ use tracer_common::{
 
 use crate::{
     counting::{Report, count_detail, count_verdict, note_error, report, stat, uncount_outcome},
-    kernel::{local_port, netns_of, read_field, read_kernel},
+    kernel::{ARG0, ARG1, ARG2, RET, local_port, netns_of, read_kernel, syscall_word},
     maps::{CONNS, DEFERRED, PEEK_READS, PEEK_TGIDS, PEEKS},
     sockets::{record, socket_error, tracked},
 };
@@ -170,7 +170,7 @@ fn watched(tgid: u32, fd: u64) -> Option<(u64, &'static mut ConnTrack)> {
 fn first_buffer(ctx: &TracePointContext, arg: u64, buffer: Buffer) -> Result<(u64, u64), i64> {
     let iov = match buffer {
         Buffer::Flat => {
-            let size: u64 = read_field(ctx, config!(syscalls.io_buf) + 8)?;
+            let size = syscall_word::<ARG2>(ctx, config!(syscalls.io_buf) + 8)?;
             return Ok((arg, size));
         }
         Buffer::Iovec => arg,
@@ -197,14 +197,14 @@ fn sending(ctx: &TracePointContext, buffer: Buffer) -> Result<(), i64> {
     if !may_watch(tgid) {
         return Ok(());
     }
-    let fd: u64 = read_field(ctx, config!(syscalls.io_fd))?;
+    let fd = syscall_word::<ARG0>(ctx, config!(syscalls.io_fd))?;
     let Some((_, conn)) = watched(tgid, fd) else {
         return Ok(());
     };
     if conn.peek.flags & Peek::CLOSED != 0 {
         return Ok(());
     }
-    let arg: u64 = read_field(ctx, config!(syscalls.io_buf))?;
+    let arg = syscall_word::<ARG1>(ctx, config!(syscalls.io_buf))?;
     let (at, size) = first_buffer(ctx, arg, buffer)?;
     let n = peek_size(size);
     if n == 0 {
@@ -236,14 +236,14 @@ fn receiving(ctx: &TracePointContext, buffer: Buffer) -> Result<(), i64> {
     if !may_watch(tgid) {
         return Ok(());
     }
-    let fd: u64 = read_field(ctx, config!(syscalls.io_fd))?;
+    let fd = syscall_word::<ARG0>(ctx, config!(syscalls.io_fd))?;
     let Some((sk, conn)) = watched(tgid, fd) else {
         return Ok(());
     };
     if !conn.peek.wants_receive() {
         return Ok(());
     }
-    let arg: u64 = read_field(ctx, config!(syscalls.io_buf))?;
+    let arg = syscall_word::<ARG1>(ctx, config!(syscalls.io_buf))?;
     let (at, size) = first_buffer(ctx, arg, buffer)?;
     // The thread's slot is written over in place (an insert costs several times a lookup);
     // its exit marks it used.
@@ -276,7 +276,7 @@ fn received(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // SAFETY: as above.
     unsafe { (*slot)[0] = 0 };
-    let ret: i64 = read_field(ctx, config!(syscalls.io_ret))?;
+    let ret = syscall_word::<RET>(ctx, config!(syscalls.io_ret))? as i64;
     if ret <= 0 {
         // Nothing more will come: a closed connection is decided with what was read.
         settle_if_closed(sk);
@@ -322,7 +322,7 @@ fn closing(ctx: &TracePointContext) -> Result<(), i64> {
     if !may_watch(tgid) {
         return Ok(());
     }
-    let fd: u64 = read_field(ctx, config!(syscalls.io_fd))?;
+    let fd = syscall_word::<ARG0>(ctx, config!(syscalls.io_fd))?;
     let Some(slot) = PEEKS.get_ptr_mut(&key(tgid, fd as u32)) else {
         return Ok(());
     };

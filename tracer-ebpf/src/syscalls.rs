@@ -23,8 +23,8 @@ use tracer_common::{
 use crate::{
     counting::{Report, count, count_key, note_error, report, stat, uncount},
     kernel::{
-        current_is_ignored, current_netns, current_task, fill_current_proxy, now, read_field,
-        read_kernel,
+        ARG0, ARG1, ARG2, RET, current_is_ignored, current_netns, current_task, fill_current_proxy,
+        now, read_field, read_kernel, syscall_word,
     },
     maps::{CONNECTS, CONNS, LIFECYCLE, UNIX_CONNECT_FAILS, UNIX_PATHS},
 };
@@ -74,20 +74,9 @@ fn connect_called(ctx: &TracePointContext) -> Result<(), i64> {
     if config!(ready) == 0 {
         return Ok(());
     }
-    let fd_at = config!(syscalls.connect_fd);
-    // fd, uservaddr and addrlen are 8-byte slots one after the other on every kernel; read
-    // them in one go where the format file says so.
-    let [fd, uservaddr, addrlen] = if config!(syscalls.connect_uservaddr) == fd_at + 8
-        && config!(syscalls.connect_addrlen) == fd_at + 16
-    {
-        read_field::<[u64; 3]>(ctx, fd_at)?
-    } else {
-        [
-            read_field(ctx, fd_at)?,
-            read_field(ctx, config!(syscalls.connect_uservaddr))?,
-            read_field(ctx, config!(syscalls.connect_addrlen))?,
-        ]
-    };
+    let fd = syscall_word::<ARG0>(ctx, config!(syscalls.connect_fd))?;
+    let uservaddr = syscall_word::<ARG1>(ctx, config!(syscalls.connect_uservaddr))?;
+    let addrlen = syscall_word::<ARG2>(ctx, config!(syscalls.connect_addrlen))?;
     let thread = bpf_get_current_pid_tgid();
     let start_ns = now();
     if let Some(pending) = CONNECTS.get_ptr_mut(&thread) {
@@ -155,7 +144,7 @@ fn connect_returned(ctx: &TracePointContext) -> Result<(), i64> {
         (*pending).active = 0;
         *pending
     };
-    let ret: i64 = read_field(ctx, config!(syscalls.connect_ret))?;
+    let ret = syscall_word::<RET>(ctx, config!(syscalls.connect_ret))? as i64;
     // A socket that reached SYN_SENT is TCP; otherwise it may be a Unix one (the caller's
     // sockaddr says), read only then to keep TCP connects cheap.
     if pending.sk == 0 {
@@ -287,7 +276,7 @@ fn out_of_descriptors(ctx: &TracePointContext, ret_at: u32, source: Source) -> R
     if config!(ready) == 0 {
         return Ok(());
     }
-    let ret: i64 = read_field(ctx, ret_at)?;
+    let ret = syscall_word::<RET>(ctx, ret_at)? as i64;
     if ret != -i64::from(errno::EMFILE) && ret != -i64::from(errno::ENFILE) {
         return Ok(());
     }

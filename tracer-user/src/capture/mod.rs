@@ -210,6 +210,8 @@ impl Capture {
                     && !is_skipped(&options.skip_probes, "sys_exit_connect"),
             );
         }
+        config.syscalls.usual =
+            u32::from(formats.syscalls.is_ok() && config.syscalls.is_usual(formats.io.is_ok()));
         if let Ok(fields) = &formats.oom {
             config.oom = *fields;
         }
