@@ -272,6 +272,26 @@ pub fn connect_with_syn_count(addr: SocketAddr, syn_count: i32) -> io::Result<Tc
 }
 
 /// A TCP socket for `addr`'s family, not connected yet.
+/// A TCP socket bound to `addr` and connected to it: a simultaneous open with itself
+/// (SYN_SENT→SYN_RECV→ESTABLISHED, never SYN_SENT→ESTABLISHED).
+pub fn connect_to_itself(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = raw_socket(addr)?;
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: a valid socket and a sockaddr of the length given.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    raw_connect(&socket, addr)?;
+    Ok(socket)
+}
+
 fn raw_socket(addr: SocketAddr) -> io::Result<TcpStream> {
     let family = if addr.is_ipv4() {
         libc::AF_INET

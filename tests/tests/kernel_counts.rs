@@ -2,13 +2,14 @@
 //! read through the agent library in this process.
 
 use std::{
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use tracer_common::Outcome;
 use tracer_tests::{
-    client::{Polling, connect_polled, request},
+    client::{Polling, connect_polled, connect_to_itself, request},
     kernel_tests_enabled,
     netns::Netns,
     own_comm,
@@ -145,4 +146,46 @@ async fn polling_a_connect_counts_it_once_whichever_way() {
     // Per way (refused, connect_error, connected): Polling::ALL's order.
     counts_settle_to(&agent, &expected).await;
     drop(listeners);
+}
+
+/// A connection that never goes from SYN_SENT to ESTABLISHED (a simultaneous open, which a
+/// socket connected to itself makes: SYN_SENT→SYN_RECV→ESTABLISHED) is counted as connected and
+/// judged as an established connection when it closes, not as an attempt that failed. The same
+/// path takes a handshake whose program run the kernel skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simultaneous_open_counts_as_a_connect_not_as_a_failed_attempt() {
+    if !kernel_tests_enabled("a_simultaneous_open_counts_as_a_connect_not_as_a_failed_attempt") {
+        return;
+    }
+    let agent = agent_counting_this_process();
+    let ns = Netns::new("selfconnect");
+    // Each open binds the same address: no TIME_WAIT left to hold it.
+    ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
+    let addr: SocketAddr = "127.77.22.1:8060".parse().unwrap();
+    let opens = 5;
+    ns.run(|| {
+        for _ in 0..opens {
+            let mut socket = connect_to_itself(addr).expect("connected to itself");
+            socket.write_all(b"ping").expect("sent");
+            let mut echo = [0u8; 4];
+            socket.read_exact(&mut echo).expect("read back");
+            assert_eq!(&echo, b"ping");
+        }
+    });
+    let totals = counts_settle_to(
+        &agent,
+        &[
+            (addr, Outcome::Connected, opens),
+            (addr, Outcome::ConnectAbandoned, 0),
+            (addr, Outcome::ConnectTimeout, 0),
+        ],
+    )
+    .await;
+    let route = totals
+        .routes
+        .iter()
+        .find(|(r, _)| r.upstream.socket_addr() == Some(addr))
+        .expect("the route is counted")
+        .1;
+    assert_eq!(route.failures(), 0, "{route:?}");
 }

@@ -231,6 +231,15 @@ impl ConnTrack {
         now_ns.saturating_sub(self.connect_ns)
     }
 
+    /// Whether the socket, reaching TCP_CLOSE from `old_state`, was established though its
+    /// SYN_SENT→ESTABLISHED was not seen: the kernel skipped the program there (one was already
+    /// running on the CPU, which kernels that preempt programs make happen), or a simultaneous
+    /// open went through SYN_RECV. Its close must not be judged as an attempt that never
+    /// connected.
+    pub const fn established_unseen(&self, old_state: i32) -> bool {
+        self.established_ns == 0 && old_state != tcp_state::SYN_SENT
+    }
+
     /// `tcp:tcp_retransmit_skb` on this connection.
     pub fn on_retransmit(&mut self) {
         if self.established_ns == 0 {
@@ -558,6 +567,32 @@ mod tests {
             FRESH.on_unix_exit(e(ETIMEDOUT)),
             Some(Outcome::ConnectError)
         );
+    }
+
+    #[test]
+    fn a_close_after_an_unseen_handshake_is_judged_as_an_established_connection() {
+        // The proxy sent, the upstream answered and closed, the proxy closed: nothing failed,
+        // though SYN_SENT→ESTABLISHED was skipped.
+        let mut c = conn();
+        c.on_send(1_002 * MS, 0);
+        upstream_closes(&mut c, 1_010);
+        assert!(c.established_unseen(LAST_ACK));
+        // What the kernel program does then: the handshake's time is not known, so the
+        // connection counts as established at its close.
+        c.on_established(1_011 * MS);
+        assert!(!c.established_unseen(LAST_ACK));
+        assert_eq!(close_from(&mut c, LAST_ACK, 1_011, 0, 501).outcome, None);
+        // Left as it was, the close would be taken for an attempt that never connected.
+        let mut c = conn();
+        c.on_send(1_002 * MS, 0);
+        upstream_closes(&mut c, 1_010);
+        assert!(
+            close_from(&mut c, LAST_ACK, 1_011, 0, 501)
+                .outcome
+                .is_some_and(|o| o != Outcome::Connected)
+        );
+        // A connect that fails is not one.
+        assert!(!conn().established_unseen(SYN_SENT));
     }
 
     fn conn() -> ConnTrack {
