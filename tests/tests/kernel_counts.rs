@@ -65,20 +65,46 @@ async fn kernel_counts_every_attempt_exactly() {
         return;
     }
     let agent = agent_counting_this_process();
-    let ns = Netns::new("counts");
-    let closed: SocketAddr = "127.77.20.1:8020".parse().unwrap();
+    assert!(
+        agent.syscall_fields_direct(),
+        "the usual layout, on every kernel since 4.x"
+    );
+    counts_every_attempt(&agent, "counts", 8020).await;
+}
+
+/// The same, with the syscall tracepoints' fields read at their format files' offsets, as on
+/// a kernel whose records are laid out otherwise (everywhere else they are loaded directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_counts_the_same_with_syscall_fields_read_at_the_format_offsets() {
+    if !kernel_tests_enabled(
+        "kernel_counts_the_same_with_syscall_fields_read_at_the_format_offsets",
+    ) {
+        return;
+    }
+    let agent = Agent::start(&Options {
+        ignore_own_process: false,
+        syscall_fields_from_format: true,
+        ..Options::default()
+    })
+    .expect("tracer starts");
+    assert!(!agent.syscall_fields_direct());
+    counts_every_attempt(&agent, "countsfmt", 8030).await;
+}
+
+/// Refused, answered and unanswered attempts from a namespace of its own, toward ports
+/// `port`, `port + 1` and `port + 2`, counted exactly.
+async fn counts_every_attempt(agent: &Agent, tag: &str, port: u16) {
+    let ns = Netns::new(tag);
+    let at = |port: u16| -> SocketAddr { format!("127.77.20.1:{port}").parse().unwrap() };
+    let closed = at(port);
     let healthy = Upstream::start(
         &ns,
-        "127.77.20.1:8021".parse().unwrap(),
+        at(port + 1),
         Behaviour::Answer {
             idle_close: Duration::from_millis(100),
         },
     );
-    let mute = Upstream::start(
-        &ns,
-        "127.77.20.1:8022".parse().unwrap(),
-        Behaviour::CloseAfterRequest,
-    );
+    let mute = Upstream::start(&ns, at(port + 2), Behaviour::CloseAfterRequest);
     let (refused, answered, unanswered) = (30, 10, 5);
     ns.run(|| {
         for _ in 0..refused {
@@ -98,7 +124,7 @@ async fn kernel_counts_every_attempt_exactly() {
         (mute.addr, Outcome::Connected, unanswered),
         (mute.addr, Outcome::ClosedBeforeResponse, unanswered),
     ];
-    let totals = counts_settle_to(&agent, &expected).await;
+    let totals = counts_settle_to(agent, &expected).await;
     let route = totals
         .routes
         .iter()

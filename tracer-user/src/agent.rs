@@ -296,6 +296,11 @@ impl Agent {
         self.shared.totals()
     }
 
+    /// Whether the programs load the syscall tracepoints' fields directly.
+    pub fn syscall_fields_direct(&self) -> bool {
+        self.capture.syscall_fields_direct
+    }
+
     /// Runs until a signal (or the handler says stop), handing every failure, every notice and
     /// every tick to `handle`.
     pub async fn run(

@@ -92,6 +92,10 @@ pub struct Options {
     pub idle_after: Duration,
     /// Where container names come from (`--container-runtime`).
     pub container_runtime: ContainerRuntime,
+    /// Have the programs read the syscall tracepoints' fields at their format files' offsets
+    /// even where the usual layout lets them load them directly (`SyscallFields::usual`): the
+    /// path of a kernel whose layout differs, which tests keep honest.
+    pub syscall_fields_from_format: bool,
 }
 
 /// Which container runtime to ask for container names (see `runtime`).
@@ -125,6 +129,7 @@ impl Default for Options {
             max_upstreams: crate::aggregate::ledger::DEFAULT_MAX_UPSTREAMS,
             idle_after: crate::aggregate::ledger::DEFAULT_IDLE_AFTER,
             container_runtime: ContainerRuntime::Auto,
+            syscall_fields_from_format: false,
         }
     }
 }
@@ -145,6 +150,9 @@ pub struct Capture {
     listener_owners: BpfHashMap<MapData, u32, u32>,
     /// The kernel's counters, shareable with other tasks (the metrics endpoint).
     pub counters: Arc<Counters>,
+    /// Whether the programs load the syscall tracepoints' fields directly (the usual layout),
+    /// rather than read them at their format files' offsets.
+    pub syscall_fields_direct: bool,
 }
 
 impl Capture {
@@ -210,8 +218,11 @@ impl Capture {
                     && !is_skipped(&options.skip_probes, "sys_exit_connect"),
             );
         }
-        config.syscalls.usual =
-            u32::from(formats.syscalls.is_ok() && config.syscalls.is_usual(formats.io.is_ok()));
+        config.syscalls.usual = u32::from(
+            !options.syscall_fields_from_format
+                && formats.syscalls.is_ok()
+                && config.syscalls.is_usual(formats.io.is_ok()),
+        );
         if let Ok(fields) = &formats.oom {
             config.oom = *fields;
         }
@@ -298,6 +309,7 @@ impl Capture {
             lifecycle: Some(lifecycle),
             listener_owners,
             counters: Arc::new(counters),
+            syscall_fields_direct: config.syscalls.usual != 0,
         })
     }
 

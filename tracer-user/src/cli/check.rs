@@ -239,6 +239,19 @@ pub async fn check(args: &CaptureArgs) -> anyhow::Result<()> {
                         reason.clone(),
                     );
                 }
+                rows.row(
+                    "syscall fields",
+                    if capture.syscall_fields_direct {
+                        "loaded directly"
+                    } else {
+                        "read at the format offsets"
+                    }
+                    .into(),
+                    true,
+                    "the syscall tracepoints' records have the usual layout, or not (a helper \
+                     call per field then)"
+                        .into(),
+                );
                 let attached = capture.attached();
                 let total = capture.probes.len();
                 drop(capture);
