@@ -215,3 +215,61 @@ async fn a_simultaneous_open_counts_as_a_connect_not_as_a_failed_attempt() {
         .1;
     assert_eq!(route.failures(), 0, "{route:?}");
 }
+
+/// A process that exits with a followed connection open never calls close() on it: its
+/// first-bytes watch slot is forgotten when the agent next reclaims, while a live process's
+/// stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watches_of_processes_that_exited_are_forgotten() {
+    if !kernel_tests_enabled("the_watches_of_processes_that_exited_are_forgotten") {
+        return;
+    }
+    let agent = agent_counting_this_process();
+    let ns = Netns::new("watches");
+    let upstream = Upstream::start(
+        &ns,
+        "127.77.23.1:8070".parse().unwrap(),
+        Behaviour::Answer {
+            idle_close: Duration::from_secs(30),
+        },
+    );
+    // bash connects (descriptor 3) and prints its pid; one exits at once, one sleeps.
+    let connect = "exec 3<>/dev/tcp/127.77.23.1/8070 && echo $$";
+    let bash = |script: String| {
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bash", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("bash runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .expect("bash says its pid");
+        let pid: u32 = line.trim().parse().expect("a pid");
+        (child, pid)
+    };
+    let (mut exited, exited_pid) = bash(connect.to_string());
+    exited.wait().expect("bash exits");
+    let (mut living, living_pid) = bash(format!("{connect} && sleep 30"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let watching = agent.shared.counters.watching_processes();
+        if watching.contains(&exited_pid) && watching.contains(&living_pid) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no watch slots for {exited_pid} and {living_pid}: {watching:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.shared.reclaim();
+    let watching = agent.shared.counters.watching_processes();
+    let _ = living.kill();
+    let _ = living.wait();
+    drop(upstream);
+    assert!(!watching.contains(&exited_pid), "{watching:?}");
+    assert!(watching.contains(&living_pid), "{watching:?}");
+}

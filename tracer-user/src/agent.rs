@@ -106,8 +106,13 @@ impl Shared {
     }
 
     /// Moves kernel entries that have not changed for `idle_after` into the ledger and frees
-    /// them; lets idle upstreams give their places up.
+    /// them; lets idle upstreams give their places up; forgets the first-bytes watches of
+    /// processes that exited.
     pub fn reclaim(&self) {
+        let forgotten = self.counters.forget_watches_of_exited();
+        if forgotten > 0 {
+            tracing::debug!("forgot {forgotten} first-bytes watches of processes that exited");
+        }
         let now = Instant::now();
         let mut ledger = self.ledger();
         let mut live_keys = HashSet::new();

@@ -18,6 +18,11 @@ pub struct Counters {
     pub(super) unix_paths: BpfHashMap<MapData, u64, UnixPath>,
     /// The attached programs, by name, to ask the kernel how often it skipped them.
     pub(super) programs: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    /// The first-bytes watches, (tgid, fd) → socket (`PEEKS`).
+    pub(super) peeks: std::sync::Mutex<BpfHashMap<MapData, u64, u64>>,
+    /// Whether /proc's pids are the kernel's tgids (the agent runs in the initial PID
+    /// namespace): only then can the watches of processes that are gone be told.
+    pub(super) host_pids: bool,
 }
 
 impl UnixPaths for Counters {
@@ -89,6 +94,41 @@ impl Counters {
                     .map_or(0, |per_cpu| per_cpu.iter().sum());
                 (program.name(), n)
             })
+            .collect()
+    }
+
+    /// Forgets the first-bytes watches (`PEEKS` slots) of processes that are gone, and returns
+    /// how many went. A process that exits with followed connections open never calls close()
+    /// on them, and a descriptor's slot stays for its next connection: left alone, such slots
+    /// would wait for the LRU to evict them, which, once the table is full, may take a live
+    /// connection's watch first.
+    pub fn forget_watches_of_exited(&self) -> usize {
+        if !self.host_pids {
+            return 0;
+        }
+        let mut peeks = self.peeks.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<u64> = peeks.keys().filter_map(Result::ok).collect();
+        let mut alive = std::collections::HashMap::new();
+        let mut gone = 0;
+        for key in keys {
+            let tgid = (key >> 32) as u32;
+            let live = *alive
+                .entry(tgid)
+                .or_insert_with(|| std::path::Path::new(&format!("/proc/{tgid}")).exists());
+            if !live && peeks.remove(&key).is_ok() {
+                gone += 1;
+            }
+        }
+        gone
+    }
+
+    /// The processes with first-bytes watch slots in the kernel.
+    pub fn watching_processes(&self) -> std::collections::BTreeSet<u32> {
+        let peeks = self.peeks.lock().unwrap_or_else(|p| p.into_inner());
+        peeks
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| (key >> 32) as u32)
             .collect()
     }
 

@@ -298,6 +298,8 @@ impl Capture {
             program_errors: take(&mut ebpf, "PROGRAM_ERRORS")?,
             conns: take(&mut ebpf, "CONNS")?,
             unix_paths: take(&mut ebpf, "UNIX_PATHS")?,
+            peeks: std::sync::Mutex::new(take(&mut ebpf, "PEEKS")?),
+            host_pids: own_global_tgid().is_some(),
             programs,
         };
         Ok(Capture {
