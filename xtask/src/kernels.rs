@@ -83,7 +83,8 @@ pub const MATRIX: [Kernel; 4] = [
 ];
 
 /// The test binaries (tests/tests/NAME.rs) that run in every guest: the kernel tests.
-pub const GUEST_TESTS: [&str; 8] = [
+pub const GUEST_TESTS: [&str; 9] = [
+    "kernel_counts",
     "tcp_failures",
     "unix_sockets",
     "root_cause",
