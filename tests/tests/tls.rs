@@ -29,11 +29,12 @@ fn agrees(software: Software) {
         report.markdown(),
         report.healthy_failures
     );
-    for row in &report.rows {
-        // Every failure tracer reported is the log's; one missing only where the kernel
-        // skipped runs of its programs (a preempting kernel under emulation: 7.x guests).
-        assert_eq!(row.reported, row.agreeing, "{row:?}");
-        if report.skipped_runs == 0 {
+    if report.skipped_runs == 0 {
+        // Every failure tracer reported is the log's, and every one the log has. (Where the
+        // kernel skipped runs of its programs, a preempting kernel under emulation, `passed`
+        // allows as many missing or misjudged as runs skipped, and no more.)
+        for row in &report.rows {
+            assert_eq!(row.reported, row.agreeing, "{row:?}");
             assert_eq!(row.agreeing, row.logged, "{row:?}");
         }
     }
