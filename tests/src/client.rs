@@ -271,27 +271,16 @@ pub fn connect_with_syn_count(addr: SocketAddr, syn_count: i32) -> io::Result<Tc
     Ok(socket)
 }
 
-/// A TCP socket for `addr`'s family, not connected yet.
 /// A TCP socket bound to `addr` and connected to it: a simultaneous open with itself
 /// (SYN_SENT→SYN_RECV→ESTABLISHED, never SYN_SENT→ESTABLISHED).
 pub fn connect_to_itself(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = raw_socket(addr)?;
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: a valid socket and a sockaddr of the length given.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    with_sockaddr(&socket, addr, libc::bind)?;
     raw_connect(&socket, addr)?;
     Ok(socket)
 }
 
+/// A TCP socket for `addr`'s family, not connected yet.
 fn raw_socket(addr: SocketAddr) -> io::Result<TcpStream> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
@@ -312,10 +301,19 @@ fn set_nonblocking(socket: &TcpStream) -> io::Result<()> {
 }
 
 fn raw_connect(socket: &TcpStream, addr: SocketAddr) -> io::Result<()> {
+    with_sockaddr(socket, addr, libc::connect)
+}
+
+/// Calls `call` (connect(2), bind(2)) on `socket` with `addr` as a `struct sockaddr`.
+fn with_sockaddr(
+    socket: &TcpStream,
+    addr: SocketAddr,
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<()> {
     let (storage, len) = sockaddr(addr);
     // SAFETY: a valid socket and a sockaddr of the length given.
     let rc = unsafe {
-        libc::connect(
+        call(
             socket.as_raw_fd(),
             (&storage as *const libc::sockaddr_storage).cast(),
             len,

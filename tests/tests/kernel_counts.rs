@@ -15,7 +15,11 @@ use tracer_tests::{
     own_comm,
     upstream::{Behaviour, Upstream},
 };
-use tracer_user::{agent::Agent, aggregate::Totals, capture::Options};
+use tracer_user::{
+    agent::Agent,
+    aggregate::{RouteTotals, Totals},
+    capture::Options,
+};
 
 fn count(totals: &Totals, upstream: SocketAddr, outcome: Outcome) -> u64 {
     let comm = own_comm();
@@ -52,11 +56,26 @@ async fn counts_settle_to(agent: &Agent, expected: &[(SocketAddr, Outcome, u64)]
 /// The agent, in this process, counting this process's attempts (the agent's own are left out
 /// otherwise).
 fn agent_counting_this_process() -> Agent {
+    agent_counting_this_process_with(Options::default())
+}
+
+/// [`agent_counting_this_process`], with `options` otherwise.
+fn agent_counting_this_process_with(options: Options) -> Agent {
     Agent::start(&Options {
         ignore_own_process: false,
-        ..Options::default()
+        ..options
     })
     .expect("tracer starts")
+}
+
+/// What the kernel counted on a route toward `upstream` (this process's only one).
+fn route_to(totals: &Totals, upstream: SocketAddr) -> &RouteTotals {
+    totals
+        .routes
+        .iter()
+        .find(|(r, _)| r.upstream.socket_addr() == Some(upstream))
+        .unwrap_or_else(|| panic!("no route to {upstream}"))
+        .1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,12 +100,10 @@ async fn kernel_counts_the_same_with_syscall_fields_read_at_the_format_offsets()
     ) {
         return;
     }
-    let agent = Agent::start(&Options {
-        ignore_own_process: false,
+    let agent = agent_counting_this_process_with(Options {
         syscall_fields_from_format: true,
         ..Options::default()
-    })
-    .expect("tracer starts");
+    });
     assert!(!agent.syscall_fields_direct());
     counts_every_attempt(&agent, "countsfmt", 8030).await;
 }
@@ -125,12 +142,7 @@ async fn counts_every_attempt(agent: &Agent, tag: &str, port: u16) {
         (mute.addr, Outcome::ClosedBeforeResponse, unanswered),
     ];
     let totals = counts_settle_to(agent, &expected).await;
-    let route = totals
-        .routes
-        .iter()
-        .find(|(r, _)| r.upstream.socket_addr() == Some(healthy.addr))
-        .unwrap()
-        .1;
+    let route = route_to(&totals, healthy.addr);
     assert_eq!(route.failures(), 0);
     assert_eq!(route.attempts(), answered);
     assert_eq!(agent.shared.stat(tracer_common::Stat::EventsLost), 0);
@@ -207,12 +219,7 @@ async fn a_simultaneous_open_counts_as_a_connect_not_as_a_failed_attempt() {
         ],
     )
     .await;
-    let route = totals
-        .routes
-        .iter()
-        .find(|(r, _)| r.upstream.socket_addr() == Some(addr))
-        .expect("the route is counted")
-        .1;
+    let route = route_to(&totals, addr);
     assert_eq!(route.failures(), 0, "{route:?}");
 }
 

@@ -161,8 +161,9 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
     let now = now();
     if new == tcp_state::CLOSE {
         if conn.established_unseen(old) {
-            // Its handshake went unseen (a skipped run): it connected, so it is counted as a
-            // connect now and judged as an established connection, not a failed attempt.
+            // Its handshake went unseen (a simultaneous open through SYN_RECV, or a skipped
+            // run): it connected, so it is counted as a connect now and judged as an
+            // established connection, not a failed attempt.
             let took = conn.on_established(now);
             count(&conn.proxy, &conn.upstream, Outcome::Connected, took, now);
         }
