@@ -281,9 +281,13 @@ impl Peek {
         !self.done()
     }
 
-    /// Whether what the next read returns is still wanted.
+    /// Whether what the next read returns is still wanted: not before the proxy's first send.
+    /// Every verdict starts from what the proxy sent first (a TLS client speaks first, and so
+    /// does a proxy speaking plaintext to a TLS port); what a server that speaks first (a
+    /// greeting) sends before it tells nothing, and a connection the proxy only opens and
+    /// closes (a TCP health check) then costs no read's bookkeeping.
     pub const fn wants_receive(&self) -> bool {
-        !self.done()
+        self.sent_len > 0 && !self.done()
     }
 
     /// The proxy sends `size` bytes starting with `head` (`head` filled up to `size`, at most
@@ -645,6 +649,20 @@ mod tests {
         receive(&mut p, b"HTTP/1.1 200 OK\r\n");
         assert_eq!(p.verdict(true), None);
         assert_eq!(p.verdict(false), None);
+    }
+
+    #[test]
+    fn reads_before_the_first_send_are_not_wanted() {
+        // A server that greets first: its greeting is not what the first send is answered by.
+        let mut p = watched();
+        assert!(!p.wants_receive(), "nothing sent yet");
+        receive(&mut p, b"220 mail ESMTP\r\n");
+        assert_eq!(p.received_len, 0);
+        send(&mut p, b"EHLO a\r\n");
+        assert!(p.wants_receive());
+        receive(&mut p, b"250-mail\r\n");
+        assert_eq!(&p.received_head(), b"250-mail");
+        assert_eq!(p.verdict(true), None);
     }
 
     #[test]
