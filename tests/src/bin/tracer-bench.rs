@@ -142,6 +142,11 @@ struct Throughput {
 struct KernelTime {
     /// ns of all the programs per operation, the median round.
     per_op: BTreeMap<(Workload, Condition), f64>,
+    /// Each of tracer's paths against bpftrace's script, ns per operation: the median of the
+    /// rounds' own ratios, and their range. Each round runs them minutes apart at most, while
+    /// the machine's speed drifts by up to a third over an hour: a ratio of two medians taken
+    /// from different rounds would carry that drift.
+    of_bpftrace: BTreeMap<(Workload, Condition), (f64, f64, f64)>,
     /// tracer's programs, on each of its paths: runs and ns, every round together.
     programs: BTreeMap<(Condition, Workload, String), (u64, u64)>,
     /// Operations done under each of tracer's paths in this pass.
@@ -342,11 +347,24 @@ impl Bench {
             }
         }
         drop(stats);
+        let mut of_bpftrace = BTreeMap::new();
+        for workload in Workload::ALL {
+            let bpftrace = &per_op_rounds[&(workload, Condition::Bpftrace)];
+            for path in [Condition::Tracer, Condition::TracerOlderKernels] {
+                let ratios: Vec<f64> = per_op_rounds[&(workload, path)]
+                    .iter()
+                    .zip(bpftrace)
+                    .map(|(tracer, bpftrace)| tracer / bpftrace)
+                    .collect();
+                of_bpftrace.insert((workload, path), median_spread(&ratios));
+            }
+        }
         KernelTime {
             per_op: per_op_rounds
                 .iter()
                 .map(|(key, rounds)| (*key, median_spread(rounds).0))
                 .collect(),
+            of_bpftrace,
             programs,
             ops,
         }
@@ -376,10 +394,10 @@ impl Bench {
             let b = k.per_op[&(workload, Condition::Bpftrace)];
             let cell = |condition| {
                 let ns = k.per_op[&(workload, condition)];
+                let (ratio, lo, hi) = k.of_bpftrace[&(workload, condition)];
                 format!(
-                    "{ns:.0} ns (**{:.1}%**, {:.2}× bpftrace's)",
+                    "{ns:.0} ns (**{:.1}%**, {ratio:.2}× bpftrace's; rounds {lo:.2}–{hi:.2})",
                     ns / per_op * 100.0,
-                    ns / b
                 )
             };
             let _ = writeln!(
@@ -414,16 +432,17 @@ impl Bench {
                         share * 100.0
                     ),
                 );
+                let (ratio, _, _) = k.of_bpftrace[&(workload, path)];
                 let (met, target) = if of_bpftrace < 1.0 {
-                    (tr <= b * of_bpftrace, "≤ half of")
+                    (ratio <= of_bpftrace, "≤ 0.5×")
                 } else {
-                    (tr < b, "less than")
+                    (ratio < 1.0, "< 1×")
                 };
                 self.verdict.check(
                     met,
                     format!(
-                        "{} ({}): {tr:.0} ns of kernel time per operation, {target} bpftrace's \
-                         ({b:.0} ns)",
+                        "{} ({}): {tr:.0} ns of kernel time per operation, {ratio:.2}× \
+                         bpftrace's (the median of the rounds' ratios; target {target})",
                         workload.name(),
                         path.name()
                     ),
