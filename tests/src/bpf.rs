@@ -58,6 +58,20 @@ pub fn program_misses(pid: u32) -> Vec<u64> {
         .collect()
 }
 
+/// The programs of process `pid` the kernel skipped runs of, by name (the kernel keeps 15
+/// characters of it), with how many, for a report to say which.
+pub fn program_misses_by_name(pid: u32) -> BTreeMap<String, u64> {
+    let mut misses = BTreeMap::new();
+    for p in held_programs(pid) {
+        let n = p["recursion_misses"].as_u64().unwrap_or(0);
+        if n > 0 {
+            let name = p["name"].as_str().unwrap_or("?").to_string();
+            *misses.entry(name).or_insert(0) += n;
+        }
+    }
+    misses
+}
+
 /// Per program of process `pid`, by name: how many times it ran and for how long in all (ns).
 /// The kernel keeps these only while `kernel.bpf_stats_enabled` is 1 ([`BpfStats`]).
 pub fn program_stats(pid: u32) -> BTreeMap<String, (u64, u64)> {

@@ -652,8 +652,7 @@ fn boot_and_test(
         };
         if !matches!(result, Some((_, 0, 0))) {
             println!("---- {name} on {} ({}):", kernel.name, unpacked.release);
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            for line in tail.into_iter().rev() {
+            for line in failure_excerpt(&log) {
                 println!("    {line}");
             }
         }
@@ -671,6 +670,59 @@ fn boot_and_test(
         seconds,
     })
 }
+
+/// What to show of a failed test binary's log (run with `--nocapture`, so each test's output
+/// lies between its `test NAME ... ` line and its `ok` or `FAILED`): every failed test's own
+/// output without the backtrace's frames, at most [`EXCERPT_LINES`] lines of each; the last
+/// lines of a test that never finished; the summary.
+fn failure_excerpt(log: &str) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut excerpt = Vec::new();
+    let mut start = None;
+    for (i, line) in lines.iter().enumerate() {
+        if line.starts_with("test ") && line.contains(" ... ") {
+            start = Some(i);
+        }
+        let outcome = line.rsplit(" ... ").next().unwrap_or_default().trim_end();
+        if matches!(outcome, "ok" | "ignored") {
+            start = None;
+        }
+        if let Some(from) = start.filter(|_| outcome == "FAILED") {
+            start = None;
+            let mut in_backtrace = false;
+            let own: Vec<&str> = lines[from..=i]
+                .iter()
+                .copied()
+                .filter(|l| {
+                    if l.starts_with("stack backtrace:") {
+                        in_backtrace = true;
+                    } else if l.starts_with("note: Some details are omitted") {
+                        in_backtrace = false;
+                    }
+                    !in_backtrace
+                })
+                .collect();
+            if own.len() > EXCERPT_LINES {
+                let half = EXCERPT_LINES / 2;
+                excerpt.extend(&own[..half]);
+                excerpt.push("[...]");
+                excerpt.extend(&own[own.len() - half..]);
+            } else {
+                excerpt.extend(&own);
+            }
+            excerpt.push("");
+        }
+    }
+    // A test that never ended (the binary died, or the guest ran out of time), or a binary
+    // that ran none: where it stopped.
+    let from = start.unwrap_or(if excerpt.is_empty() { 0 } else { lines.len() });
+    excerpt.extend(&lines[from.max(lines.len().saturating_sub(60))..]);
+    excerpt.extend(lines.iter().filter(|l| l.starts_with("test result: ")));
+    excerpt
+}
+
+/// At most this many lines of one failed test's output.
+const EXCERPT_LINES: usize = 160;
 
 /// The table's row for the static binary's `tracer check` in the guest.
 const STATIC_CHECK: &str = "static-tracer-check";
@@ -701,6 +753,55 @@ fn parse_result(text: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_tests_excerpt_is_its_own_output_without_the_backtrace() {
+        let log = "running 3 tests\n\
+            test a_passes ... out of a\n\
+            ok\n\
+            test b_fails ... ### table of b\n\
+            | row |\n\
+            thread 'b_fails' panicked at tests/tests/x.rs:1:1:\n\
+            why b failed\n\
+            stack backtrace:\n\
+            \x20  0: frame\n\
+            note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.\n\
+            FAILED\n\
+            test c_passes ... ok\n\
+            \n\
+            failures:\n\
+            \x20   b_fails\n\
+            \n\
+            test result: FAILED. 2 passed; 1 failed; 0 ignored";
+        let excerpt = failure_excerpt(log);
+        let b = excerpt
+            .iter()
+            .position(|l| l.starts_with("test b_fails"))
+            .unwrap();
+        assert_eq!(
+            excerpt[b..b + 6],
+            [
+                "test b_fails ... ### table of b",
+                "| row |",
+                "thread 'b_fails' panicked at tests/tests/x.rs:1:1:",
+                "why b failed",
+                "note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.",
+                "FAILED",
+            ]
+        );
+        assert!(
+            !excerpt
+                .iter()
+                .any(|l| l.contains("out of a") || l.contains("frame") || l.contains("c_passes"))
+        );
+        assert_eq!(
+            excerpt.last(),
+            Some(&"test result: FAILED. 2 passed; 1 failed; 0 ignored")
+        );
+        // A binary that died without a summary shows where it stopped.
+        let died = "test a ... started\nlast words";
+        assert_eq!(failure_excerpt(died), ["test a ... started", "last words"]);
+    }
 
     #[test]
     fn the_newest_kernel_package_wins_by_its_numbers() {

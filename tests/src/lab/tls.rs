@@ -19,6 +19,7 @@
 //! thread of the caller), one lab at a time.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::Read,
     net::{SocketAddr, TcpListener},
@@ -622,6 +623,8 @@ pub struct TlsReport {
     /// preempts programs, under emulation): up to that many failures may be missing, never
     /// more, and none may be wrong.
     pub skipped_runs: u64,
+    /// Which programs those runs were of, and how many each.
+    pub skipped_programs: BTreeMap<String, u64>,
 }
 
 /// Each cell at or above this agreement (the floor; the runs here are exact).
@@ -675,8 +678,13 @@ impl TlsReport {
         if self.skipped_runs > 0 {
             let _ = writeln!(
                 text,
-                "\nThe kernel skipped {} runs of tracer's programs (recursion_misses): up to that many failures may be missing or misjudged.",
-                self.skipped_runs
+                "\nThe kernel skipped {} runs of tracer's programs (recursion_misses: {}): up to that many failures may be missing or misjudged.",
+                self.skipped_runs,
+                self.skipped_programs
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         for r in &self.rows {
@@ -749,7 +757,8 @@ pub fn run(software: Software) -> TlsReport {
     }
     // Let the proxy log the last attempts.
     std::thread::sleep(Duration::from_millis(300));
-    let skipped_runs = crate::bpf::program_misses(tracer.pid()).iter().sum();
+    let skipped_programs = crate::bpf::program_misses_by_name(tracer.pid());
+    let skipped_runs = skipped_programs.values().sum();
     let (events, _) = tracer.stop_collecting();
     let theirs = logged();
     let failures: Vec<&Value> = events.iter().filter(|e| e["type"] == "failure").collect();
@@ -768,6 +777,7 @@ pub fn run(software: Software) -> TlsReport {
         problems: Vec::new(),
         explanations: Vec::new(),
         skipped_runs,
+        skipped_programs,
     };
     for cell in &lab.cells {
         let (cause, reason) = cell.expect.expect("failing cells");
@@ -914,6 +924,7 @@ mod tests {
             problems: Vec::new(),
             explanations: Vec::new(),
             skipped_runs,
+            skipped_programs: BTreeMap::new(),
         }
     }
 
