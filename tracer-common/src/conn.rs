@@ -140,7 +140,9 @@ pub struct ConnTrack {
     pub reset_received: u8,
     /// Non-zero when the upstream's FIN was seen (the socket went to CLOSE_WAIT or CLOSING).
     pub fin_received: u8,
-    pub _pad: u8,
+    /// The TCP state the last transition tracer looked at left the socket in
+    /// ([`ConnTrack::follows`]).
+    pub state: u8,
     /// Where sends are inferred ([`ConnTrack::on_write_seq`]): the proxy's `tcp_sock.write_seq`
     /// at the last look.
     pub seen_write_seq: u32,
@@ -196,7 +198,7 @@ impl ConnTrack {
             end: EndKind::Open as u8,
             reset_received: 0,
             fin_received: 0,
-            _pad: 0,
+            state: tcp_state::SYN_SENT as u8,
             seen_write_seq: 0,
             peek: Peek::EMPTY,
         }
@@ -220,7 +222,7 @@ impl ConnTrack {
         self.end = EndKind::Open as u8;
         self.reset_received = 0;
         self.fin_received = 0;
-        self._pad = 0;
+        self.state = tcp_state::SYN_SENT as u8;
         self.seen_write_seq = 0;
         self.peek = Peek::EMPTY;
     }
@@ -238,6 +240,24 @@ impl ConnTrack {
     /// connected.
     pub const fn established_unseen(&self, old_state: i32) -> bool {
         self.established_ns == 0 && old_state != tcp_state::SYN_SENT
+    }
+
+    /// Whether a transition out of `old_state` can be this record's socket's next: `old_state`
+    /// is the state the last transition looked at left it in, or one tracer never looks up on
+    /// the way from there (FIN_WAIT1→FIN_WAIT2, →TIME_WAIT). One that cannot is either this
+    /// socket after a transition the kernel skipped the program for, or another socket that
+    /// took the address of a record whose close went unseen (a skipped run too): the caller
+    /// tells them apart by the peer's port.
+    pub const fn follows(&self, old_state: i32) -> bool {
+        use tcp_state::*;
+        let last = self.state as i32;
+        old_state == last
+            || (matches!(last, FIN_WAIT1 | CLOSING) && matches!(old_state, FIN_WAIT2 | TIME_WAIT))
+    }
+
+    /// The transition to `new_state` was looked at ([`ConnTrack::follows`]).
+    pub fn seen_state(&mut self, new_state: i32) {
+        self.state = new_state as u8;
     }
 
     /// `tcp:tcp_retransmit_skb` on this connection.
@@ -593,6 +613,61 @@ mod tests {
         );
         // A connect that fails is not one.
         assert!(!conn().established_unseen(SYN_SENT));
+    }
+
+    #[test]
+    fn a_transition_follows_the_last_one_seen_or_the_states_never_looked_at() {
+        // Each life the kernel shows a followed socket, transition by transition.
+        let lives: [&[(i32, i32)]; 5] = [
+            // The proxy closes first: FIN_WAIT2 (and TIME_WAIT) are never looked up.
+            &[
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, FIN_WAIT1),
+                (FIN_WAIT2, CLOSE),
+            ],
+            &[
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, FIN_WAIT1),
+                (TIME_WAIT, CLOSE),
+            ],
+            // The upstream closes first.
+            &[
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, CLOSE_WAIT),
+                (CLOSE_WAIT, LAST_ACK),
+                (LAST_ACK, CLOSE),
+            ],
+            // Both at once.
+            &[
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, FIN_WAIT1),
+                (FIN_WAIT1, CLOSING),
+                (CLOSING, CLOSE),
+            ],
+            // Refused.
+            &[(SYN_SENT, CLOSE)],
+        ];
+        for life in lives {
+            let mut c = conn();
+            for &(old, new) in life {
+                assert!(c.follows(old), "{life:?}: {old}→{new}");
+                c.seen_state(new);
+            }
+        }
+        // A transition skipped (SYN_SENT→ESTABLISHED), or another socket at the address of a
+        // record whose close went unseen (a local upstream's side, ESTABLISHED→CLOSE_WAIT, at a
+        // record left in FIN_WAIT1): neither follows, and the peer's port tells them apart.
+        assert!(!conn().follows(ESTABLISHED));
+        let mut stale = conn();
+        stale.seen_state(ESTABLISHED);
+        stale.seen_state(FIN_WAIT1);
+        assert!(!stale.follows(ESTABLISHED));
+        assert!(!stale.follows(CLOSE_WAIT));
+        // A new connection's own start unseen too: no record goes back to SYN_SENT.
+        assert!(!stale.follows(SYN_SENT));
+        // begin() starts a record over.
+        stale.begin(&Endpoint::v4([10, 0, 0, 6], 80), &Endpoint::default(), 0);
+        assert!(stale.follows(SYN_SENT));
     }
 
     fn conn() -> ConnTrack {

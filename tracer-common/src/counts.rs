@@ -200,7 +200,7 @@ pub enum Stat {
     CountsOverflowed = 4,
     /// connect() calls that could not be followed (`CONNECTS` insert failed).
     ConnectsUntracked = 5,
-    /// Tracked connections that reached TCP_CLOSE (tracked − closed − live = evicted).
+    /// Tracked connections that reached TCP_CLOSE (tracked − closed − stale − live = evicted).
     ConnsClosed = 6,
     /// Lifecycle records (listeners, OOM kills, exits) lost because their ring buffer was full.
     LifecycleLost = 7,
@@ -216,11 +216,14 @@ pub enum Stat {
     /// (`PEEKS` insert failed).
     FirstBytesWatched = 11,
     FirstBytesUnwatched = 12,
+    /// Records dropped because their socket's close went unseen (the kernel skipped the
+    /// program) and another socket had taken its address (`ConnTrack::follows`).
+    ConnsStale = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 13;
-    pub const ALL: [Stat; 13] = [
+    pub const COUNT: u32 = 14;
+    pub const ALL: [Stat; 14] = [
         Stat::EventsSent,
         Stat::EventsLost,
         Stat::ConnsTracked,
@@ -234,6 +237,7 @@ impl Stat {
         Stat::ServerEndsDropped,
         Stat::FirstBytesWatched,
         Stat::FirstBytesUnwatched,
+        Stat::ConnsStale,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -251,6 +255,7 @@ impl Stat {
             Stat::ServerEndsDropped => "server_ends_dropped",
             Stat::FirstBytesWatched => "first_bytes_watched",
             Stat::FirstBytesUnwatched => "first_bytes_unwatched",
+            Stat::ConnsStale => "connections_stale",
         }
     }
 }

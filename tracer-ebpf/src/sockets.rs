@@ -146,6 +146,17 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
         // Not a proxy's connection: perhaps a local upstream's side of one.
         return server_side_changed(sk, old, new);
     };
+    if !conn.follows(old) && (old == tcp_state::SYN_SENT || !same_peer(sk, conn)) {
+        // The record of a socket whose close the kernel skipped the program for, found by
+        // another socket that has its address now (a local upstream's side of a later
+        // connection, or a new connection whose own start went unseen too; no record goes
+        // back to SYN_SENT): it would judge that socket's life as the old connection's.
+        // Dropped; the transition is the other socket's.
+        if CONNS.remove(&(sk as u64)).is_ok() {
+            stat(Stat::ConnsStale);
+        }
+        return server_side_changed(sk, old, new);
+    }
     let inferred = config!(sends) == Config::SENDS_INFERRED;
     // The proxy's last sends before its FIN (which moves write_seq: ESTABLISHED→FIN_WAIT1,
     // CLOSE_WAIT→LAST_ACK) or before an end without one (→CLOSE). The upstream's FIN was
@@ -179,10 +190,22 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
             conn.start_write_seq(read_kernel(sk, config!(offsets.tcp_write_seq)).unwrap_or(0));
         }
         count(&conn.proxy, &conn.upstream, Outcome::Connected, took, now);
+        conn.seen_state(new);
     } else {
         conn.on_state_change(old, new, now);
+        conn.seen_state(new);
     }
     Ok(())
+}
+
+/// Whether socket `sk`'s peer port is the upstream's of record `conn` (a socket that skipped
+/// a transition), not another's (a socket at a stale record's address). Read only where a
+/// transition does not follow the record's last.
+#[inline(always)]
+fn same_peer(sk: *const u8, conn: &ConnTrack) -> bool {
+    // 0 where it cannot be read: taken for the same.
+    let port = read_kernel::<u16>(sk, config!(offsets.skc_dport)).unwrap_or(0);
+    port == 0 || u16::from_be(port) == conn.upstream.port
 }
 
 /// CLOSE→SYN_SENT, inside connect(): a new outbound connection. Its record is built on this

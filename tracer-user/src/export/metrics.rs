@@ -166,7 +166,10 @@ impl Exporter {
         let shared = &self.shared;
         let tracked = shared.stat(Stat::ConnsTracked);
         let live = shared.counters.live_connections();
-        let estimate = tracked.saturating_sub(shared.stat(Stat::ConnsClosed) + live);
+        // Records dropped as stale lost their outcome to a skipped run (tracer_program_misses_total
+        // counts those), not to a full table.
+        let ended = shared.stat(Stat::ConnsClosed) + shared.stat(Stat::ConnsStale);
+        let estimate = tracked.saturating_sub(ended + live);
         state.evicted = state.evicted.max(estimate);
         text.single(
             "tracer_events_received_total",
