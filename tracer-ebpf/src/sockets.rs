@@ -146,12 +146,20 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
         // Not a proxy's connection: perhaps a local upstream's side of one.
         return server_side_changed(sk, old, new);
     };
-    if !conn.follows(old) && (old == tcp_state::SYN_SENT || !same_peer(sk, conn)) {
-        // The record of a socket whose close the kernel skipped the program for, found by
-        // another socket that has its address now (a local upstream's side of a later
-        // connection, or a new connection whose own start went unseen too; no record goes
-        // back to SYN_SENT): it would judge that socket's life as the old connection's.
-        // Dropped; the transition is the other socket's.
+    // The record of a socket whose close the kernel skipped the program for may be found by
+    // another socket that has its address now: a local upstream's side of a later connection,
+    // or a new connection whose own start went unseen too. It would judge that socket's life
+    // as the old connection's. A transition that cannot follow the record's last one gives it
+    // away (no record goes back to SYN_SENT; else the peer's port tells), and so does the
+    // peer's port at the close, which decides (the other socket's life can look like the
+    // record's: both ESTABLISHED→CLOSE on a reset). Such a record is dropped; the transition
+    // is the other socket's.
+    let stale = if conn.follows(old) {
+        new == tcp_state::CLOSE && !same_peer(sk, conn)
+    } else {
+        old == tcp_state::SYN_SENT || !same_peer(sk, conn)
+    };
+    if stale {
         if CONNS.remove(&(sk as u64)).is_ok() {
             stat(Stat::ConnsStale);
         }
@@ -199,8 +207,8 @@ fn sock_state_changed(sk: *const u8, old: i32, new: i32) -> Result<(), i64> {
 }
 
 /// Whether socket `sk`'s peer port is the upstream's of record `conn` (a socket that skipped
-/// a transition), not another's (a socket at a stale record's address). Read only where a
-/// transition does not follow the record's last.
+/// a transition), not another's (a socket at a stale record's address). Read at the close, and
+/// where a transition does not follow the record's last.
 #[inline(always)]
 fn same_peer(sk: *const u8, conn: &ConnTrack) -> bool {
     // 0 where it cannot be read: taken for the same.
