@@ -47,7 +47,8 @@ async fn counts_settle_to(agent: &Agent, expected: &[(SocketAddr, Outcome, u64)]
         }
         assert!(
             Instant::now() < deadline,
-            "counts {got:?}, expected {want:?} for {expected:?}"
+            "counts {got:?}, expected {want:?} for {expected:?}; runs of tracer's programs the kernel skipped: {:?}",
+            tracer_tests::bpf::program_misses_by_name(std::process::id())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
