@@ -32,8 +32,14 @@ fn count(totals: &Totals, upstream: SocketAddr, outcome: Outcome) -> u64 {
 }
 
 /// Waits until the kernel's counts are `expected` (upstream, outcome, count), and returns
-/// them: connections end asynchronously (the last ACK), so they get a moment to settle.
-async fn counts_settle_to(agent: &Agent, expected: &[(SocketAddr, Outcome, u64)]) -> Totals {
+/// them, with whether they are exactly that: connections end asynchronously (the last ACK), so
+/// they get a moment to settle. Where the kernel skipped runs of tracer's programs (one that
+/// preempts programs, under emulation: the 7.x guest), counts may fall short by as many as
+/// the runs skipped, and no more; none may ever be over.
+async fn counts_settle_to(
+    agent: &Agent,
+    expected: &[(SocketAddr, Outcome, u64)],
+) -> (Totals, bool) {
     let want: Vec<u64> = expected.iter().map(|(_, _, n)| *n).collect();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -43,13 +49,26 @@ async fn counts_settle_to(agent: &Agent, expected: &[(SocketAddr, Outcome, u64)]
             .map(|(u, o, _)| count(&totals, *u, *o))
             .collect();
         if got == want {
-            return totals;
+            return (totals, true);
         }
-        assert!(
-            Instant::now() < deadline,
-            "counts {got:?}, expected {want:?} for {expected:?}; runs of tracer's programs the kernel skipped: {:?}",
-            tracer_tests::bpf::program_misses_by_name(std::process::id())
-        );
+        if Instant::now() >= deadline {
+            let skipped = tracer_tests::bpf::program_misses_by_name(std::process::id());
+            let skipped_runs: u64 = skipped.values().sum();
+            let short: u64 = want
+                .iter()
+                .zip(&got)
+                .map(|(w, g)| w.saturating_sub(*g))
+                .sum();
+            let over = got.iter().zip(&want).any(|(g, w)| g > w);
+            assert!(
+                !over && short <= skipped_runs,
+                "counts {got:?}, expected {want:?} for {expected:?}; runs of tracer's programs the kernel skipped: {skipped:?}"
+            );
+            println!(
+                "counts {got:?} are short of {want:?} by {short}: the kernel skipped {skipped_runs} runs of tracer's programs ({skipped:?})"
+            );
+            return (totals, false);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -142,10 +161,12 @@ async fn counts_every_attempt(agent: &Agent, tag: &str, port: u16) {
         (mute.addr, Outcome::Connected, unanswered),
         (mute.addr, Outcome::ClosedBeforeResponse, unanswered),
     ];
-    let totals = counts_settle_to(agent, &expected).await;
+    let (totals, exact) = counts_settle_to(agent, &expected).await;
     let route = route_to(&totals, healthy.addr);
     assert_eq!(route.failures(), 0);
-    assert_eq!(route.attempts(), answered);
+    if exact {
+        assert_eq!(route.attempts(), answered);
+    }
     assert_eq!(agent.shared.stat(tracer_common::Stat::EventsLost), 0);
 }
 
@@ -211,7 +232,7 @@ async fn a_simultaneous_open_counts_as_a_connect_not_as_a_failed_attempt() {
             assert_eq!(&echo, b"ping");
         }
     });
-    let totals = counts_settle_to(
+    let (totals, _) = counts_settle_to(
         &agent,
         &[
             (addr, Outcome::Connected, opens),
