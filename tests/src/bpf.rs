@@ -49,18 +49,10 @@ fn held_programs(pid: u32) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// For each program process `pid` holds, how many times the kernel skipped it because it was
-/// already running on that CPU (`recursion_misses`).
-pub fn program_misses(pid: u32) -> Vec<u64> {
-    held_programs(pid)
-        .iter()
-        .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
-        .collect()
-}
-
-/// The programs of process `pid` the kernel skipped runs of, by name (the kernel keeps 15
-/// characters of it), with how many, for a report to say which.
-pub fn program_misses_by_name(pid: u32) -> BTreeMap<String, u64> {
+/// The programs of process `pid` the kernel skipped runs of because one was already running on
+/// that CPU (`recursion_misses`), by name (the kernel keeps 15 characters of it, so two
+/// programs can share one: their skips add up), with how many.
+pub fn program_misses(pid: u32) -> BTreeMap<String, u64> {
     let mut misses = BTreeMap::new();
     for p in held_programs(pid) {
         let n = p["recursion_misses"].as_u64().unwrap_or(0);

@@ -52,7 +52,7 @@ async fn counts_settle_to(
             return (totals, true);
         }
         if Instant::now() >= deadline {
-            let skipped = tracer_tests::bpf::program_misses_by_name(std::process::id());
+            let skipped = tracer_tests::bpf::program_misses(std::process::id());
             let skipped_runs: u64 = skipped.values().sum();
             let short: u64 = want
                 .iter()

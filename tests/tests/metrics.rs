@@ -185,7 +185,9 @@ fn a_real_scrape_passes_promtool_check_metrics() {
         tracer_user::capture::PROBES_IN_USE,
         "{scrape}"
     );
-    let in_kernel: u64 = tracer_tests::bpf::program_misses(tracer.pid()).iter().sum();
+    let in_kernel: u64 = tracer_tests::bpf::program_misses(tracer.pid())
+        .values()
+        .sum();
     assert_eq!(exported.iter().sum::<f64>(), in_kernel as f64, "{scrape}");
     let (status, health) = get(agent_addr, "/healthz").unwrap();
     assert_eq!((status, health.as_str()), (200, "ok\n"));

@@ -109,7 +109,7 @@ fn tls_failures_are_counted_by_reason_in_the_metrics() {
     let tls_lines: Vec<&str> = scrape.lines().filter(|l| l.contains("tls")).collect();
     // Where the kernel skipped runs of tracer's programs (a preempting kernel under emulation)
     // up to that many may be missing; never more, never one too many.
-    let skipped: u64 = program_misses(tracer.pid()).iter().sum();
+    let skipped: u64 = program_misses(tracer.pid()).values().sum();
     let mut missing = 0.0;
     let mut check = |series: String, n: f64| {
         let got = sample(&scrape, &series).unwrap_or(0.0);

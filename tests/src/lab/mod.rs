@@ -845,7 +845,7 @@ pub fn run(matrix: &Matrix, options: &Options) -> LabReport {
     std::thread::sleep(Duration::from_millis(300));
     // Runs of tracer's programs the kernel skipped (one was running on that CPU already, e.g.
     // interrupted by a softirq): tracer exports them as tracer_program_misses_total.
-    let skipped_runs: u64 = crate::bpf::program_misses(tracer.pid()).iter().sum();
+    let skipped_runs: u64 = crate::bpf::program_misses(tracer.pid()).values().sum();
     let (events, _stderr) = tracer.stop_collecting();
 
     let failures = proxies.iter().flat_map(|p| p.failures()).collect();

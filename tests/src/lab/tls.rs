@@ -757,7 +757,7 @@ pub fn run(software: Software) -> TlsReport {
     }
     // Let the proxy log the last attempts.
     std::thread::sleep(Duration::from_millis(300));
-    let skipped_programs = crate::bpf::program_misses_by_name(tracer.pid());
+    let skipped_programs = crate::bpf::program_misses(tracer.pid());
     let skipped_runs = skipped_programs.values().sum();
     let (events, _) = tracer.stop_collecting();
     let theirs = logged();
